@@ -1,0 +1,275 @@
+"""The PostgreSQL layer: the only module that talks to a server (and imports psycopg).
+
+One persistent autocommit connection per server; a poll of client sessions with ages by the
+server's clock; race-safe signalling with one result per victim.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+from reaper import APPLICATION_NAME
+from reaper.policy import Result, ServerFacts, Session
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from datetime import timedelta
+    from pathlib import Path
+
+__all__ = [
+    "PostgresError",
+    "ServerConnection",
+    "Snapshot",
+    "parse_conninfo",
+    "redact_conninfo",
+]
+
+Action = Literal["terminate", "cancel"]
+_SIGNAL_FUNCTIONS: dict[Action, str] = {
+    "terminate": "pg_terminate_backend",
+    "cancel": "pg_cancel_backend",
+}
+_SIGNALLED: dict[Action, Result] = {"terminate": Result.TERMINATED, "cancel": Result.CANCELLED}
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _query(name: str) -> str:
+    return files("reaper.sql").joinpath(f"{name}.sql").read_text(encoding="utf-8")
+
+
+SESSION_SETTINGS_SQL = _query("session_settings")
+FACTS_SQL = _query("facts")
+POLL_SQL = _query("poll")
+SIGNAL_SQL = _query("signal")
+
+
+class PostgresError(Exception):
+    """A server could not be reached or queried. The message never holds a secret."""
+
+
+# --- connection strings ------------------------------------------------------------------------
+
+
+def parse_conninfo(dsn: str) -> dict[str, str]:
+    """Parse a libpq conninfo string or URI; `ValueError` (secret-free) when it is malformed."""
+    try:
+        return {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
+    except psycopg.ProgrammingError as exc:
+        # libpq quotes the offending word, which may be a password: drop quoted words.
+        message = re.sub(
+            r'"([^"]*)"', lambda m: '"…"' if re.search(r"\w", m[1]) else m[0], str(exc).strip()
+        )
+        raise ValueError(f"invalid connection string: {message}") from None
+
+
+def redact_conninfo(dsn: str) -> str:
+    """The DSN in keyword form with every secret replaced: safe to print and log."""
+    try:
+        params = parse_conninfo(dsn)
+    except ValueError:
+        return "<invalid connection string>"
+    return make_conninfo(**{k: "********" if k in _SECRET_KEYS else v for k, v in params.items()})
+
+
+def _describe(params: dict[str, str]) -> str:
+    host = params.get("host") or params.get("hostaddr") or "default socket"
+    port = params.get("port")
+    return f"{host}:{port}" if port else host
+
+
+def _clean_error(exc: BaseException, password: str | None) -> str:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if password:
+        message = message.replace(password, "********")
+    return message
+
+
+# --- the connection ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    """One poll of one server."""
+
+    facts: ServerFacts
+    sessions: tuple[Session, ...]
+
+
+class ServerConnection:
+    """The reaper's one persistent autocommit session on one server; reconnects when lost."""
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        password_file: Path | None = None,
+        connect_timeout: timedelta,
+        statement_timeout: timedelta,
+    ) -> None:
+        self._dsn = dsn
+        self._password_file = password_file
+        self._connect_timeout = max(1, round(connect_timeout.total_seconds()))
+        self._statement_timeout_ms = max(1, round(statement_timeout.total_seconds() * 1000))
+        self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._facts: ServerFacts | None = None
+        self.target = _describe(parse_conninfo(dsn))
+
+    # lifecycle
+
+    def connect(self) -> None:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return
+        self.close()
+        password = self._read_password()
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "row_factory": dict_row,
+            # Forced over whatever the DSN says: other pg-reapers recognise and spare it.
+            "application_name": APPLICATION_NAME,
+            "connect_timeout": self._connect_timeout,
+        }
+        if password is not None:
+            kwargs["password"] = password
+        try:
+            conn = psycopg.Connection.connect(self._dsn, **kwargs)
+        except psycopg.Error as exc:
+            message = f"cannot connect to {self.target}: {_clean_error(exc, password)}"
+            raise PostgresError(message) from None
+        conn.add_notice_handler(lambda _notice: None)  # "PID n is not a PostgreSQL backend"
+        try:
+            conn.execute(SESSION_SETTINGS_SQL, {"statement_timeout": self._statement_timeout_ms})
+        except psycopg.Error as exc:
+            conn.close()
+            message = f"cannot set up session on {self.target}: {_clean_error(exc, None)}"
+            raise PostgresError(message) from None
+        self._conn = conn
+        self._facts = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self._facts = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _read_password(self) -> str | None:
+        if self._password_file is None:
+            return None
+        try:
+            return self._password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise PostgresError(
+                f"cannot read password file '{self._password_file}': {exc.strerror}"
+            ) from None
+
+    def _execute(
+        self, query: str | sql.Composed, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        self.connect()
+        assert self._conn is not None  # noqa: S101 - connect() either sets it or raises
+        try:
+            return self._conn.execute(query, params).fetchall()
+        except psycopg.OperationalError as exc:
+            # Lost connection or timeout: drop it, the next call reconnects.
+            self.close()
+            raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+
+    # queries
+
+    def facts(self) -> ServerFacts:
+        if self._facts is None or self._conn is None or self._conn.closed:
+            rows = self._execute(FACTS_SQL)
+            if not rows:
+                raise PostgresError(f"{self.target}: the reaper's role is not in pg_roles")
+            self._facts = ServerFacts(**rows[0])
+        return self._facts
+
+    def poll(self, *, include_query: bool = False) -> Snapshot:
+        """Every client backend, as the server sees it now."""
+        facts = self.facts()
+        rows = self._execute(POLL_SQL, {"include_query": include_query})
+        sessions = tuple(
+            Session(
+                pid=row["pid"],
+                backend_type=row["backend_type"],
+                database=row["datname"],
+                user=row["usename"],
+                application=row["application_name"] or "",
+                client_addr=row["client_addr"],
+                state=row["state"],
+                backend_start=row["backend_start"],
+                state_change=row["state_change"],
+                idle_seconds=row["idle_seconds"],
+                transaction_seconds=row["transaction_seconds"],
+                runtime_seconds=row["runtime_seconds"],
+                connection_seconds=row["connection_seconds"],
+                superuser=row["superuser"],
+                member=row["member"],
+                query=row["query"],
+            )
+            for row in rows
+        )
+        return Snapshot(facts=facts, sessions=sessions)
+
+    def signal(
+        self, victims: Sequence[Session], *, action: Action
+    ) -> dict[int, tuple[Result, str | None]]:
+        """Signal `victims` race-safely; one (result, detail) per pid, whatever befalls the others.
+
+        All victims go in one statement; if it fails (a privilege changed since the poll, say),
+        each is retried in a statement of its own so that one failure stays its own.
+        """
+        if not victims:
+            return {}
+        try:
+            return self._signal_batch(victims, action=action)
+        except psycopg.Error:
+            pass
+        results: dict[int, tuple[Result, str | None]] = {}
+        for victim in victims:
+            try:
+                results.update(self._signal_batch([victim], action=action))
+            except psycopg.Error as exc:
+                denied = exc.sqlstate == _INSUFFICIENT_PRIVILEGE
+                detail = exc.diag.message_primary or _clean_error(exc, None)
+                results[victim.pid] = (Result.DENIED if denied else Result.ERROR, detail)
+        return results
+
+    def _signal_batch(
+        self, victims: Sequence[Session], *, action: Action
+    ) -> dict[int, tuple[Result, str | None]]:
+        query = sql.SQL(SIGNAL_SQL).format(signal=sql.Identifier(_SIGNAL_FUNCTIONS[action]))
+        params = {
+            "pids": [v.pid for v in victims],
+            "backend_starts": [v.backend_start for v in victims],
+            "state_changes": [v.state_change for v in victims],
+            "states": [v.state for v in victims],
+        }
+        self.connect()
+        assert self._conn is not None  # noqa: S101 - connect() either sets it or raises
+        try:
+            rows = self._conn.execute(query, params).fetchall()
+        except psycopg.OperationalError as exc:
+            if self._conn.broken:
+                self.close()
+                raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+            raise
+        signalled = _SIGNALLED[action]
+        return {
+            row["pid"]: (signalled if row["result"] == "signalled" else Result(row["result"]), None)
+            for row in rows
+        }

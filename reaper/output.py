@@ -1,0 +1,124 @@
+"""What the one-shot commands print: a readable table for people, one JSON document for tools."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from reaper.sweep import audit_fields
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from reaper.sweep import SweepReport
+
+__all__ = ["render_json", "render_table", "safe_text"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_COLUMNS = (
+    "server",
+    "pid",
+    "user",
+    "database",
+    "application",
+    "client",
+    "state",
+    "idle for",
+    "policy",
+    "result",
+)
+_WIDTH = 28
+
+
+def safe_text(value: object, *, width: int = _WIDTH) -> str:
+    """One printable line: control characters escaped, long values cut with an ellipsis."""
+    text = "" if value is None else str(value)
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s"
+
+
+def render_table(reports: Sequence[SweepReport]) -> str:
+    rows = [
+        (
+            report.server,
+            str(o.decision.session.pid),
+            o.decision.session.user,
+            o.decision.session.database,
+            o.decision.session.application,
+            o.decision.session.client_addr or "local",
+            o.decision.session.state,
+            human_duration(o.decision.session.idle_seconds),
+            o.policy,
+            o.result.value,
+        )
+        for report in reports
+        for o in report.outcomes
+    ]
+    lines: list[str] = []
+    if rows:
+        cells = [[safe_text(v) for v in row] for row in rows]
+        widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(_COLUMNS)]
+        lines.append("  ".join(h.upper().ljust(w) for h, w in zip(_COLUMNS, widths, strict=True)))
+        lines.extend(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells
+        )
+        lines.append("")
+    for report in reports:
+        lines.append(_summary(report))
+        lines.extend(f"  warning: {w}" for w in report.warnings)
+    return "\n".join(lines)
+
+
+def _summary(report: SweepReport) -> str:
+    name = safe_text(report.server, width=63)
+    if not report.ok:
+        return f"{name}: poll failed: {report.error}"
+    counts: dict[str, int] = {}
+    for outcome in report.outcomes:
+        counts[outcome.result.value] = counts.get(outcome.result.value, 0) + 1
+    tally = ", ".join(f"{n} {result}" for result, n in sorted(counts.items()))
+    dry = " (dry run)" if report.dry_run else ""
+    return (
+        f"{name}: {len(report.sessions)} client sessions, {report.candidates} candidates"
+        f"{': ' + tally if tally else ''}{dry}"
+    )
+
+
+def render_json(reports: Sequence[SweepReport], *, include_query: bool) -> dict[str, Any]:
+    return {
+        "servers": [
+            {
+                "server": report.server,
+                "ok": report.ok,
+                "error": report.error,
+                "dry_run": report.dry_run,
+                "sessions": len(report.sessions),
+                "candidates": report.candidates,
+                "reaped": report.reaped,
+                "duration_ms": report.duration_ms,
+                "warnings": list(report.warnings),
+                "decisions": [
+                    audit_fields(o, include_query=include_query) for o in report.outcomes
+                ],
+            }
+            for report in reports
+        ],
+        "ok": not any(r.failed for r in reports),
+    }

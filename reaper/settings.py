@@ -1,0 +1,503 @@
+"""The configuration: one TOML file, validated strictly into one frozen model.
+
+Everything else in pg-reaper only ever sees `Settings`. Errors name the key path and the bad
+value (``policies[1].max_idle: invalid duration '15 mins'``); secrets never appear in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from reaper import activity
+
+__all__ = [
+    "ACTIVE_STATES",
+    "ALL_STATES",
+    "DEFAULT_CONFIG_PATH",
+    "IDLE_STATES",
+    "ConfigError",
+    "LogSection",
+    "MetricsSection",
+    "PolicyConfig",
+    "ReaperSection",
+    "ServerConfig",
+    "Settings",
+    "format_duration",
+    "load_settings",
+    "parse_duration",
+    "resolve_config_path",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/pg-reaper/config.toml")
+
+# The values pg_stat_activity.state takes (NULL aside: a row the reaper may not see).
+IDLE_STATES = ("idle", "idle in transaction", "idle in transaction (aborted)")
+ACTIVE_STATES = ("active", "fastpath function call")
+ALL_STATES = (*IDLE_STATES, *ACTIVE_STATES, "disabled")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` holds one line per thing that is wrong."""
+
+    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --- value types -------------------------------------------------------------------------------
+
+_DURATION = re.compile(
+    r"(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?"
+)
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse ``"90s"``, ``"15m"``, ``"1h30m"``, ``"2d"``, ``"500ms"`` or integer seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(  # noqa: TRY004 - pydantic reports ValueError
+            f"invalid duration {value!r}: use a string such as '90s', '15m', '1h30m'"
+        )
+    if isinstance(value, int) or value.strip().isdigit():
+        seconds = int(value)
+        if seconds < 0:
+            raise ValueError(f"invalid duration {value!r}: must not be negative")
+        return timedelta(seconds=seconds)
+    text = value.strip()
+    match = _DURATION.fullmatch(text)
+    if not text or match is None or not any(match.groupdict().values()):
+        raise ValueError(
+            f"invalid duration {value!r}: use units d, h, m, s, ms as in '90s', '15m', '1h30m'"
+        )
+    parts = {unit: int(amount) for unit, amount in match.groupdict().items() if amount}
+    return timedelta(
+        days=parts.get("d", 0),
+        hours=parts.get("h", 0),
+        minutes=parts.get("m", 0),
+        seconds=parts.get("s", 0),
+        milliseconds=parts.get("ms", 0),
+    )
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest spelling `parse_duration` reads back: ``1h30m``, ``90s`` is ``1m30s``."""
+    total_ms = round(value.total_seconds() * 1000)
+    if total_ms == 0:
+        return "0s"
+    out = []
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        amount, total_ms = divmod(total_ms, size)
+        if amount:
+            out.append(f"{amount}{unit}")
+    if total_ms:
+        out.append(f"{total_ms}ms")
+    return "".join(out)
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be greater than 0")
+    return value
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+PositiveDuration = Annotated[
+    timedelta,
+    BeforeValidator(lambda v: _positive(parse_duration(v))),
+    PlainSerializer(format_duration, return_type=str),
+]
+
+
+def _compile_regex(value: object) -> re.Pattern[str]:
+    if isinstance(value, re.Pattern):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"invalid regex {value!r}: must be a string")  # noqa: TRY004 - pydantic reports ValueError
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {value!r}: {exc}") from None
+
+
+Regex = Annotated[
+    re.Pattern[str],
+    BeforeValidator(_compile_regex),
+    PlainSerializer(lambda p: p.pattern, return_type=str),
+]
+
+ClientNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network | Literal["local"]
+
+
+def _parse_network(value: object) -> ClientNetwork:
+    if value == "local":
+        return "local"
+    if not isinstance(value, str):
+        raise ValueError(  # noqa: TRY004 - pydantic reports ValueError
+            f"invalid CIDR {value!r}: must be a string such as '10.0.0.0/8' or 'local'"
+        )
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        hint = ""
+        with contextlib.suppress(ValueError):
+            hint = f" (did you mean '{ipaddress.ip_network(value.strip(), strict=False)}'?)"
+        raise ValueError(f"invalid CIDR {value!r}: {exc}{hint}") from None
+
+
+Network = Annotated[
+    ClientNetwork,
+    BeforeValidator(_parse_network),
+    PlainSerializer(str, return_type=str),
+]
+
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,63}")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.fullmatch(value) or value.strip() != value:
+        raise ValueError(
+            f"invalid name {value!r}: 1 to 63 printable characters, no surrounding spaces"
+        )
+    return value
+
+
+Name = Annotated[str, BeforeValidator(lambda v: _check_name(v) if isinstance(v, str) else v)]
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReaperSection(_Section):
+    interval: PositiveDuration = timedelta(seconds=30)
+    min_interval: PositiveDuration = timedelta(seconds=1)
+    dry_run: bool = False
+    max_terminations_per_cycle: int = Field(default=50, ge=1)
+    protect_users: tuple[str, ...] = ()
+    protect_applications: tuple[Regex, ...] = ()
+    # The reaper's own session: connect_timeout bounds a dead server; statement_timeout bounds a
+    # poll stuck behind a catalog lock (the server-side idle timeouts are switched off for it).
+    connect_timeout: PositiveDuration = timedelta(seconds=5)
+    statement_timeout: PositiveDuration = timedelta(seconds=10)
+
+    @model_validator(mode="after")
+    def _intervals(self) -> Self:
+        if self.min_interval > self.interval:
+            raise ValueError(
+                f"min_interval ({format_duration(self.min_interval)}) is longer than "
+                f"interval ({format_duration(self.interval)})"
+            )
+        return self
+
+
+class MetricsSection(_Section):
+    listen: str = "127.0.0.1:9188"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value == "":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"invalid listen address {value!r}: use 'host:port' or '' to disable")
+        if host.startswith("[") != host.endswith("]"):
+            raise ValueError(
+                f"invalid listen address {value!r}: bracket an IPv6 host, as in '[::1]:9188'"
+            )
+        return value
+
+
+class LogSection(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    include_query: bool = False
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ServerConfig(_Section):
+    name: Name
+    dsn: SecretStr
+    password_file: Path | None = None
+    interval: PositiveDuration | None = None
+    policies: tuple[str, ...] | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: SecretStr) -> SecretStr:
+        activity.parse_conninfo(value.get_secret_value())  # raises ValueError without secrets
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not os.access(value, os.R_OK):
+            why = "does not exist" if not value.exists() else "is not readable"
+            raise ValueError(f"password file '{value}' {why}")
+        return value
+
+    @property
+    def redacted_dsn(self) -> str:
+        return activity.redact_conninfo(self.dsn.get_secret_value())
+
+
+class PolicyConfig(_Section):
+    name: Name
+    states: tuple[str, ...] = IDLE_STATES
+    max_idle: PositiveDuration | None = None
+    max_runtime: PositiveDuration | None = None
+    max_transaction_age: PositiveDuration | None = None
+    max_connection_age: PositiveDuration | None = None
+    databases: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    applications: tuple[Regex, ...] = ()
+    client_addrs: tuple[Network, ...] = ()
+    exclude_databases: tuple[str, ...] = ()
+    exclude_users: tuple[str, ...] = ()
+    exclude_applications: tuple[Regex, ...] = ()
+    exclude_client_addrs: tuple[Network, ...] = ()
+    action: Literal["terminate", "cancel", "log"] = "terminate"
+
+    @field_validator("states")
+    @classmethod
+    def _states(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must list at least one state")
+        for state in value:
+            if state not in ALL_STATES:
+                known = ", ".join(repr(s) for s in ALL_STATES)
+                raise ValueError(f"unknown state {state!r}: use one of {known}")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a state twice")
+        return value
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> Self:
+        thresholds = ("max_idle", "max_runtime", "max_transaction_age", "max_connection_age")
+        if all(getattr(self, t) is None for t in thresholds):
+            raise ValueError("needs at least one of " + ", ".join(thresholds))
+        active = [s for s in self.states if s in ACTIVE_STATES]
+        if self.max_idle is not None and active:
+            raise ValueError(
+                f"max_idle cannot apply to state {active[0]!r}: an active session is not idle "
+                "(use max_runtime)"
+            )
+        if self.max_runtime is not None and not active:
+            raise ValueError("max_runtime needs 'active' in states (it measures a running query)")
+        if self.action == "cancel" and len(active) != len(self.states):
+            raise ValueError(
+                "action 'cancel' only interrupts a running query: with idle states it does "
+                "nothing (use 'terminate', or states = ['active'])"
+            )
+        return self
+
+    @property
+    def thresholds(self) -> dict[str, timedelta]:
+        return {
+            key: value
+            for key in ("max_idle", "max_runtime", "max_transaction_age", "max_connection_age")
+            if (value := getattr(self, key)) is not None
+        }
+
+
+class Settings(BaseSettings):
+    """The whole validated configuration. Environment variables override the file."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix="PG_REAPER_",
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    reaper: ReaperSection = ReaperSection()
+    metrics: MetricsSection = MetricsSection()
+    log: LogSection = LogSection()
+    servers: tuple[ServerConfig, ...] = Field(min_length=1)
+    policies: tuple[PolicyConfig, ...] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],  # noqa: ARG003 - part of the hook's signature
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - no .env files
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - secrets via password_file
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: the environment overrides what the TOML file (passed as init data) says.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _references(self) -> Self:
+        problems = []
+        defined = [p.name for p in self.policies]
+        for kind, names in (("servers", [s.name for s in self.servers]), ("policies", defined)):
+            for index, name in enumerate(names):
+                if name in names[:index]:
+                    problems.append(f"{kind}[{index}].name: duplicate name {name!r}")
+        for index, server in enumerate(self.servers):
+            for ref in server.policies or ():
+                if ref not in defined:
+                    hint = _did_you_mean(ref, defined)
+                    problems.append(f"servers[{index}].policies: undefined policy {ref!r}{hint}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def policies_for(self, server: ServerConfig) -> tuple[PolicyConfig, ...]:
+        """The policies that apply to `server`, in file order (the first match names a session)."""
+        if server.policies is None:
+            return self.policies
+        wanted = set(server.policies)
+        return tuple(p for p in self.policies if p.name in wanted)
+
+    def interval_for(self, server: ServerConfig) -> timedelta:
+        return server.interval or self.reaper.interval
+
+    def with_dry_run(self) -> Settings:
+        return self.model_copy(update={"reaper": self.reaper.model_copy(update={"dry_run": True})})
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets replaced: safe to print."""
+        data = self.model_dump(mode="json")
+        for server, raw in zip(self.servers, data["servers"], strict=True):
+            raw["dsn"] = server.redacted_dsn
+        return data
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
+    """`-c FILE`, else ``$PG_REAPER_CONFIG``, else ``/etc/pg-reaper/config.toml``."""
+    if path:
+        return Path(path)
+    from_env = os.environ.get("PG_REAPER_CONFIG")
+    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path) -> Settings:
+    """Read, parse and validate `path`; raise `ConfigError` naming every problem."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, data)) from None
+
+
+def _explain(error: ValidationError, data: dict[str, Any]) -> list[str]:
+    problems = []
+    errors = error.errors(include_url=False, include_input=False)
+    for item in errors:
+        loc = item["loc"]
+        if item["type"] == "too_short" and any(len(e["loc"]) > len(loc) for e in errors):
+            continue  # a list whose every entry failed is "too short" only as a consequence
+        path = _key_path(loc)
+        message = str(item["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if item["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            message = f"unknown key {key!r}{_did_you_mean(key, _known_keys(loc[:-1]))}"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif item["type"] == "too_short" and loc in {("servers",), ("policies",)}:
+            message = f"at least one [[{loc[0]}]] table is required"
+        elif item["type"] in {
+            "literal_error",
+            "bool_parsing",
+            "bool_type",
+            "int_parsing",
+            "int_type",
+            "string_type",
+        }:
+            message = f"{message}, got {_lookup(data, loc)!r}"
+        problems.append(f"{path}: {message}" if path else message)
+    return problems
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not out:
+            out = part
+        else:
+            out += f".{part}"
+    return out
+
+
+def _lookup(data: object, loc: tuple[int | str, ...]) -> object:
+    for part in loc:
+        try:
+            data = data[part]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        inner = getattr(annotation, "__args__", (annotation,))[0]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif isinstance(inner, type) and issubclass(inner, BaseModel):
+            model = inner
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

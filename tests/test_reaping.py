@@ -1,0 +1,472 @@
+"""`pg-reaper once` against real servers: who is reaped, who is spared, seen by the server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from reaper.cli import main
+from tests.servers import Sessions, TestServer, usable, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+pytestmark = pytest.mark.integration
+
+IDLE_POLICY = """
+[[policies]]
+name = "idle"
+max_idle = "1s"
+"""
+
+
+def run_once(capsys: pytest.CaptureFixture[str], config: Path, *extra: str) -> tuple[int, Any]:
+    code = main(["once", "-c", str(config), "--json", *extra])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def decisions(document: Any) -> dict[int, dict[str, Any]]:
+    return {d["pid"]: d for server in document["servers"] for d in server["decisions"]}
+
+
+def test_idle_sessions_past_max_idle_are_terminated_in_every_idle_state(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    never_ran = sessions.open(application="never-ran-a-statement")
+    idle = sessions.idle(application="idle")
+    in_tx = sessions.idle_in_transaction(application="in-tx")
+    aborted = sessions.idle_in_aborted_transaction(application="aborted")
+    other_db = sessions.idle(application="other-db", dbname="otherdb")
+    victims = [never_ran, idle, in_tx, aborted, other_db]
+    pids = {c.info.backend_pid for c in victims}
+    assert pg.state_of(aborted.info.backend_pid) == "idle in transaction (aborted)"
+    time.sleep(1.3)
+
+    code, document = run_once(capsys, write_config(IDLE_POLICY))
+
+    assert code == 0
+    reaped = decisions(document)
+    assert pids <= set(reaped)
+    for pid in pids:
+        assert reaped[pid]["result"] == "terminated"
+        assert reaped[pid]["policy"] == "idle"
+        assert pg.wait_gone(pid), f"pid {pid} still on the server"
+    assert reaped[other_db.info.backend_pid]["database"] == "otherdb"
+    assert not usable(idle)
+
+
+def test_active_and_recently_idle_sessions_are_spared(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    active = sessions.active(application="busy")
+    # Its last query started 2.5 s ago but it has been idle only since it ended: the widely
+    # copied scripts measure from query_start and would kill it.
+    finished_long_query = sessions.open(application="long-query")
+    finished_long_query.execute("SELECT pg_sleep(2.5)")
+    config = write_config(
+        """
+        [[policies]]
+        name = "idle"
+        max_idle = "2s"
+        """
+    )
+
+    code, document = run_once(capsys, config)
+
+    assert code == 0
+    assert active.info.backend_pid not in decisions(document)
+    assert finished_long_query.info.backend_pid not in decisions(document)
+    assert pg.state_of(active.info.backend_pid) == "active"
+    assert usable(finished_long_query)
+
+
+def test_protected_users_applications_and_pg_reaper_sessions_are_spared(
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    keeper = sessions.idle(application="app", user="keeper", password="keeper", tcp=True)
+    psql = sessions.idle(application="psql")
+    other_reaper = sessions.idle(application="pg-reaper")
+    plain = sessions.idle(application="plain")
+    time.sleep(1.3)
+    config = write_config(
+        IDLE_POLICY,
+        reaper='protect_users = ["keeper"]\nmax_terminations_per_cycle = 50',
+    )
+    config.write_text(
+        config.read_text().replace(
+            'protect_applications = ["^pytest-admin$"]',
+            'protect_applications = ["^pytest-admin$", "^psql$"]',
+        )
+    )
+
+    code, document = run_once(capsys, config)
+
+    assert code == 0
+    reaped = decisions(document)
+    assert reaped[plain.info.backend_pid]["result"] == "terminated"
+    for spared in (keeper, psql, other_reaper):
+        assert spared.info.backend_pid not in reaped
+        assert usable(spared)
+
+
+def test_disabled_rows_are_spared_unless_a_policy_lists_disabled(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hidden = sessions.open(application="untracked")
+    hidden.execute("SET track_activities = off")
+    hidden.execute("SELECT 1")
+    pg.wait_state(hidden.info.backend_pid, "disabled")
+    time.sleep(1.3)
+
+    code, document = run_once(capsys, write_config(IDLE_POLICY))
+    assert code == 0
+    assert hidden.info.backend_pid not in decisions(document)
+    assert usable(hidden)
+
+    listing_disabled = """
+        [[policies]]
+        name = "untracked"
+        states = ["disabled"]
+        max_connection_age = "1s"
+        """
+    code, document = run_once(capsys, write_config(listing_disabled))
+    assert code == 0
+    assert decisions(document)[hidden.info.backend_pid]["policy"] == "untracked"
+    assert pg.wait_gone(hidden.info.backend_pid)
+
+
+def test_walsender_idle_between_replication_commands_is_never_touched(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    walsender = sessions.open(application="replica", extra="replication=database")
+    walsender.execute("IDENTIFY_SYSTEM")
+    pid = walsender.info.backend_pid
+    rows = pg.execute("SELECT backend_type, state FROM pg_stat_activity WHERE pid = %s", [pid])
+    assert rows == [("walsender", "idle")]
+    time.sleep(1.3)
+
+    code, document = run_once(capsys, write_config(IDLE_POLICY))
+
+    assert code == 0
+    assert pid not in decisions(document)
+    assert pg.is_alive(pid)
+
+
+def test_dry_run_reports_but_signals_nothing(
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    idle = sessions.idle(application="idle")
+    time.sleep(1.3)
+
+    code, document = run_once(capsys, write_config(IDLE_POLICY), "--dry-run")
+
+    assert code == 0
+    decision = decisions(document)[idle.info.backend_pid]
+    assert decision["result"] == "dry_run"
+    assert document["servers"][0]["dry_run"] is True
+    assert usable(idle)
+
+
+def test_cap_defers_the_youngest_victims_to_the_next_cycle(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    oldest = sessions.idle(application="first")
+    time.sleep(0.3)
+    younger = [sessions.idle(application=f"later-{i}") for i in range(3)]
+    time.sleep(1.3)
+
+    config = write_config(IDLE_POLICY, reaper="max_terminations_per_cycle = 2")
+    code, document = run_once(capsys, config)
+
+    assert code == 0
+    reaped = decisions(document)
+    results = {pid: d["result"] for pid, d in reaped.items()}
+    assert results[oldest.info.backend_pid] == "terminated"
+    assert sorted(results[c.info.backend_pid] for c in younger).count("terminated") == 1
+    assert sorted(results[c.info.backend_pid] for c in younger).count("deferred") == 2
+    assert list(results.values()).count("terminated") == 2
+    survivors = [c for c in younger if results[c.info.backend_pid] == "deferred"]
+    assert len(survivors) == 2
+    assert all(usable(c) for c in survivors)
+
+
+def test_least_privilege_role_reaps_all_but_a_superuser_session(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    superuser_idle = sessions.idle(application="dba")
+    user_idle = [sessions.idle(application="app", user="appuser", password="appuser", tcp=True)]
+    user_idle.append(sessions.idle_in_transaction(application="app2"))  # also a superuser's
+    time.sleep(1.3)
+    config = write_config(IDLE_POLICY, dsn=pg.dsn(user="reaper_lp", password="reaper_lp"))
+
+    code, document = run_once(capsys, config)
+
+    assert code == 1  # a signal failed: the superuser's sessions cannot be signalled
+    reaped = decisions(document)
+    assert reaped[superuser_idle.info.backend_pid]["result"] == "denied"
+    assert reaped[user_idle[0].info.backend_pid]["result"] == "terminated"
+    assert reaped[user_idle[1].info.backend_pid]["result"] == "denied"
+    assert pg.wait_gone(user_idle[0].info.backend_pid)
+    assert usable(superuser_idle)
+    assert document["servers"][0]["warnings"] == []
+
+
+def test_without_pg_read_all_stats_it_says_it_cannot_see_other_roles(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    other = sessions.idle(application="app", user="appuser", password="appuser", tcp=True)
+    time.sleep(1.3)
+    config = write_config(IDLE_POLICY, dsn=pg.dsn(user="reaper_blind", password="reaper_blind"))
+
+    code = main(["once", "-c", str(config)])
+    captured = capsys.readouterr()
+
+    assert code == 0
+    assert "lacks pg_read_all_stats" in captured.out
+    assert "cannot see the state of other roles' sessions" in captured.out
+    assert "GRANT pg_read_all_stats TO reaper_blind" in captured.out
+    assert "privileges_insufficient" in captured.err
+    assert usable(other)
+
+
+def test_unreachable_server_exits_1_and_the_other_servers_are_still_reaped(
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    idle = sessions.idle(application="idle")
+    time.sleep(1.3)
+    config = write_config(IDLE_POLICY)
+    config.write_text(
+        config.read_text().replace(
+            "[[policies]]",
+            '[[servers]]\nname = "dead"\ndsn = "host=127.0.0.1 port=1 connect_timeout=1"\n\n'
+            "[[policies]]",
+            1,
+        )
+    )
+
+    code, document = run_once(capsys, config)
+
+    assert code == 1
+    by_name = {s["server"]: s for s in document["servers"]}
+    assert by_name["dead"]["ok"] is False
+    assert "cannot connect" in by_name["dead"]["error"]
+    assert decisions(document)[idle.info.backend_pid]["result"] == "terminated"
+
+
+def test_command_line_prints_a_table_and_audit_lines_on_stderr(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+) -> None:
+    idle = sessions.idle(application="table-me")
+    time.sleep(1.3)
+    config = write_config(IDLE_POLICY)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "reaper", "once", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0].split()
+    assert header[:5] == ["SERVER", "PID", "USER", "DATABASE", "APPLICATION"]
+    row = next(line for line in proc.stdout.splitlines() if str(idle.info.backend_pid) in line)
+    assert "table-me" in row
+    assert "terminated" in row
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    reaped = next(e for e in events if e["event"] == "session_reaped")
+    for key in (
+        "server",
+        "policy",
+        "action",
+        "dry_run",
+        "result",
+        "pid",
+        "backend_start",
+        "database",
+        "user",
+        "application",
+        "client_addr",
+        "state",
+        "idle_seconds",
+        "transaction_seconds",
+        "connection_seconds",
+    ):
+        assert key in reaped, key
+    assert "query" not in reaped
+    completed = next(e for e in events if e["event"] == "poll_completed")
+    assert completed["reaped"] >= 1
+    wait_for(lambda: not pg.is_alive(idle.info.backend_pid), what="backend exit")
+
+
+def test_password_file_is_used_and_never_printed(
+    pg: TestServer,
+    sessions: Sessions,
+    tmp_path: Path,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if pg.embedded is None:
+        pytest.skip("needs a server that checks TCP passwords (the suite's own)")
+    pg.execute("ALTER ROLE reaper_lp PASSWORD 'Sentinel-Pa55'")
+    secret = tmp_path / "password"
+    secret.write_text("Sentinel-Pa55\n")
+    idle = sessions.idle(application="app", user="appuser", password="appuser", tcp=True)
+    time.sleep(1.3)
+    dsn = pg.dsn(user="reaper_lp", tcp=True)
+    config = write_config(IDLE_POLICY, dsn=dsn, server_extra=f'password_file = "{secret}"')
+    try:
+        code = main(["once", "-c", str(config), "--json"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert decisions(json.loads(captured.out))[idle.info.backend_pid]["result"] == "terminated"
+        assert "Sentinel-Pa55" not in captured.out + captured.err
+
+        secret.write_text("wrong-password\n")
+        code = main(["once", "-c", str(config), "--json"])
+        captured = capsys.readouterr()
+        assert code == 1
+        assert "password authentication failed" in captured.out
+        assert "wrong-password" not in captured.out + captured.err
+    finally:
+        pg.execute("ALTER ROLE reaper_lp PASSWORD 'reaper_lp'")
+
+
+def test_client_addr_scopes_tcp_and_local_sessions(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if not pg.has_socket:
+        pytest.skip("needs Unix-socket sessions")
+    over_tcp = sessions.idle(application="tcp", user="appuser", password="appuser", tcp=True)
+    over_socket = sessions.idle(application="socket")
+    time.sleep(1.3)
+    config = write_config(
+        """
+        [[policies]]
+        name = "loopback-only"
+        max_idle = "1s"
+        client_addrs = ["127.0.0.0/8"]
+        """
+    )
+
+    code, document = run_once(capsys, config)
+
+    assert code == 0
+    reaped = decisions(document)
+    assert reaped[over_tcp.info.backend_pid]["client_addr"] == "127.0.0.1"
+    assert over_socket.info.backend_pid not in reaped
+    assert usable(over_socket)
+    time.sleep(1.3)  # it just ran a statement: idle again from now
+
+    config = write_config(IDLE_POLICY.replace('"1s"', '"1s"\nclient_addrs = ["local"]'))
+    code, document = run_once(capsys, config)
+    assert decisions(document)[over_socket.info.backend_pid]["client_addr"] == "local"
+
+
+def test_preview_lists_victims_oldest_first_and_signals_nothing(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    first = sessions.idle(application="first")
+    time.sleep(0.2)
+    second = sessions.idle_in_transaction(application="second")
+    time.sleep(1.3)
+    config = write_config(IDLE_POLICY)
+
+    code = main(["preview", "-c", str(config), "--json", "--server", f"pg{pg.major}"])
+    document = json.loads(capsys.readouterr().out)
+
+    assert code == 0
+    order = [d["pid"] for d in document["servers"][0]["decisions"]]
+    assert order.index(first.info.backend_pid) < order.index(second.info.backend_pid)
+    assert usable(first)
+    assert pg.state_of(second.info.backend_pid) == "idle in transaction"
+
+    assert main(["preview", "-c", str(config), "--server", "nope"]) == 2
+    assert "not configured" in capsys.readouterr().err
+
+
+def test_reaper_sets_its_own_session_up_defensively(pg: TestServer) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from reaper.activity import ServerConnection  # noqa: PLC0415
+
+    pg.execute("ALTER ROLE reaper_lp SET idle_session_timeout = '1s'")
+    try:
+        with ServerConnection(
+            dsn=pg.dsn(user="reaper_lp", password="reaper_lp") + " application_name=other",
+            connect_timeout=timedelta(seconds=3),
+            statement_timeout=timedelta(seconds=7),
+        ) as conn:
+            facts = conn.poll().facts
+            time.sleep(1.5)  # longer than the role's idle_session_timeout
+            rows = pg.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = %s", [facts.own_pid]
+            )
+            assert rows == [("pg-reaper",)]
+            again = conn.poll()
+            assert again.facts.own_pid == facts.own_pid  # the same session survived
+            assert facts.read_all_stats
+            assert facts.signal_backend
+            assert not facts.superuser
+    finally:
+        pg.execute("ALTER ROLE reaper_lp RESET idle_session_timeout")
+
+
+def test_connection_refused_names_the_server_without_secrets() -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from reaper.activity import PostgresError, ServerConnection  # noqa: PLC0415
+
+    conn = ServerConnection(
+        dsn="host=127.0.0.1 port=1 user=x password=Sentinel-Pa55",
+        connect_timeout=timedelta(seconds=1),
+        statement_timeout=timedelta(seconds=1),
+    )
+    with pytest.raises(PostgresError) as info:
+        conn.poll()
+    assert "127.0.0.1:1" in str(info.value)
+    assert "Sentinel-Pa55" not in str(info.value)
+    assert info.value.__cause__ is None  # no libpq exception carrying the DSN along
