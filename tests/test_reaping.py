@@ -208,6 +208,7 @@ def test_cap_defers_the_youngest_victims_to_the_next_cycle(
     reaped = decisions(document)
     results = {pid: d["result"] for pid, d in reaped.items()}
     assert results[oldest.info.backend_pid] == "terminated"
+    assert pg.wait_gone(oldest.info.backend_pid)
     assert sorted(results[c.info.backend_pid] for c in younger).count("terminated") == 1
     assert sorted(results[c.info.backend_pid] for c in younger).count("deferred") == 2
     assert list(results.values()).count("terminated") == 2
