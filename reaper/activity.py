@@ -40,6 +40,10 @@ _SIGNAL_FUNCTIONS: dict[Action, str] = {
 _SIGNALLED: dict[Action, Result] = {"terminate": Result.TERMINATED, "cancel": Result.CANCELLED}
 _SECRET_KEYS = frozenset({"password", "sslpassword"})
 _INSUFFICIENT_PRIVILEGE = "42501"
+_DETAILS = {
+    "denied": "permission denied: a superuser's session, or the reaper's role lacks "
+    "pg_signal_backend",
+}
 
 
 def _query(name: str) -> str:
@@ -230,8 +234,9 @@ class ServerConnection:
     ) -> dict[int, tuple[Result, str | None]]:
         """Signal `victims` race-safely; one (result, detail) per pid, whatever befalls the others.
 
-        All victims go in one statement; if it fails (a privilege changed since the poll, say),
-        each is retried in a statement of its own so that one failure stays its own.
+        All victims go in one statement, which checks each one's permission itself. Should it fail
+        all the same, each victim is retried in a statement of its own so that one failure stays
+        its own (a victim signalled before the failure then reports `gone`).
         """
         if not victims:
             return {}
@@ -246,6 +251,8 @@ class ServerConnection:
             except psycopg.Error as exc:
                 denied = exc.sqlstate == _INSUFFICIENT_PRIVILEGE
                 detail = exc.diag.message_primary or _clean_error(exc, None)
+                if exc.diag.message_detail:
+                    detail = f"{detail} ({exc.diag.message_detail})"
                 results[victim.pid] = (Result.DENIED if denied else Result.ERROR, detail)
         return results
 
@@ -270,6 +277,8 @@ class ServerConnection:
             raise
         signalled = _SIGNALLED[action]
         return {
-            row["pid"]: (signalled if row["result"] == "signalled" else Result(row["result"]), None)
+            row["pid"]: (signalled, None)
+            if row["result"] == "signalled"
+            else (Result(row["result"]), _DETAILS.get(row["result"]))
             for row in rows
         }

@@ -27,7 +27,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from reaper import activity
 
@@ -68,7 +73,8 @@ class ConfigError(Exception):
 # --- value types -------------------------------------------------------------------------------
 
 _DURATION = re.compile(
-    r"(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?"
+    r"(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?",
+    re.ASCII,
 )
 
 
@@ -80,25 +86,30 @@ def parse_duration(value: object) -> timedelta:
         raise ValueError(  # noqa: TRY004 - pydantic reports ValueError
             f"invalid duration {value!r}: use a string such as '90s', '15m', '1h30m'"
         )
-    if isinstance(value, int) or value.strip().isdigit():
-        seconds = int(value)
-        if seconds < 0:
+    text = value.strip() if isinstance(value, str) else str(value)
+    if re.fullmatch(r"-?\d+", text, re.ASCII) or text.startswith("-"):
+        if text.startswith("-"):
             raise ValueError(f"invalid duration {value!r}: must not be negative")
-        return timedelta(seconds=seconds)
-    text = value.strip()
+        try:
+            return timedelta(seconds=int(text))
+        except OverflowError:
+            raise ValueError(f"invalid duration {value!r}: too long") from None
     match = _DURATION.fullmatch(text)
     if not text or match is None or not any(match.groupdict().values()):
         raise ValueError(
             f"invalid duration {value!r}: use units d, h, m, s, ms as in '90s', '15m', '1h30m'"
         )
     parts = {unit: int(amount) for unit, amount in match.groupdict().items() if amount}
-    return timedelta(
-        days=parts.get("d", 0),
-        hours=parts.get("h", 0),
-        minutes=parts.get("m", 0),
-        seconds=parts.get("s", 0),
-        milliseconds=parts.get("ms", 0),
-    )
+    try:
+        return timedelta(
+            days=parts.get("d", 0),
+            hours=parts.get("h", 0),
+            minutes=parts.get("m", 0),
+            seconds=parts.get("s", 0),
+            milliseconds=parts.get("ms", 0),
+        )
+    except OverflowError:
+        raise ValueError(f"invalid duration {value!r}: too long") from None
 
 
 def format_duration(value: timedelta) -> str:
@@ -242,7 +253,7 @@ class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     include_query: bool = False
 
-    @field_validator("level", mode="before")
+    @field_validator("level", "format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -371,12 +382,17 @@ class Settings(BaseSettings):
                 if name in names[:index]:
                     problems.append(f"{kind}[{index}].name: duplicate name {name!r}")
         for index, server in enumerate(self.servers):
+            if server.interval is not None and server.interval < self.reaper.min_interval:
+                problems.append(
+                    f"servers[{index}].interval: {format_duration(server.interval)} is shorter "
+                    f"than reaper.min_interval ({format_duration(self.reaper.min_interval)})"
+                )
             for ref in server.policies or ():
                 if ref not in defined:
                     hint = _did_you_mean(ref, defined)
                     problems.append(f"servers[{index}].policies: undefined policy {ref!r}{hint}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # each line names its own key
         return self
 
     def policies_for(self, server: ServerConfig) -> tuple[PolicyConfig, ...]:
@@ -424,14 +440,22 @@ def load_settings(path: Path) -> Settings:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+        raise ConfigError([f"invalid TOML: {exc}"]) from None
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, data)) from None
+    except SettingsError as exc:  # an environment variable that is not valid JSON for a table
+        raise ConfigError([_env_problem(exc)]) from None
 
 
-def _explain(error: ValidationError, data: dict[str, Any]) -> list[str]:
+_ECHO_VALUE = frozenset(
+    {"literal_error", "bool_parsing", "bool_type", "int_parsing", "int_type", "string_type"}
+)
+_SECRET_PATH_PARTS = frozenset({"dsn", "password_file"})
+
+
+def _explain(error: ValidationError, data: dict[str, Any]) -> list[str]:  # noqa: C901 - one branch per kind of error
     problems = []
     errors = error.errors(include_url=False, include_input=False)
     for item in errors:
@@ -440,6 +464,7 @@ def _explain(error: ValidationError, data: dict[str, Any]) -> list[str]:
             continue  # a list whose every entry failed is "too short" only as a consequence
         path = _key_path(loc)
         message = str(item["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        env_name, env_value = _env_source(loc)
         if item["type"] == "extra_forbidden":
             key = str(loc[-1])
             message = f"unknown key {key!r}{_did_you_mean(key, _known_keys(loc[:-1]))}"
@@ -447,17 +472,47 @@ def _explain(error: ValidationError, data: dict[str, Any]) -> list[str]:
             message = "required key is missing"
         elif item["type"] == "too_short" and loc in {("servers",), ("policies",)}:
             message = f"at least one [[{loc[0]}]] table is required"
-        elif item["type"] in {
-            "literal_error",
-            "bool_parsing",
-            "bool_type",
-            "int_parsing",
-            "int_type",
-            "string_type",
-        }:
-            message = f"{message}, got {_lookup(data, loc)!r}"
-        problems.append(f"{path}: {message}" if path else message)
+        elif item["type"] == "tuple_type":
+            message = 'must be a list (a TOML array such as ["a", "b"])'
+            if loc in {("servers",), ("policies",)}:
+                message = f"must be an array of tables: write [[{loc[0]}]]"
+        elif item["type"] == "model_type":
+            message = f"must be a table ([{path}])" if len(loc) == 1 else "must be a table"
+        elif item["type"] in _ECHO_VALUE and not _SECRET_PATH_PARTS.intersection(map(str, loc)):
+            value = env_value if env_name else _lookup(data, loc)
+            message = f"{message}, got {_toml_repr(value)}"
+        if env_name:
+            message = f"{message} (from the environment variable {env_name})"
+        lines = message.splitlines()
+        if not path and len(lines) > 1:
+            problems.extend(lines)  # the model-wide check names each key itself
+        else:
+            problems.append(f"{path}: {message}" if path else message)
     return problems
+
+
+def _env_source(loc: tuple[int | str, ...]) -> tuple[str | None, str | None]:
+    """The environment variable that set the value at `loc`, if one did."""
+    names = [str(p) for p in loc if isinstance(p, str)]
+    for depth in range(len(names), 0, -1):
+        wanted = ("PG_REAPER_" + "__".join(names[:depth])).upper()
+        for key, value in os.environ.items():
+            if key.upper() == wanted:
+                return key, value
+    return None, None
+
+
+def _env_problem(error: SettingsError) -> str:
+    match = re.search(r'field "(\w+)"', str(error))
+    field = match[1] if match else "?"
+    name = f"PG_REAPER_{field.upper()}"
+    return f"{field}: the environment variable {name} must be JSON for a table or list"
+
+
+def _toml_repr(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
