@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 from reaper import __version__
+from reaper.embedded import SUPPORTED_MAJORS
 from reaper.log import configure
 from reaper.output import render_json, render_table
 from reaper.settings import ConfigError, Settings, load_settings, resolve_config_path
@@ -30,6 +31,10 @@ EXIT_USAGE = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from reaper.demo import run_demo  # noqa: PLC0415 - only the demo needs the embedded server
+
+        return run_demo(major=args.major)
     try:
         settings = load_settings(resolve_config_path(args.config))
     except ConfigError as exc:
@@ -74,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     command("check-config", "validate; print the effective config with secrets redacted")
+
+    demo = commands.add_parser(
+        "demo",
+        help="start a throwaway PostgreSQL, open sessions in several states, reap them",
+        description="Start a throwaway PostgreSQL (pip-installable binaries, works as root), "
+        "open real psql sessions in several states, preview and reap them, then remove "
+        "everything it started.",
+    )
+    demo.add_argument(
+        "--major", type=int, default=18, choices=SUPPORTED_MAJORS, help="PostgreSQL major"
+    )
     return parser
 
 

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reaper.activity import ServerConnection
 from reaper.embedded import EmbeddedPostgres
 
 if TYPE_CHECKING:
@@ -77,7 +79,9 @@ def run_demo(*, major: int = 18) -> int:
         for (application, _sql, shows), proc in zip(_CLIENTS, clients, strict=True):
             say(f"  {application:<10} pid-of-psql {proc.pid:<7} {shows}")
         config = Path(tmp) / "config.toml"
-        config.write_text(CONFIG.format(dsn=pg.dsn(), max_idle=MAX_IDLE_SECONDS))
+        # Over the Unix socket, where the throwaway server trusts local sessions: no password.
+        dsn = f"host={pg.socket_dir} port={pg.port} dbname=postgres user={pg.superuser}"
+        config.write_text(CONFIG.format(dsn=dsn, max_idle=MAX_IDLE_SECONDS))
         say(f"\nConfig {config}:\n")
         say("\n".join(f"  {line}" for line in config.read_text().splitlines()))
         say(f"\nWaiting {MAX_IDLE_SECONDS + 1}s for the idle sessions to pass max_idle ...\n")
@@ -90,12 +94,14 @@ def run_demo(*, major: int = 18) -> int:
         time.sleep(0.5)
         say("\n$ pg-reaper preview -c config.toml    # nothing left to reap\n")
         code = max(code, main(["preview", "-c", str(config)]))
-        alive = [
-            application
-            for (application, _sql, _shows), proc in zip(_CLIENTS, clients, strict=True)
-            if proc.poll() is None
-        ]
-        say(f"\npsql clients still connected: {', '.join(alive) or 'none'}")
+        say("\nThe server's own view of the client sessions left:")
+        with ServerConnection(
+            dsn=dsn, connect_timeout=timedelta(seconds=5), statement_timeout=timedelta(seconds=5)
+        ) as conn:
+            snapshot = conn.poll()
+        for session in snapshot.sessions:
+            if session.pid != snapshot.facts.own_pid:
+                say(f"  {session.application:<10} {session.state}")
         say("Stopping PostgreSQL and removing everything the demo started.")
     return code
 

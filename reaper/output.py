@@ -74,7 +74,8 @@ def render_table(reports: Sequence[SweepReport]) -> str:
     if rows:
         cells = [[safe_text(v) for v in row] for row in rows]
         widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(_COLUMNS)]
-        lines.append("  ".join(h.upper().ljust(w) for h, w in zip(_COLUMNS, widths, strict=True)))
+        header = "  ".join(h.upper().ljust(w) for h, w in zip(_COLUMNS, widths, strict=True))
+        lines.append(header.rstrip())
         lines.extend(
             "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
             for row in cells

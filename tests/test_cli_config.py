@@ -327,3 +327,22 @@ def test_not_utf8_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     code, _, err = _check_config(path, capsys)
     assert code == 2
     assert f"  {path}: not UTF-8 text" in err
+
+
+def test_config_example_is_valid_and_documents_every_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    example = Path(__file__).parent.parent / "config.example.toml"
+    assert main(["check-config", "-c", str(example)]) == 0
+    effective = tomllib.loads(capsys.readouterr().out)
+    text = example.read_text()
+    sections = {
+        "reaper": effective["reaper"],
+        "metrics": effective["metrics"],
+        "log": effective["log"],
+        "servers": effective["servers"][0],
+        "policies": effective["policies"][0],
+    }
+    for section, keys in sections.items():
+        for key in keys:
+            assert f"\n{key} =" in text or f"\n# {key} =" in text, f"{section}.{key} not documented"

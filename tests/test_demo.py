@@ -1,0 +1,37 @@
+"""`pg-reaper demo`: the README's first command, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _leftovers() -> set[Path]:
+    return set(Path("/tmp").glob("pg-reaper-*"))  # noqa: S108 - where the embedded servers live
+
+
+def test_demo_reaps_idle_sessions_spares_psql_and_active_and_cleans_up(pg_major: int) -> None:
+    before = _leftovers()
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "reaper", "demo", "--major", str(pg_major)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("demo ")]
+    reaped = [line for line in rows if line.rstrip().endswith("terminated")]
+    assert len(reaped) == 4
+    assert {line.split()[4] for line in reaped} == {"web-app", "batch-job"}
+    left = proc.stdout.split("The server's own view of the client sessions left:")[1]
+    assert left.split("Stopping")[0].split() == ["psql", "idle", "report", "active"]
+    assert "password" not in proc.stdout
+    assert _leftovers() <= before  # the server's directory is gone
