@@ -471,3 +471,38 @@ def test_connection_refused_names_the_server_without_secrets() -> None:
     assert "127.0.0.1:1" in str(info.value)
     assert "Sentinel-Pa55" not in str(info.value)
     assert info.value.__cause__ is None  # no libpq exception carrying the DSN along
+
+
+def test_reapers_own_session_is_never_a_victim_even_when_a_policy_matches_it(
+    pg: TestServer, write_config: Callable[..., Path]
+) -> None:
+    from reaper.policy import evaluate  # noqa: PLC0415
+    from reaper.settings import load_settings  # noqa: PLC0415
+    from reaper.sweep import connect, sweep  # noqa: PLC0415
+
+    # While it polls, the reaper's own session is active, and it has been connected for more
+    # than a second: this policy would match it but for the rule that protects it.
+    every_old_active = """
+        [[policies]]
+        name = "old-active"
+        states = ["active"]
+        max_connection_age = "1s"
+        """
+    settings = load_settings(write_config(every_old_active))
+    server = settings.servers[0]
+    with connect(server, settings) as conn:
+        own_pid = conn.poll().facts.own_pid
+        time.sleep(1.3)
+
+        report = sweep(conn, server=server, settings=settings)
+
+        mine = next(s for s in report.sessions if s.pid == own_pid)
+        assert mine.state == "active"
+        assert mine.connection_seconds is not None
+        assert mine.connection_seconds > 1.0
+        assert own_pid not in {o.decision.session.pid for o in report.outcomes}
+        facts = conn.poll().facts
+        decision = evaluate(mine, settings.policies, reaper=settings.reaper, facts=facts)
+        assert decision.reason == "the reaper's own session"
+        assert facts.own_pid == own_pid  # still the same, living session
+    assert pg.wait_gone(own_pid)  # closed on exit
