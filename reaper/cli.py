@@ -14,7 +14,7 @@ import tomli_w
 
 from reaper import __version__
 from reaper.embedded import SUPPORTED_MAJORS
-from reaper.log import configure
+from reaper.log import configure, get_logger
 from reaper.output import render_json, render_table
 from reaper.settings import ConfigError, Settings, load_settings, resolve_config_path
 from reaper.sweep import Mode, SweepReport, connect, sweep
@@ -46,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "dry_run", False):
         settings = settings.with_dry_run()
     configure(settings.log)
+    if args.command == "run":
+        return _run(settings, args)
     handler = {"once": _once, "preview": _preview, "check-config": _check_config}[args.command]
     return handler(settings, args)
 
@@ -67,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
             help="config file (default: $PG_REAPER_CONFIG, then /etc/pg-reaper/config.toml)",
         )
         return sub
+
+    run = command("run", "the daemon: reap on schedule, serve metrics, until SIGTERM")
+    run.add_argument("--dry-run", action="store_true", help="decide and report, signal nothing")
 
     once = command("once", "one sweep of every server, then exit")
     once.add_argument("--dry-run", action="store_true", help="decide and report, signal nothing")
@@ -99,7 +104,10 @@ def _run_all(settings: Settings, *, mode: Mode, only: str | None = None) -> list
         if only is not None and server.name != only:
             continue
         with connect(server, settings) as conn:
-            reports.append(sweep(conn, server=server, settings=settings, mode=mode))
+            report = sweep(conn, server=server, settings=settings, mode=mode)
+        if report.error is not None and mode == "reap":
+            get_logger().error("poll_failed", server=server.name, error=report.error)
+        reports.append(report)
     return reports
 
 
@@ -110,6 +118,24 @@ def _print_reports(reports: list[SweepReport], *, settings: Settings, as_json: b
     else:
         print(render_table(reports))
     return EXIT_FAILED if any(r.failed for r in reports) else EXIT_OK
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from reaper.daemon import Daemon  # noqa: PLC0415 - the one-shot commands do without it
+
+    try:
+        daemon = Daemon(
+            config_path=resolve_config_path(args.config),
+            settings=settings,
+            force_dry_run=args.dry_run,
+        )
+        return daemon.run()
+    except OSError as exc:  # the metrics listener could not bind
+        listen = settings.metrics.listen
+        print(
+            f"pg-reaper: metrics.listen: cannot listen on {listen}: {exc.strerror}", file=sys.stderr
+        )
+        return EXIT_USAGE
 
 
 def _once(settings: Settings, args: argparse.Namespace) -> int:

@@ -74,7 +74,8 @@ def run_demo(*, major: int = 18) -> int:
         _clients(pg) as clients,
         tempfile.TemporaryDirectory(prefix="pg-reaper-demo-") as tmp,
     ):
-        say(f"PostgreSQL {pg.version} is listening on {pg.socket_dir} and 127.0.0.1:{pg.port}.\n")
+        say(f"PostgreSQL {pg.version} is listening on {pg.socket_dir} and 127.0.0.1:{pg.port}.")
+        say(f"Its files are in {pg.base_dir}.\n")
         say("Client sessions opened (real psql processes):")
         for (application, _sql, shows), proc in zip(_CLIENTS, clients, strict=True):
             say(f"  {application:<10} pid-of-psql {proc.pid:<7} {shows}")
@@ -99,7 +100,7 @@ def run_demo(*, major: int = 18) -> int:
             dsn=dsn, connect_timeout=timedelta(seconds=5), statement_timeout=timedelta(seconds=5)
         ) as conn:
             snapshot = conn.poll()
-        for session in snapshot.sessions:
+        for session in sorted(snapshot.sessions, key=lambda s: s.application):
             if session.pid != snapshot.facts.own_pid:
                 say(f"  {session.application:<10} {session.state}")
         say("Stopping PostgreSQL and removing everything the demo started.")

@@ -29,6 +29,7 @@ __all__ = [
     "can_signal",
     "evaluate",
     "plan",
+    "seconds_until_eligible",
 ]
 
 CLIENT_BACKEND = "client backend"
@@ -92,6 +93,7 @@ class ServerFacts:
     signal_backend: bool  # member of pg_signal_backend
     read_all_stats: bool  # member of pg_read_all_stats (or pg_monitor)
     server_version_num: int
+    max_connections: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,6 +194,43 @@ def plan(
     )
 
 
+def seconds_until_eligible(
+    session: Session,
+    policies: Sequence[PolicyConfig],
+    *,
+    reaper: ReaperSection,
+    facts: ServerFacts,
+) -> float | None:
+    """How long until `session`, staying in its state, exceeds a threshold of some policy.
+
+    None when no policy can ever match it as it is (protected, out of scope, no age known).
+    Every age grows at the rate of the clock while the state does not change, so the time
+    left is the threshold minus the age; the daemon polls again then.
+    """
+    if _hard_exclusion(session, reaper=reaper, facts=facts) is not None:
+        return None
+    soonest: float | None = None
+    for policy in policies:
+        if _filtered_out(session, policy) is not None:
+            continue
+        for key, _label, age in _ages(session):
+            limit = policy.thresholds.get(key)
+            if limit is None or age is None:
+                continue
+            left = max(0.0, limit.total_seconds() - age)
+            soonest = left if soonest is None else min(soonest, left)
+    return soonest
+
+
+def _ages(session: Session) -> tuple[tuple[str, str, float | None], ...]:
+    return (
+        ("max_idle", "idle", session.idle_seconds),
+        ("max_runtime", "running", session.runtime_seconds),
+        ("max_transaction_age", "in transaction", session.transaction_seconds),
+        ("max_connection_age", "connected", session.connection_seconds),
+    )
+
+
 def _oldest_first(decisions: Iterable[Decision]) -> tuple[Decision, ...]:
     return tuple(sorted(decisions, key=lambda d: (-d.session.age_in_state, d.session.pid)))
 
@@ -223,12 +262,7 @@ def _match(session: Session, policy: PolicyConfig) -> tuple[bool, str]:
         return False, why_not
     exceeded = [
         f"{label} {_seconds(age)} > {key} {_seconds(limit.total_seconds())}"
-        for key, label, age in (
-            ("max_idle", "idle", session.idle_seconds),
-            ("max_runtime", "running", session.runtime_seconds),
-            ("max_transaction_age", "in transaction", session.transaction_seconds),
-            ("max_connection_age", "connected", session.connection_seconds),
-        )
+        for key, label, age in _ages(session)
         if (limit := policy.thresholds.get(key)) is not None
         and age is not None
         and age > limit.total_seconds()

@@ -8,10 +8,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from reaper.activity import PostgresError, ServerConnection
 from reaper.log import get_logger
-from reaper.policy import Decision, Plan, Result, ServerFacts, Session, plan
+from reaper.policy import (
+    Decision,
+    Plan,
+    Result,
+    ServerFacts,
+    Session,
+    plan,
+    seconds_until_eligible,
+)
 
 if TYPE_CHECKING:
-    from reaper.settings import ServerConfig, Settings
+    from reaper.settings import PolicyConfig, ServerConfig, Settings
 
 __all__ = ["Outcome", "SweepReport", "connect", "sweep", "visibility_warnings"]
 
@@ -41,9 +49,13 @@ class SweepReport:
     dry_run: bool
     duration_ms: float
     error: str | None = None
+    facts: ServerFacts | None = None
     sessions: tuple[Session, ...] = ()
     outcomes: tuple[Outcome, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Seconds from the poll until the next session would become eligible (0: victims were
+    # deferred by the cap); None when no session is on its way to any threshold.
+    eligible_in: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,7 +91,10 @@ def sweep(
     settings: Settings,
     mode: Mode = "reap",
 ) -> SweepReport:
-    """Run one cycle on `server`. In preview mode nothing is signalled and nothing is audited."""
+    """Run one cycle on `server`. In preview mode nothing is signalled and nothing is audited.
+
+    A failed poll is returned as a report with `error` set, not logged here.
+    """
     dry_run = settings.reaper.dry_run or mode == "preview"
     log = get_logger(server=server.name)
     started = time.perf_counter()
@@ -89,9 +104,7 @@ def sweep(
 
     try:
         snapshot = conn.poll(include_query=settings.log.include_query)
-    except PostgresError as exc:
-        if mode == "reap":
-            log.error("poll_failed", error=str(exc))  # noqa: TRY400 - the message says it all
+    except PostgresError as exc:  # reported by the caller: `once` per run, the daemon per change
         return SweepReport(
             server=server.name, dry_run=dry_run, duration_ms=elapsed(), error=str(exc)
         )
@@ -99,20 +112,18 @@ def sweep(
     warnings = visibility_warnings(snapshot.facts, snapshot.sessions)
     for warning in warnings:
         log.warning("privileges_insufficient", detail=warning)
-    decided = plan(
-        snapshot.sessions,
-        settings.policies_for(server),
-        reaper=settings.reaper,
-        facts=snapshot.facts,
-    )
+    policies = settings.policies_for(server)
+    decided = plan(snapshot.sessions, policies, reaper=settings.reaper, facts=snapshot.facts)
     outcomes = _execute(conn, decided, dry_run=dry_run)
     report = SweepReport(
         server=server.name,
         dry_run=dry_run,
         duration_ms=elapsed(),
+        facts=snapshot.facts,
         sessions=snapshot.sessions,
         outcomes=outcomes,
         warnings=warnings,
+        eligible_in=_eligible_in(decided, policies, settings=settings, facts=snapshot.facts),
     )
     if mode == "reap":
         for outcome in outcomes:
@@ -152,6 +163,22 @@ def _execute(conn: ServerConnection, decided: Plan, *, dry_run: bool) -> tuple[O
         Outcome(decision=d, result=results[d.session.pid][0], detail=results[d.session.pid][1])
         for d in decided.candidates
     )
+
+
+def _eligible_in(
+    decided: Plan,
+    policies: tuple[PolicyConfig, ...],
+    *,
+    settings: Settings,
+    facts: ServerFacts,
+) -> float | None:
+    if decided.deferred:
+        return 0.0
+    times = (
+        seconds_until_eligible(d.session, policies, reaper=settings.reaper, facts=facts)
+        for d in decided.spared
+    )
+    return min((t for t in times if t is not None), default=None)
 
 
 def visibility_warnings(facts: ServerFacts, sessions: tuple[Session, ...]) -> tuple[str, ...]:

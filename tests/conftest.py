@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from typing import TYPE_CHECKING
 
 import pytest
 
+from reaper.log import configure
+from reaper.settings import LogSection
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer, start_server
 
 if TYPE_CHECKING:
@@ -65,6 +68,12 @@ def _prepare(server: TestServer) -> None:
         "GRANT pg_signal_backend TO reaper_blind",
     ):
         server.execute(statement)
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_this_tests_stderr() -> None:
+    """structlog keeps the stream it was configured with: give each test its own (captured) one."""
+    configure(LogSection(format="json"), stream=sys.stderr)
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def _leftovers() -> set[Path]:
-    return set(Path("/tmp").glob("pg-reaper-*"))  # noqa: S108 - where the embedded servers live
-
-
 def test_demo_reaps_idle_sessions_spares_psql_and_active_and_cleans_up(pg_major: int) -> None:
-    before = _leftovers()
-
     proc = subprocess.run(
         [sys.executable, "-m", "reaper", "demo", "--major", str(pg_major)],
         capture_output=True,
@@ -34,4 +28,6 @@ def test_demo_reaps_idle_sessions_spares_psql_and_active_and_cleans_up(pg_major:
     left = proc.stdout.split("The server's own view of the client sessions left:")[1]
     assert left.split("Stopping")[0].split() == ["psql", "idle", "report", "active"]
     assert "password" not in proc.stdout
-    assert _leftovers() <= before  # the server's directory is gone
+    base_dir = Path(proc.stdout.split("Its files are in ")[1].split()[0].rstrip("."))
+    assert base_dir.name.startswith("pg-reaper-")
+    assert not base_dir.exists()  # the server's files are gone

@@ -1,0 +1,138 @@
+"""`pg-reaper run`: the long-running service.
+
+Signal handlers only set flags and wake the main loop; the main loop acts (reload, stop,
+watchdog). A reload builds and validates the whole new configuration before swapping it in.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from reaper import __version__
+from reaper.http import HttpServer
+from reaper.log import configure, get_logger
+from reaper.metrics import Metrics
+from reaper.notify import Notifier
+from reaper.scheduler import Scheduler
+from reaper.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
+    from types import FrameType
+
+__all__ = ["Daemon"]
+
+# SIGTERM to exit: the cycles in flight get this long to finish, well inside systemd's and
+# Kubernetes' grace periods (and the 10 s the design promises).
+_STOP_TIMEOUT = 8.0
+
+
+class Daemon:
+    def __init__(self, *, config_path: Path, settings: Settings, force_dry_run: bool) -> None:
+        self._path = config_path
+        self._force_dry_run = force_dry_run
+        self._settings = settings
+        self._metrics = Metrics()
+        self._notifier = Notifier()
+        self._scheduler = Scheduler(settings, metrics=self._metrics)
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._stop_requested: str | None = None
+        self._log = get_logger()
+        self._http: HttpServer | None = None
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; 0 on a clean stop."""
+        self._metrics.config_reload_ok.set(1)
+        listen = self._settings.metrics.listen
+        if listen:
+            self._http = HttpServer(
+                listen=listen,
+                registry=self._metrics.registry,
+                healthy=lambda: self._scheduler.running,
+                ready=lambda: self._scheduler.running and self._scheduler.ready,
+            )
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        self._scheduler.start()
+        if self._http is not None:
+            self._http.start()
+        self._log.info(
+            "daemon_started",
+            version=__version__,
+            servers=[s.name for s in self._settings.servers],
+            dry_run=self._settings.reaper.dry_run,
+            metrics=f"http://{listen}/metrics" if listen else None,
+        )
+        self._notifier.ready()
+        self._loop()
+        self._shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop_requested = signal.Signals(signum).name
+        self._wake.set()
+
+    def _loop(self) -> None:
+        watchdog = self._notifier.watchdog_interval
+        next_ping = time.monotonic()
+        while self._stop_requested is None:
+            timeout = max(0.0, next_ping - time.monotonic()) if watchdog else None
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._stop_requested is not None:
+                break
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+            if watchdog and time.monotonic() >= next_ping:
+                if self._scheduler.running:
+                    self._notifier.watchdog()
+                next_ping = time.monotonic() + watchdog
+
+    def _reload(self) -> None:
+        self._notifier.reloading()
+        self._log.info("config_reloading", path=str(self._path))
+        try:
+            settings = load_settings(self._path)
+        except ConfigError as exc:
+            self._metrics.config_reload_ok.set(0)
+            self._log.error(
+                "config_reload_failed",
+                path=str(self._path),
+                problems=list(exc.problems),
+                kept="the running configuration",
+            )
+        else:
+            if self._force_dry_run:
+                settings = settings.with_dry_run()
+            if settings.metrics.listen != self._settings.metrics.listen:
+                self._log.warning(
+                    "config_reload_partial",
+                    detail="metrics.listen changes take effect at the next restart",
+                )
+            configure(settings.log)
+            self._scheduler.apply(settings)
+            self._settings = settings
+            self._metrics.config_reload_ok.set(1)
+            self._log.info(
+                "config_reloaded",
+                servers=[s.name for s in settings.servers],
+                policies=[p.name for p in settings.policies],
+                dry_run=settings.reaper.dry_run,
+            )
+        self._notifier.ready()
+
+    def _shutdown(self) -> None:
+        self._notifier.stopping()
+        self._log.info("daemon_stopping", signal=self._stop_requested)
+        self._scheduler.stop(timeout=_STOP_TIMEOUT)
+        if self._http is not None:
+            self._http.stop()
+        self._log.info("daemon_stopped")

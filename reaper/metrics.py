@@ -1,0 +1,189 @@
+"""Every Prometheus metric of pg-reaper, defined once, with bounded label sets.
+
+No pid, user, database, application or query text is ever a label: only server names, policy
+names, actions, failure reasons and states, all of which come from the configuration or from a
+fixed list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+from reaper import __version__
+from reaper.policy import Result
+from reaper.settings import ALL_STATES
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from reaper.settings import Settings
+    from reaper.sweep import SweepReport
+
+__all__ = ["UNKNOWN_STATE", "Metrics"]
+
+# The `state` label of sessions whose state the reaper may not see (NULL in pg_stat_activity).
+UNKNOWN_STATE = "unknown"
+_STATES = (*ALL_STATES, UNKNOWN_STATE)
+_FAILURE_REASONS = {
+    Result.GONE: "gone",
+    Result.CHANGED: "changed",
+    Result.DENIED: "denied",
+    Result.ERROR: "error",
+}
+_REAPED_ACTIONS = {Result.TERMINATED: "terminate", Result.CANCELLED: "cancel", Result.LOGGED: "log"}
+
+
+class Metrics:
+    """The daemon's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call] # *_created series help no alert
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions_reaped = Counter(
+            "pg_reaper_sessions_reaped",
+            "Sessions terminated, cancelled or logged by a policy (not counted in dry run).",
+            ["server", "policy", "action"],
+            registry=r,
+        )
+        self.reap_failures = Counter(
+            "pg_reaper_reap_failures",
+            "Victims that could not be signalled: gone, changed, denied, error.",
+            ["server", "policy", "reason"],
+            registry=r,
+        )
+        self.candidates = Gauge(
+            "pg_reaper_candidates",
+            "Sessions matched by each policy at the last poll (dry run included).",
+            ["server", "policy"],
+            registry=r,
+        )
+        self.deferred = Counter(
+            "pg_reaper_deferred",
+            "Victims held back by max_terminations_per_cycle.",
+            ["server"],
+            registry=r,
+        )
+        self.sessions = Gauge(
+            "pg_reaper_sessions",
+            "Client sessions at the last poll, by state.",
+            ["server", "state"],
+            registry=r,
+        )
+        self.max_connections = Gauge(
+            "pg_reaper_max_connections",
+            "The server's max_connections.",
+            ["server"],
+            registry=r,
+        )
+        self.poll_duration = Histogram(
+            "pg_reaper_poll_duration_seconds",
+            "Time of one cycle on one server: poll, decide, signal.",
+            ["server"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.poll_errors = Counter(
+            "pg_reaper_poll_errors",
+            "Polls that failed (server unreachable, query failed).",
+            ["server"],
+            registry=r,
+        )
+        self.server_up = Gauge(
+            "pg_reaper_server_up",
+            "1 when the last poll of the server succeeded.",
+            ["server"],
+            registry=r,
+        )
+        self.last_poll = Gauge(
+            "pg_reaper_last_poll_timestamp_seconds",
+            "Unix time of the last successful poll.",
+            ["server"],
+            registry=r,
+        )
+        self.dry_run = Gauge("pg_reaper_dry_run", "1 when no signal is sent (dry run).", registry=r)
+        self.config_reload_ok = Gauge(
+            "pg_reaper_config_last_reload_successful",
+            "1 when the last configuration load or reload succeeded.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "pg_reaper_build_info", "pg-reaper's version.", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+
+    def configure(self, settings: Settings) -> None:
+        """Show every series of the configured servers and policies, at 0 until measured."""
+        self.dry_run.set(1 if settings.reaper.dry_run else 0)
+        for server in settings.servers:
+            self.server_up.labels(server=server.name)
+            self.poll_errors.labels(server=server.name)
+            self.deferred.labels(server=server.name)
+            for policy in settings.policies_for(server):
+                self.candidates.labels(server=server.name, policy=policy.name)
+
+    def forget_server(self, server: str, *, policies: Iterable[str] = ()) -> None:
+        """Drop the series of a server no longer configured."""
+        for metric in (
+            self.server_up,
+            self.poll_errors,
+            self.deferred,
+            self.max_connections,
+            self.last_poll,
+            self.poll_duration,
+        ):
+            _remove(metric, server)
+        for state in _STATES:
+            _remove(self.sessions, server, state)
+        for policy in policies:
+            self.forget_policy(server, policy)
+
+    def forget_policy(self, server: str, policy: str) -> None:
+        _remove(self.candidates, server, policy)
+
+    def record_poll_failure(self, server: str) -> None:
+        self.poll_errors.labels(server=server).inc()
+        self.server_up.labels(server=server).set(0)
+
+    def record(self, report: SweepReport, *, policies: Iterable[str], finished_at: float) -> None:
+        """Account for one successful cycle of one server."""
+        server = report.server
+        self.server_up.labels(server=server).set(1)
+        self.last_poll.labels(server=server).set(finished_at)
+        self.poll_duration.labels(server=server).observe(report.duration_ms / 1000)
+        if report.facts is not None:
+            self.max_connections.labels(server=server).set(report.facts.max_connections)
+        by_state = dict.fromkeys(_STATES, 0)
+        for session in report.sessions:
+            by_state[session.state if session.state in by_state else UNKNOWN_STATE] += 1
+        for state, count in by_state.items():
+            self.sessions.labels(server=server, state=state).set(count)
+        matched = dict.fromkeys(policies, 0)
+        deferred = 0
+        for outcome in report.outcomes:
+            policy = outcome.policy
+            matched[policy] = matched.get(policy, 0) + 1
+            if outcome.result is Result.DEFERRED:
+                deferred += 1
+            elif (reason := _FAILURE_REASONS.get(outcome.result)) is not None:
+                self.reap_failures.labels(server=server, policy=policy, reason=reason).inc()
+            elif (action := _REAPED_ACTIONS.get(outcome.result)) is not None:
+                self.sessions_reaped.labels(server=server, policy=policy, action=action).inc()
+        for policy, count in matched.items():
+            self.candidates.labels(server=server, policy=policy).set(count)
+        if deferred:
+            self.deferred.labels(server=server).inc(deferred)
+
+
+def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # never observed
+        metric.remove(*labels)

@@ -1,0 +1,296 @@
+"""One job per server on an APScheduler 3 scheduler, each due when its next session would be.
+
+After a poll, a server's next poll is due when the next of its sessions would cross a threshold,
+bounded below by `min_interval` and above by `interval` and by the server's smallest threshold
+(a session that turns idle just after a poll is then seen before it can be eligible). A lost
+server is retried with exponential backoff from `min_interval` up to `interval`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from reaper.log import get_logger
+from reaper.sweep import SweepReport, connect, sweep
+
+if TYPE_CHECKING:
+    from reaper.activity import ServerConnection
+    from reaper.metrics import Metrics
+    from reaper.settings import ServerConfig, Settings
+
+__all__ = ["Scheduler", "next_delay"]
+
+# Poll a little after the computed crossing: eligibility is "age > threshold", strictly.
+_PAST_THRESHOLD = 0.05
+# Job threads are created on demand, so a generous bound costs nothing while idle; it must
+# exceed the number of servers so that a hung server never holds up another's job.
+_MIN_WORKERS = 64
+
+
+def next_delay(
+    report: SweepReport | None,
+    *,
+    interval: float,
+    min_interval: float,
+    smallest_threshold: float | None,
+    failures: int = 0,
+) -> float:
+    """Seconds from the start of this poll to the next one."""
+    if report is None or not report.ok:
+        return min(interval, min_interval * 2.0 ** min(failures, 30))
+    delay = interval
+    if smallest_threshold is not None:
+        delay = min(delay, smallest_threshold)
+    if report.eligible_in is not None:
+        delay = min(delay, report.eligible_in + _PAST_THRESHOLD)
+    return max(delay, min_interval)
+
+
+@dataclass
+class _Worker:
+    """A server's state between cycles. Only its own job touches it while it runs."""
+
+    name: str
+    settings: Settings
+    conn: ServerConnection | None = None
+    conn_key: tuple[Any, ...] = ()
+    failures: int = 0
+    state: str = "unknown"  # unknown | up | down
+    last_error: str | None = None
+    tried: bool = False
+    polls: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def server(self) -> ServerConfig:
+        return next(s for s in self.settings.servers if s.name == self.name)
+
+
+class Scheduler:
+    """The daemon's reaping machinery: workers, their jobs, and their metrics."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._workers: dict[str, _Worker] = {}
+        self._lock = threading.Lock()
+        workers = max(_MIN_WORKERS, 2 * len(settings.servers))
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=UTC,
+        )
+        _quiet_apscheduler()
+        self._log = get_logger()
+
+    # lifecycle
+
+    def start(self) -> None:
+        self._metrics.configure(self._settings)
+        for server in self._settings.servers:
+            self._add(server)
+        self._scheduler.start()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    @property
+    def ready(self) -> bool:
+        """Every configured server has been tried at least once."""
+        with self._lock:
+            return all(w.tried for w in self._workers.values())
+
+    def stop(self, *, timeout: float) -> None:
+        """Let the cycles in flight finish (up to `timeout`), then close every connection."""
+        self._scheduler.shutdown(wait=False)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            if worker.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    _close(worker)
+                finally:
+                    worker.lock.release()
+            else:
+                self._log.warning("cycle_abandoned", server=worker.name, reason="shutting down")
+
+    # configuration
+
+    def apply(self, settings: Settings) -> None:
+        """Take a new, validated configuration; it applies from each server's next cycle."""
+        old = self._settings
+        old_names = {s.name for s in old.servers}
+        new_names = {s.name for s in settings.servers}
+        self._settings = settings
+        self._metrics.configure(settings)
+        for name in old_names - new_names:
+            self._remove(name, policies=[p.name for p in old.policies_for(_find(old, name))])
+        for server in settings.servers:
+            if server.name not in old_names:
+                self._add(server)
+                continue
+            with self._lock:
+                self._workers[server.name].settings = settings
+            before = _find(old, server.name)
+            for policy in {p.name for p in old.policies_for(before)} - {
+                p.name for p in settings.policies_for(server)
+            }:
+                self._metrics.forget_policy(server.name, policy)
+            if old.interval_for(before) != settings.interval_for(server):
+                self._scheduler.reschedule_job(
+                    _job_id(server.name), trigger=_trigger(settings, server)
+                )
+                self._scheduler.modify_job(_job_id(server.name), next_run_time=_now())
+
+    def _add(self, server: ServerConfig) -> None:
+        worker = _Worker(name=server.name, settings=self._settings)
+        with self._lock:
+            self._workers[server.name] = worker
+        self._scheduler.add_job(
+            self._cycle,
+            trigger=_trigger(self._settings, server),
+            args=[worker],
+            id=_job_id(server.name),
+            name=server.name,
+            next_run_time=_now(),
+        )
+
+    def _remove(self, name: str, *, policies: list[str]) -> None:
+        self._scheduler.remove_job(_job_id(name))
+        with self._lock:
+            worker = self._workers.pop(name)
+        self._metrics.forget_server(name, policies=policies)
+
+        def close_when_idle() -> None:
+            with worker.lock:
+                _close(worker)
+
+        threading.Thread(target=close_when_idle, name=f"close-{name}", daemon=True).start()
+
+    # one cycle
+
+    def _cycle(self, worker: _Worker) -> None:
+        started_wall, started = time.time(), time.monotonic()
+        with worker.lock:
+            settings = worker.settings
+            if worker.name not in {s.name for s in settings.servers}:
+                return  # removed by a reload while this run was queued
+            server = worker.server
+            report = self._sweep(worker, server=server, settings=settings)
+            worker.tried = True
+            worker.polls += 1
+        policies = settings.policies_for(server)
+        if report.ok:
+            self._metrics.record(
+                report, policies=[p.name for p in policies], finished_at=time.time()
+            )
+        else:
+            self._metrics.record_poll_failure(worker.name)
+        self._transition(worker, report)
+        thresholds = [t.total_seconds() for p in policies for t in p.thresholds.values()]
+        delay = next_delay(
+            report,
+            interval=settings.interval_for(server).total_seconds(),
+            min_interval=settings.reaper.min_interval.total_seconds(),
+            smallest_threshold=min(thresholds, default=None),
+            failures=worker.failures,
+        )
+        due = datetime.fromtimestamp(started_wall + delay, tz=UTC)
+        elapsed = time.monotonic() - started
+        if elapsed > delay:
+            self._log.warning(
+                "cycle_overran", server=worker.name, seconds=round(elapsed, 3), due_every=delay
+            )
+        try:
+            self._scheduler.modify_job(_job_id(worker.name), next_run_time=max(due, _now()))
+        except Exception:  # noqa: BLE001 - the job was removed by a reload or shutdown meanwhile
+            return
+
+    def _sweep(self, worker: _Worker, *, server: ServerConfig, settings: Settings) -> SweepReport:
+        key = (
+            server.dsn.get_secret_value(),
+            server.password_file,
+            settings.reaper.connect_timeout,
+            settings.reaper.statement_timeout,
+        )
+        if worker.conn is None or worker.conn_key != key:
+            _close(worker)
+            worker.conn, worker.conn_key = connect(server, settings), key
+        try:
+            return sweep(worker.conn, server=server, settings=settings)
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop this server's schedule
+            self._log.exception("cycle_crashed", server=worker.name)
+            return SweepReport(
+                server=worker.name,
+                dry_run=settings.reaper.dry_run,
+                duration_ms=0.0,
+                error=f"internal error: {type(exc).__name__}: {exc}",
+            )
+
+    def _transition(self, worker: _Worker, report: SweepReport) -> None:
+        """One log line per change of a server's state, not one per failed cycle."""
+        if report.ok:
+            if worker.state == "down":
+                self._log.info("server_recovered", server=worker.name, failures=worker.failures)
+            worker.state, worker.failures, worker.last_error = "up", 0, None
+            return
+        worker.failures += 1
+        if worker.state != "down" or report.error != worker.last_error:
+            self._log.error("poll_failed", server=worker.name, error=report.error)
+        else:
+            self._log.debug("poll_failed", server=worker.name, error=report.error)
+        worker.state, worker.last_error = "down", report.error
+
+    # for tests and benchmarks
+
+    def polls(self, name: str) -> int:
+        with self._lock:
+            worker = self._workers.get(name)
+        return worker.polls if worker else 0
+
+
+def _trigger(settings: Settings, server: ServerConfig) -> IntervalTrigger:
+    return IntervalTrigger(seconds=settings.interval_for(server).total_seconds(), timezone=UTC)
+
+
+def _job_id(name: str) -> str:
+    return f"server:{name}"
+
+
+def _find(settings: Settings, name: str) -> ServerConfig:
+    return next(s for s in settings.servers if s.name == name)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _close(worker: _Worker) -> None:
+    if worker.conn is not None:
+        worker.conn.close()
+    worker.conn = None
+
+
+def _quiet_apscheduler() -> None:
+    """APScheduler logs every run at INFO through the stdlib: keep only its warnings, as events."""
+    logger = logging.getLogger("apscheduler")
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
+        logger.addHandler(_ToStructlog())
+
+
+class _ToStructlog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        get_logger().warning("scheduler", message=record.getMessage())
