@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 CLIENT_BACKEND = "client backend"
+_RUNNING_STATES = frozenset({"active", "fastpath function call"})
 
 
 class Result(StrEnum):
@@ -223,9 +224,12 @@ def seconds_until_eligible(
 
 
 def _ages(session: Session) -> tuple[tuple[str, str, float | None], ...]:
+    # A query runs only while the session is active: for an idle one, now() - query_start is
+    # the age of its last query, the very mistake that makes idle scripts kill the wrong ones.
+    running = session.runtime_seconds if session.state in _RUNNING_STATES else None
     return (
         ("max_idle", "idle", session.idle_seconds),
-        ("max_runtime", "running", session.runtime_seconds),
+        ("max_runtime", "running", running),
         ("max_transaction_age", "in transaction", session.transaction_seconds),
         ("max_connection_age", "connected", session.connection_seconds),
     )
@@ -302,6 +306,8 @@ def _in_networks(addr: str | None, networks: Sequence[ClientNetwork]) -> bool:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 client on an IPv6 socket: match it as the IPv4 it is
     return any(net != "local" and ip.version == net.version and ip in net for net in networks)
 
 
