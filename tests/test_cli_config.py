@@ -15,12 +15,12 @@ from pydantic import SecretStr
 
 from reaper.cli import main
 from reaper.settings import Settings, load_settings
+from tests.config_helpers import MINIMAL, PASSWORD, clean_environment  # noqa: F401 - clean_environment is an autouse fixture
 
 CONFIGS = Path(__file__).parent / "configs"
 BAD = sorted((CONFIGS / "bad").glob("*.toml"))
 GOOD = sorted((CONFIGS / "good").glob("*.toml"))
 ROOT = Path(__file__).parent.parent
-PASSWORD = "Sentinel-Pa55"
 EXPECT_PREFIX = "# expect: "
 
 # A few of the bad configs also go through a real process, to prove the exit code end to end.
@@ -31,24 +31,6 @@ SUBPROCESS_CASES = [
     "no-servers.toml",
     "server-malformed-dsn-uri.toml",
 ]
-
-MINIMAL = """
-[[servers]]
-name = "primary"
-dsn = "host=/tmp dbname=postgres"
-
-[[policies]]
-name = "idle"
-max_idle = "15m"
-"""
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No PG_REAPER_* variable of the calling shell may leak into these tests."""
-    for name in list(os.environ):
-        if name.upper().startswith("PG_REAPER_"):
-            monkeypatch.delenv(name)
 
 
 def _expected(path: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -24,29 +23,10 @@ from reaper.settings import (
     parse_duration,
     resolve_config_path,
 )
+from tests.config_helpers import MINIMAL, PASSWORD, clean_environment  # noqa: F401 - clean_environment is an autouse fixture
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-PASSWORD = "Sentinel-Pa55"
-
-MINIMAL = """
-[[servers]]
-name = "primary"
-dsn = "host=/tmp dbname=postgres"
-
-[[policies]]
-name = "idle"
-max_idle = "15m"
-"""
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No PG_REAPER_* variable of the calling shell may leak into these tests."""
-    for name in list(os.environ):
-        if name.upper().startswith("PG_REAPER_"):
-            monkeypatch.delenv(name)
 
 
 def _load(tmp_path: Path, text: str) -> Settings:
