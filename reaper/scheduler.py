@@ -46,7 +46,8 @@ def next_delay(
 ) -> float:
     """Seconds from the start of this poll to the next one."""
     if report is None or not report.ok:
-        return min(interval, min_interval * 2.0 ** min(failures, 30))
+        # The first retry after min_interval, then twice as long each time, up to interval.
+        return min(interval, min_interval * 2.0 ** (min(max(failures, 1), 31) - 1))
     delay = interval
     if smallest_threshold is not None:
         delay = min(delay, smallest_threshold)

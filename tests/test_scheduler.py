@@ -1,0 +1,43 @@
+"""The deadline rule: when a server is polled next."""
+
+from __future__ import annotations
+
+import pytest
+
+from reaper.scheduler import next_delay
+from reaper.sweep import SweepReport
+
+
+def report(eligible_in: float | None, *, error: str | None = None) -> SweepReport:
+    return SweepReport(
+        server="s", dry_run=False, duration_ms=1.0, eligible_in=eligible_in, error=error
+    )
+
+
+def test_quiet_server_is_polled_every_interval() -> None:
+    assert next_delay(report(None), interval=30, min_interval=1, smallest_threshold=900) == 30
+
+
+def test_next_poll_comes_just_after_the_next_session_crosses_its_threshold() -> None:
+    delay = next_delay(report(12.0), interval=30, min_interval=1, smallest_threshold=900)
+    assert 12.0 < delay < 12.2
+
+
+def test_never_sooner_than_min_interval() -> None:
+    assert next_delay(report(0.2), interval=30, min_interval=1, smallest_threshold=900) == 1
+    assert next_delay(report(0.0), interval=30, min_interval=2, smallest_threshold=900) == 2
+
+
+def test_never_later_than_the_smallest_threshold() -> None:
+    # A session that turns idle right after this poll must be seen before it is eligible.
+    assert next_delay(report(None), interval=30, min_interval=1, smallest_threshold=5) == 5
+    assert next_delay(report(20.0), interval=30, min_interval=1, smallest_threshold=5) == 5
+
+
+@pytest.mark.parametrize(
+    ("failures", "expected"), [(1, 1), (2, 2), (3, 4), (4, 8), (5, 16), (6, 30), (60, 30)]
+)
+def test_lost_server_is_retried_with_backoff_up_to_interval(failures: int, expected: int) -> None:
+    failed = report(None, error="connection refused")
+    delay = next_delay(failed, interval=30, min_interval=1, smallest_threshold=5, failures=failures)
+    assert delay == expected
