@@ -6,7 +6,11 @@ server's clock; race-safe signalling with one result per victim.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
+import threading
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -40,6 +44,9 @@ _SIGNAL_FUNCTIONS: dict[Action, str] = {
 _SIGNALLED: dict[Action, Result] = {"terminate": Result.TERMINATED, "cancel": Result.CANCELLED}
 _SECRET_KEYS = frozenset({"password", "sslpassword"})
 _INSUFFICIENT_PRIVILEGE = "42501"
+# How long past statement_timeout the reaper waits for an answer before it gives up on the
+# connection itself: a stopped or unreachable server cannot enforce its statement_timeout.
+_ANSWER_GRACE_SECONDS = 2.0
 _DETAILS = {
     "denied": "permission denied: a superuser's session, or the reaper's role lacks "
     "pg_signal_backend",
@@ -123,6 +130,8 @@ class ServerConnection:
         self._password_file = password_file
         self._connect_timeout = max(1, round(connect_timeout.total_seconds()))
         self._statement_timeout_ms = max(1, round(statement_timeout.total_seconds() * 1000))
+        self._answer_deadline = statement_timeout.total_seconds() + _ANSWER_GRACE_SECONDS
+        self._severed = False
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._facts: ServerFacts | None = None
         self.target = _describe(parse_conninfo(dsn))
@@ -150,7 +159,9 @@ class ServerConnection:
             raise PostgresError(message) from None
         conn.add_notice_handler(lambda _notice: None)  # "PID n is not a PostgreSQL backend"
         try:
-            conn.execute(SESSION_SETTINGS_SQL, {"statement_timeout": self._statement_timeout_ms})
+            self._answered(
+                conn, SESSION_SETTINGS_SQL, {"statement_timeout": self._statement_timeout_ms}
+            )
         except psycopg.Error as exc:
             conn.close()
             message = f"cannot set up session on {self.target}: {_clean_error(exc, None)}"
@@ -186,11 +197,45 @@ class ServerConnection:
         self.connect()
         assert self._conn is not None  # noqa: S101 - connect() either sets it or raises
         try:
-            return self._conn.execute(query, params).fetchall()
+            return self._answered(self._conn, query, params)
         except psycopg.OperationalError as exc:
             # Lost connection or timeout: drop it, the next call reconnects.
             self.close()
-            raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+            raise PostgresError(self._lost(exc)) from None
+
+    def _answered(
+        self,
+        conn: psycopg.Connection[dict[str, Any]],
+        query: str | sql.Composed,
+        params: dict[str, Any] | None,
+    ) -> list[dict[str, Any]]:
+        """Run one statement, severing the connection if no answer comes in time."""
+        self._severed = False
+        timer = threading.Timer(self._answer_deadline, self._sever, args=[conn])
+        timer.daemon = True
+        timer.start()
+        try:
+            return conn.execute(query, params).fetchall()
+        finally:
+            timer.cancel()
+
+    def _sever(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        # Shutting the socket down (through a duplicate of libpq's descriptor) wakes the
+        # blocked read with an error: libpq then reports the connection lost.
+        self._severed = True
+        with (
+            contextlib.suppress(OSError, psycopg.Error),
+            socket.socket(fileno=os.dup(conn.fileno())) as sock,
+        ):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _lost(self, exc: psycopg.Error) -> str:
+        if self._severed:
+            return (
+                f"{self.target}: no answer within {self._answer_deadline:g}s "
+                "(server stopped or unreachable?)"
+            )
+        return f"{self.target}: {_clean_error(exc, None)}"
 
     # queries
 
@@ -269,11 +314,11 @@ class ServerConnection:
         self.connect()
         assert self._conn is not None  # noqa: S101 - connect() either sets it or raises
         try:
-            rows = self._conn.execute(query, params).fetchall()
+            rows = self._answered(self._conn, query, params)
         except psycopg.OperationalError as exc:
             if self._conn.broken:
                 self.close()
-                raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+                raise PostgresError(self._lost(exc)) from None
             raise
         signalled = _SIGNALLED[action]
         return {

@@ -6,7 +6,9 @@ watchdog). A reload builds and validates the whole new configuration before swap
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -132,7 +134,13 @@ class Daemon:
     def _shutdown(self) -> None:
         self._notifier.stopping()
         self._log.info("daemon_stopping", signal=self._stop_requested)
-        self._scheduler.stop(timeout=_STOP_TIMEOUT)
+        abandoned = self._scheduler.stop(timeout=_STOP_TIMEOUT)
         if self._http is not None:
             self._http.stop()
         self._log.info("daemon_stopped")
+        if abandoned:
+            # A job blocked on a server that stopped answering would hold the interpreter's
+            # exit (it joins the pool's threads) for as long as the server stays stopped.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)

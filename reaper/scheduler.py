@@ -111,12 +111,16 @@ class Scheduler:
         with self._lock:
             return all(w.tried for w in self._workers.values())
 
-    def stop(self, *, timeout: float) -> None:
-        """Let the cycles in flight finish (up to `timeout`), then close every connection."""
+    def stop(self, *, timeout: float) -> int:
+        """Let the cycles in flight finish (up to `timeout`), then close every connection.
+
+        Returns how many cycles were still running (on a server that stopped answering).
+        """
         self._scheduler.shutdown(wait=False)
         deadline = time.monotonic() + timeout
         with self._lock:
             workers = list(self._workers.values())
+        abandoned = 0
         for worker in workers:
             if worker.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 try:
@@ -124,7 +128,9 @@ class Scheduler:
                 finally:
                     worker.lock.release()
             else:
+                abandoned += 1
                 self._log.warning("cycle_abandoned", server=worker.name, reason="shutting down")
+        return abandoned
 
     # configuration
 
@@ -209,7 +215,7 @@ class Scheduler:
         )
         due = datetime.fromtimestamp(started_wall + delay, tz=UTC)
         elapsed = time.monotonic() - started
-        if elapsed > delay:
+        if elapsed > delay and report.ok:  # a failing server's timeouts are reported already
             self._log.warning(
                 "cycle_overran", server=worker.name, seconds=round(elapsed, 3), due_every=delay
             )
@@ -284,9 +290,11 @@ def _close(worker: _Worker) -> None:
 
 
 def _quiet_apscheduler() -> None:
-    """APScheduler logs every run at INFO through the stdlib: keep only its warnings, as events."""
+    """APScheduler logs every run at INFO, and every run skipped because the previous one is
+    still busy at WARNING: both are the scheduler doing its job (overruns and failures are
+    reported as pg-reaper's own events). Keep only its errors, as events."""
     logger = logging.getLogger("apscheduler")
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.ERROR)
     logger.propagate = False
     if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
         logger.addHandler(_ToStructlog())
@@ -294,4 +302,4 @@ def _quiet_apscheduler() -> None:
 
 class _ToStructlog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        get_logger().warning("scheduler", message=record.getMessage())
+        get_logger().error("scheduler", message=record.getMessage())
