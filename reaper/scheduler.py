@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -69,6 +70,7 @@ class _Worker:
     last_error: str | None = None
     tried: bool = False
     polls: int = 0
+    next_due: datetime | None = None  # set by a cycle, applied once the job has finished
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -90,6 +92,10 @@ class Scheduler:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
+        # The next run is set once APScheduler counts the run as finished: set from inside the
+        # run, a due time already past would be refused as a second concurrent instance
+        # (max_instances = 1) and the job would fall back to its interval.
+        self._scheduler.add_listener(self._on_job_done, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         _quiet_apscheduler()
         self._log = get_logger()
 
@@ -219,8 +225,17 @@ class Scheduler:
             self._log.warning(
                 "cycle_overran", server=worker.name, seconds=round(elapsed, 3), due_every=delay
             )
+        worker.next_due = due
+
+    def _on_job_done(self, event: JobExecutionEvent) -> None:
+        name = str(event.job_id).removeprefix("server:")
+        with self._lock:
+            worker = self._workers.get(name)
+        if worker is None or worker.next_due is None:
+            return
+        due, worker.next_due = worker.next_due, None
         try:
-            self._scheduler.modify_job(_job_id(worker.name), next_run_time=max(due, _now()))
+            self._scheduler.modify_job(event.job_id, next_run_time=max(due, _now()))
         except Exception:  # noqa: BLE001 - the job was removed by a reload or shutdown meanwhile
             return
 
