@@ -149,6 +149,10 @@ class Metrics:
 
     def forget_policy(self, server: str, policy: str) -> None:
         _remove(self.candidates, server, policy)
+        for action in _REAPED_ACTIONS.values():
+            _remove(self.sessions_reaped, server, policy, action)
+        for reason in _FAILURE_REASONS.values():
+            _remove(self.reap_failures, server, policy, reason)
 
     def record_poll_failure(self, server: str) -> None:
         self.poll_errors.labels(server=server).inc()

@@ -71,6 +71,7 @@ class _Worker:
     tried: bool = False
     polls: int = 0
     next_due: datetime | None = None  # set by a cycle, applied once the job has finished
+    generation: int = 0  # bumped by every reload that touches this server
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -154,7 +155,9 @@ class Scheduler:
                 self._add(server)
                 continue
             with self._lock:
-                self._workers[server.name].settings = settings
+                worker = self._workers[server.name]
+                worker.settings = settings
+                worker.generation += 1
             before = _find(old, server.name)
             for policy in {p.name for p in old.policies_for(before)} - {
                 p.name for p in settings.policies_for(server)
@@ -164,7 +167,9 @@ class Scheduler:
                 self._scheduler.reschedule_job(
                     _job_id(server.name), trigger=_trigger(settings, server)
                 )
-                self._scheduler.modify_job(_job_id(server.name), next_run_time=_now())
+            # New thresholds move every deadline: poll now (or, if a cycle is running, as soon
+            # as it ends: see _cycle).
+            self._scheduler.modify_job(_job_id(server.name), next_run_time=_now())
 
     def _add(self, server: ServerConfig) -> None:
         worker = _Worker(name=server.name, settings=self._settings)
@@ -196,7 +201,7 @@ class Scheduler:
     def _cycle(self, worker: _Worker) -> None:
         started_wall, started = time.time(), time.monotonic()
         with worker.lock:
-            settings = worker.settings
+            settings, generation = worker.settings, worker.generation
             if worker.name not in {s.name for s in settings.servers}:
                 return  # removed by a reload while this run was queued
             server = worker.server
@@ -225,7 +230,8 @@ class Scheduler:
             self._log.warning(
                 "cycle_overran", server=worker.name, seconds=round(elapsed, 3), due_every=delay
             )
-        worker.next_due = due
+        # A reload during this cycle made its deadline stale: poll again under the new rules.
+        worker.next_due = due if worker.generation == generation else _now()
 
     def _on_job_done(self, event: JobExecutionEvent) -> None:
         name = str(event.job_id).removeprefix("server:")
@@ -261,17 +267,16 @@ class Scheduler:
             )
 
     def _transition(self, worker: _Worker, report: SweepReport) -> None:
-        """One log line per change of a server's state, not one per failed cycle."""
+        """One log line per change of a server's state, not one per failed cycle: the retries
+        of an outage, whatever their error, are at debug level."""
         if report.ok:
             if worker.state == "down":
                 self._log.info("server_recovered", server=worker.name, failures=worker.failures)
             worker.state, worker.failures, worker.last_error = "up", 0, None
             return
         worker.failures += 1
-        if worker.state != "down" or report.error != worker.last_error:
-            self._log.error("poll_failed", server=worker.name, error=report.error)
-        else:
-            self._log.debug("poll_failed", server=worker.name, error=report.error)
+        level = self._log.debug if worker.state == "down" else self._log.error
+        level("poll_failed", server=worker.name, error=report.error, failures=worker.failures)
         worker.state, worker.last_error = "down", report.error
 
     # for tests and benchmarks
