@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from reaper.demo import run_demo  # noqa: PLC0415 - only the demo needs the embedded server
 
-        return run_demo(major=args.major)
+        return run_demo(major=args.major, duration=args.duration)
     try:
         settings = load_settings(resolve_config_path(args.config))
     except ConfigError as exc:
@@ -87,13 +87,16 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="start a throwaway PostgreSQL, open sessions in several states, reap them",
+        help="start a throwaway PostgreSQL, open sessions in several states, reap them live",
         description="Start a throwaway PostgreSQL (pip-installable binaries, works as root), "
-        "open real psql sessions in several states, preview and reap them, then remove "
-        "everything it started.",
+        "open real psql sessions in several states, and run the daemon on it, logging each "
+        "decision as it happens. Ctrl-C stops it and removes everything it started.",
     )
     demo.add_argument(
         "--major", type=int, default=18, choices=SUPPORTED_MAJORS, help="PostgreSQL major"
+    )
+    demo.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop after this long (default: Ctrl-C)"
     )
     return parser
 

@@ -74,6 +74,15 @@ class Daemon:
         self._shutdown()
         return 0
 
+    def stop(self, reason: str = "requested") -> None:
+        """Ask the main loop to stop, as SIGTERM does (safe from any thread)."""
+        self._stop_requested = reason
+        self._wake.set()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             self._reload_requested = True

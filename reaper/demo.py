@@ -1,44 +1,52 @@
 """`pg-reaper demo`: a throwaway PostgreSQL, real client sessions in several states, reaped live.
 
 The clients are real `psql` processes fed through a pipe, so each session sits in the state its
-last input left it in. Everything started is stopped and removed at the end, Ctrl-C included.
+last input left it in. The daemon runs with a short-threshold config and logs each decision as
+it happens. Ctrl-C (or `--duration`) stops it; everything started is stopped and removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Self
 
 from reaper.activity import ServerConnection
+from reaper.daemon import Daemon
 from reaper.embedded import EmbeddedPostgres
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from reaper.log import configure
+from reaper.settings import load_settings
 
 __all__ = ["run_demo"]
 
 MAX_IDLE_SECONDS = 3
+NEW_CLIENT_EVERY_SECONDS = 4
+MAX_CLIENTS = 200  # psql notices its session is gone only when it next sends: keep them bounded
 
+# application_name, what it sends, what it shows
 _CLIENTS: tuple[tuple[str, str, str], ...] = (
-    # application_name, what it sends, what it shows
-    ("web-app", "SELECT 1;", "idle"),
-    ("web-app", "", "idle, never ran a statement"),
-    ("batch-job", "BEGIN; SELECT 1;", "idle in transaction"),
-    ("batch-job", "BEGIN; SELECT 1/0;", "idle in transaction (aborted)"),
-    ("psql", "SELECT 1;", "idle, but protected: an operator's psql"),
-    ("report", "SELECT pg_sleep(600);", "active: a long query, never idle"),
+    ("web-app", "SELECT 1;", "idle: reaped 3 s after its last statement"),
+    ("web-app", "", "idle, never ran a statement: reaped too"),
+    ("batch-job", "BEGIN; SELECT 1;", "idle in transaction: reaped (policy stuck-transactions)"),
+    ("batch-job", "BEGIN; SELECT 1/0;", "idle in transaction (aborted): reaped"),
+    ("psql", "SELECT 1;", "idle, but an operator's psql: protected, never reaped"),
+    ("report", "SELECT pg_sleep(3600);", "active, a long query: not idle, never reaped"),
 )
 
 CONFIG = """\
 [reaper]
-max_terminations_per_cycle = 50
+interval = "30s"
+min_interval = "1s"
 protect_applications = ["^psql$"]
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 
 [log]
 format = "console"
@@ -65,82 +73,108 @@ action = "cancel"
 """
 
 
-def run_demo(*, major: int = 18) -> int:
-    from reaper.cli import main  # noqa: PLC0415 - the demo drives the real command line
-
+def run_demo(*, major: int = 18, duration: float | None = None) -> int:
     say(f"Starting a throwaway PostgreSQL {major} ...")
     with (
         EmbeddedPostgres(major=major) as pg,
-        _clients(pg) as clients,
         tempfile.TemporaryDirectory(prefix="pg-reaper-demo-") as tmp,
+        _Clients(pg) as clients,
     ):
         say(f"PostgreSQL {pg.version} is listening on {pg.socket_dir} and 127.0.0.1:{pg.port}.")
         say(f"Its files are in {pg.base_dir}.\n")
-        say("Client sessions opened (real psql processes):")
-        for (application, _sql, shows), proc in zip(_CLIENTS, clients, strict=True):
-            say(f"  {application:<10} pid-of-psql {proc.pid:<7} {shows}")
-        config = Path(tmp) / "config.toml"
         # Over the Unix socket, where the throwaway server trusts local sessions: no password.
         dsn = f"host={pg.socket_dir} port={pg.port} dbname=postgres user={pg.superuser}"
-        config.write_text(CONFIG.format(dsn=dsn, max_idle=MAX_IDLE_SECONDS))
-        say(f"\nConfig {config}:\n")
+        port = _free_port()
+        config = Path(tmp) / "config.toml"
+        config.write_text(CONFIG.format(dsn=dsn, max_idle=MAX_IDLE_SECONDS, metrics_port=port))
+        say(f"The config ({config}):\n")
         say("\n".join(f"  {line}" for line in config.read_text().splitlines()))
-        say(f"\nWaiting {MAX_IDLE_SECONDS + 1}s for the idle sessions to pass max_idle ...\n")
-        time.sleep(MAX_IDLE_SECONDS + 1)
+        say("\nClient sessions (real psql processes):")
+        for application, sql, shows in _CLIENTS:
+            clients.open(application, sql)
+            say(f"  {application:<10} {shows}")
+        say(f"  (and a new idle web-app session every {NEW_CLIENT_EVERY_SECONDS} s)")
+        say(f"\nMetrics: http://127.0.0.1:{port}/metrics   health: /healthz /readyz")
+        stop_after = f"for {duration:g} s" if duration else "until Ctrl-C"
+        say(f"Running `pg-reaper run` {stop_after}; each decision is logged as it happens:\n")
 
-        say("$ pg-reaper preview -c config.toml    # what would be reaped, signals nothing\n")
-        code = main(["preview", "-c", str(config)])
-        say("\n$ pg-reaper once -c config.toml       # one sweep: reap them\n")
-        code = max(code, main(["once", "-c", str(config)]))
-        time.sleep(0.5)
-        say("\n$ pg-reaper preview -c config.toml    # nothing left to reap\n")
-        code = max(code, main(["preview", "-c", str(config)]))
+        settings = load_settings(config)
+        configure(settings.log, stream=sys.stdout)
+        daemon = Daemon(config_path=config, settings=settings, force_dry_run=False)
+        clients.keep_opening("web-app", "SELECT 1;", every=NEW_CLIENT_EVERY_SECONDS)
+        if duration:
+            timer = threading.Timer(duration, daemon.stop, args=["--duration elapsed"])
+            timer.daemon = True
+            timer.start()
+        code = daemon.run()
+        clients.stop_opening()
+
         say("\nThe server's own view of the client sessions left:")
         with ServerConnection(
             dsn=dsn, connect_timeout=timedelta(seconds=5), statement_timeout=timedelta(seconds=5)
         ) as conn:
             snapshot = conn.poll()
-        for session in sorted(snapshot.sessions, key=lambda s: s.application):
+        for session in sorted(snapshot.sessions, key=lambda s: (s.application, s.pid)):
             if session.pid != snapshot.facts.own_pid:
                 say(f"  {session.application:<10} {session.state}")
         say("Stopping PostgreSQL and removing everything the demo started.")
     return code
 
 
-@contextlib.contextmanager
-def _clients(pg: EmbeddedPostgres) -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        for application, sql, _shows in _CLIENTS:
-            proc = subprocess.Popen(  # noqa: S603 - PostgreSQL's own psql, fixed arguments
-                [
-                    str(pg.bin_dir / "psql"),
-                    "-X",
-                    "-q",
-                    "-v",
-                    "ON_ERROR_STOP=0",
-                    f"{pg.dsn()} application_name={application}",
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-            assert proc.stdin is not None  # noqa: S101 - stdin=PIPE
-            proc.stdin.write(sql + "\n")
-            proc.stdin.flush()  # the pipe stays open: psql waits, its session sits in its state
-            procs.append(proc)
-        time.sleep(0.5)
-        yield procs
-    finally:
-        for proc in procs:
+class _Clients:
+    """psql processes, each holding one session in the state its input left it in."""
+
+    def __init__(self, pg: EmbeddedPostgres) -> None:
+        self._pg = pg
+        self._procs: list[subprocess.Popen[str]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop_opening()
+        for proc in self._procs:
             with contextlib.suppress(OSError):
                 if proc.stdin is not None:
                     proc.stdin.close()
             proc.kill()
             proc.wait(timeout=10)
 
+    def open(self, application: str, sql: str) -> None:
+        dsn = f"host={self._pg.socket_dir} port={self._pg.port} dbname=postgres user=postgres"
+        proc = subprocess.Popen(  # noqa: S603 - PostgreSQL's own psql, fixed arguments
+            [str(self._pg.bin_dir / "psql"), "-X", "-q", f"{dsn} application_name={application}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert proc.stdin is not None  # noqa: S101 - stdin=PIPE
+        proc.stdin.write(sql + "\n")
+        proc.stdin.flush()  # the pipe stays open: psql waits, its session sits in its state
+        self._procs.append(proc)
+
+    def keep_opening(self, application: str, sql: str, *, every: float) -> None:
+        def loop() -> None:
+            while not self._stop.wait(every) and len(self._procs) < MAX_CLIENTS:
+                self.open(application, sql)
+
+        self._thread = threading.Thread(target=loop, name="demo-clients", daemon=True)
+        self._thread.start()
+
+    def stop_opening(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 def say(text: str) -> None:
     print(text, flush=True)  # noqa: T201 - the demo talks to the person running it
-    sys.stdout.flush()

@@ -312,4 +312,8 @@ def _in_networks(addr: str | None, networks: Sequence[ClientNetwork]) -> bool:
 
 
 def _seconds(value: float) -> str:
-    return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
+    """Seconds as a reason shows them: whole above 10 s, else enough digits to tell an age
+    from the threshold it just passed (3.01s > 3s)."""
+    if value >= 10 or value == int(value):
+        return f"{value:.0f}s"
+    return f"{value:.2f}s"

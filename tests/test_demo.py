@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,23 +14,84 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_demo_reaps_idle_sessions_spares_psql_and_active_and_cleans_up(pg_major: int) -> None:
+def _reaped_applications(output: str) -> set[str]:
+    return {
+        word.removeprefix("application=")
+        for line in output.splitlines()
+        if "session_reaped" in line
+        for word in line.split()
+        if word.startswith("application=")
+    }
+
+
+def _base_dir(output: str) -> Path:
+    base_dir = Path(output.split("Its files are in ")[1].split(maxsplit=1)[0].rstrip("."))
+    assert base_dir.name.startswith("pg-reaper-")
+    return base_dir
+
+
+def _nothing_left_running(base_dir: Path) -> bool:
+    found = subprocess.run(
+        ["pgrep", "-f", str(base_dir)], capture_output=True, text=True, check=False
+    )
+    return not base_dir.exists() and found.stdout.strip() == ""
+
+
+def test_demo_reaps_idle_sessions_live_spares_psql_and_active_and_cleans_up(
+    pg_major: int,
+) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "reaper", "demo", "--major", str(pg_major)],
+        [sys.executable, "-m", "reaper", "demo", "--major", str(pg_major), "--duration", "8"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=120,
         check=False,
     )
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("demo ")]
-    reaped = [line for line in rows if line.rstrip().endswith("terminated")]
-    assert len(reaped) == 4
-    assert {line.split()[4] for line in reaped} == {"web-app", "batch-job"}
+    assert _reaped_applications(proc.stdout) == {"web-app", "batch-job"}
+    assert "result=terminated" in proc.stdout
+    assert "/metrics" in proc.stdout
     left = proc.stdout.split("The server's own view of the client sessions left:")[1]
-    assert left.split("Stopping")[0].split() == ["psql", "idle", "report", "active"]
+    rows = [line.split() for line in left.split("Stopping")[0].strip().splitlines()]
+    assert ["psql", "idle"] in rows
+    assert ["report", "active"] in rows
     assert "password" not in proc.stdout
-    base_dir = Path(proc.stdout.split("Its files are in ")[1].split()[0].rstrip("."))
-    assert base_dir.name.startswith("pg-reaper-")
-    assert not base_dir.exists()  # the server's files are gone
+    assert _nothing_left_running(_base_dir(proc.stdout))
+
+
+def test_ctrl_c_stops_the_demo_cleanly(pg_major: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reaper", "demo", "--major", str(pg_major)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    reaped = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "session_reaped" in line:
+                reaped.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert reaped.wait(timeout=60), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert proc.wait(timeout=20) == 0, "".join(lines)
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        reader.join(timeout=10)
+        proc.stdout.close()
+    output = "".join(lines)
+    assert "daemon_stopped" in output
+    assert _nothing_left_running(_base_dir(output))

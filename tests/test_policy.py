@@ -263,7 +263,7 @@ def test_several_thresholds_exceeded_are_all_named_in_the_reason() -> None:
 
 def test_reason_shows_tenths_under_ten_seconds() -> None:
     decision = decide(make_session(idle_seconds=2.25), make_policy(max_idle=2))
-    assert decision.reason == "idle 2.2s > max_idle 2.0s"
+    assert decision.reason == "idle 2.25s > max_idle 2s"
 
 
 # --- scope: databases, users, applications, client addresses ---------------------------------
