@@ -61,6 +61,12 @@ SESSION_SETTINGS_SQL = _query("session_settings")
 FACTS_SQL = _query("facts")
 POLL_SQL = _query("poll")
 SIGNAL_SQL = _query("signal")
+# `pg-reaper doctor`: read-only, run in one transaction (reaper/doctor.py reads the rows).
+DOCTOR_SQL = {
+    name: _query(f"doctor_{name}") for name in ("server", "connections", "limits", "overrides")
+}
+DOCTOR_RESET_TIMEOUTS_SQL = _query("doctor_reset_timeouts")
+DOCTOR_TIMEOUTS_SQL = _query("doctor_timeouts")
 
 
 class PostgresError(Exception):
@@ -273,6 +279,28 @@ class ServerConnection:
             for row in rows
         )
         return Snapshot(facts=facts, sessions=sessions)
+
+    def doctor_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """The rows of every doctor query, by name (`server`, `connections`, `limits`,
+        `overrides`, `timeouts`), from one snapshot of the server. Changes nothing.
+        """
+        self.connect()
+        assert self._conn is not None  # noqa: S101 - connect() either sets it or raises
+        conn = self._conn
+        try:
+            # One transaction: one pg_stat_activity snapshot for every query, and the local
+            # reset of the timeouts below ends with it (rolled back: nothing is written).
+            with conn.transaction(force_rollback=True):
+                rows = {name: self._answered(conn, sql_, None) for name, sql_ in DOCTOR_SQL.items()}
+                # Last: from here on the server's own statement_timeout applies, not ours.
+                self._answered(conn, DOCTOR_RESET_TIMEOUTS_SQL, None)
+                rows["timeouts"] = self._answered(conn, DOCTOR_TIMEOUTS_SQL, None)
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise PostgresError(self._lost(exc)) from None
+        except psycopg.Error as exc:
+            raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+        return rows
 
     def signal(
         self, victims: Sequence[Session], *, action: Action

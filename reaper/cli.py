@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from reaper import __version__
+from reaper import __version__, doctor
 from reaper.embedded import SUPPORTED_MAJORS
 from reaper.log import configure, get_logger
 from reaper.output import render_json, render_table
@@ -48,7 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log)
     if args.command == "run":
         return _run(settings, args)
-    handler = {"once": _once, "preview": _preview, "check-config": _check_config}[args.command]
+    handler = {
+        "once": _once,
+        "preview": _preview,
+        "check-config": _check_config,
+        "doctor": _doctor,
+    }[args.command]
     return handler(settings, args)
 
 
@@ -84,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     command("check-config", "validate; print the effective config with secrets redacted")
+
+    doctor_command = command(
+        "doctor",
+        "per server: version, privileges, server-side timeouts, connection usage, problems",
+    )
+    doctor_command.add_argument("--server", metavar="NAME", help="only this server")
+    doctor_command.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
     demo = commands.add_parser(
         "demo",
@@ -146,16 +158,40 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
     return _print_reports(reports, settings=settings, as_json=args.json)
 
 
-def _preview(settings: Settings, args: argparse.Namespace) -> int:
+def _unknown_server(settings: Settings, name: str | None) -> bool:
+    """Say so when `--server NAME` names no configured server."""
     names = [s.name for s in settings.servers]
-    if args.server is not None and args.server not in names:
-        print(
-            f"pg-reaper: --server {args.server!r} is not configured (servers: {', '.join(names)})",
-            file=sys.stderr,
-        )
+    if name is None or name in names:
+        return False
+    print(
+        f"pg-reaper: --server {name!r} is not configured (servers: {', '.join(names)})",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _preview(settings: Settings, args: argparse.Namespace) -> int:
+    if _unknown_server(settings, args.server):
         return EXIT_USAGE
     reports = _run_all(settings, mode="preview", only=args.server)
     return _print_reports(reports, settings=settings, as_json=args.json)
+
+
+def _doctor(settings: Settings, args: argparse.Namespace) -> int:
+    if _unknown_server(settings, args.server):
+        return EXIT_USAGE
+    reports = []
+    for server in settings.servers:
+        if args.server is not None and server.name != args.server:
+            continue
+        with connect(server, settings) as conn:
+            policies = settings.policies_for(server)
+            reports.append(doctor.examine(conn, server=server.name, policies=policies))
+    if args.json:
+        print(json.dumps(doctor.render_json(reports), indent=2, ensure_ascii=False))
+    else:
+        print(doctor.render_text(reports))
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
 
 
 def _check_config(settings: Settings, _args: argparse.Namespace) -> int:
