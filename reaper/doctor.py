@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from reaper.activity import PostgresError
+from reaper.identifiers import quote_identifier
 from reaper.output import safe_text
 from reaper.settings import format_duration
 
@@ -50,7 +51,6 @@ TIMEOUTS = (
 )
 _UNIT_MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 _PG_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\s*", re.ASCII)
-_PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*", re.ASCII)
 _OFF = frozenset({"off", "of", "false", "fals", "fal", "fa", "f", "no", "n", "0"})
 _SERVER_WIDE_SOURCES = frozenset(
     {"default", "configuration file", "command line", "environment variable", "override"}
@@ -315,8 +315,9 @@ def _privileges(
         warnings.append(
             Finding(
                 message=f"role {_text(priv.role)} is a superuser: more than the reaper needs",
-                fix="connect as a role with only what it needs: CREATE ROLE reaper LOGIN; "
-                "GRANT pg_signal_backend, pg_read_all_stats TO reaper",
+                fix='connect as a role with only what it needs: CREATE ROLE "pg-reaper" LOGIN; '
+                'GRANT pg_signal_backend, pg_read_all_stats TO "pg-reaper" '
+                "(deploy/sql/pg_reaper_role.sql)",
             )
         )
         return
@@ -522,13 +523,6 @@ def _alter(setting: Setting, action: str) -> str:
     if setting.database is not None:
         return f"ALTER DATABASE {quote_identifier(setting.database)} {action}"
     return f"ALTER ROLE ALL {action}"
-
-
-def quote_identifier(name: str) -> str:
-    """A role or database name as it must be written in SQL (for the fixes shown)."""
-    if _PLAIN_IDENTIFIER.fullmatch(name):
-        return name
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _percent(part: int, whole: int) -> float:

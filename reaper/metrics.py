@@ -130,6 +130,13 @@ class Metrics:
             self.deferred.labels(server=server.name)
             for policy in settings.policies_for(server):
                 self.candidates.labels(server=server.name, policy=policy.name)
+                # Counters exist from the start at 0: increase() needs a sample before the
+                # first reap (or the first failure) to see it.
+                self.sessions_reaped.labels(
+                    server=server.name, policy=policy.name, action=policy.action
+                )
+                for reason in _FAILURE_REASONS.values():
+                    self.reap_failures.labels(server=server.name, policy=policy.name, reason=reason)
 
     def forget_server(self, server: str, *, policies: Iterable[str] = ()) -> None:
         """Drop the series of a server no longer configured."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from reaper.activity import PostgresError, ServerConnection
+from reaper.identifiers import quote_identifier
 from reaper.log import get_logger
 from reaper.policy import (
     Decision,
@@ -189,12 +190,12 @@ def visibility_warnings(facts: ServerFacts, sessions: tuple[Session, ...]) -> tu
         warnings.append(
             f"role {facts.role!r} lacks pg_read_all_stats: it cannot see the state of other "
             f"roles' sessions ({hidden} hidden now) and will never reap them; "
-            f"GRANT pg_read_all_stats TO {facts.role}"
+            f"GRANT pg_read_all_stats TO {quote_identifier(facts.role)}"
         )
     if not facts.superuser and not facts.signal_backend:
         warnings.append(
             f"role {facts.role!r} lacks pg_signal_backend: it can signal only sessions of roles "
-            f"it is a member of; GRANT pg_signal_backend TO {facts.role}"
+            f"it is a member of; GRANT pg_signal_backend TO {quote_identifier(facts.role)}"
         )
     return tuple(warnings)
 
