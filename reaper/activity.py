@@ -11,7 +11,8 @@ import os
 import re
 import socket
 import threading
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -21,14 +22,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from reaper import APPLICATION_NAME
-from reaper.policy import Result, ServerFacts, Session
+from reaper.policy import Result, RoleConnections, ServerFacts, Session
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from datetime import timedelta
     from pathlib import Path
 
 __all__ = [
+    "AuditConnection",
     "PostgresError",
     "ServerConnection",
     "Snapshot",
@@ -60,6 +62,7 @@ def _query(name: str) -> str:
 SESSION_SETTINGS_SQL = _query("session_settings")
 FACTS_SQL = _query("facts")
 POLL_SQL = _query("poll")
+PRESSURE_SQL = _query("pressure")
 SIGNAL_SQL = _query("signal")
 # `pg-reaper doctor`: read-only, run in one transaction (reaper/doctor.py reads the rows).
 DOCTOR_SQL = {
@@ -67,6 +70,23 @@ DOCTOR_SQL = {
 }
 DOCTOR_RESET_TIMEOUTS_SQL = _query("doctor_reset_timeouts")
 DOCTOR_TIMEOUTS_SQL = _query("doctor_timeouts")
+# `pg-reaper kill --block-connections` and `unblock` (reaper/operate.py): {database} is filled in
+# as an identifier, {allow} as the keyword true or false.
+KILL_ALLOW_CONNECTIONS_SQL = _query("kill_allow_connections")
+KILL_BLOCKERS_SQL = _query("kill_blockers")
+# Why PostgreSQL refuses ALTER DATABASE ... ALLOW_CONNECTIONS, said so that it can be fixed.
+_ALLOW_CONNECTIONS_HINTS = {
+    "42501": "only the database's owner (or a member of the owning role) or a superuser may "
+    "change ALLOW_CONNECTIONS; CREATEDB is not enough: connect as the owner, or GRANT the "
+    "owning role to the reaper's role",
+    "22023": "the reaper's own session is connected to that database: point the server's dsn "
+    "at another database (dbname=postgres)",
+    "25006": "a standby is read-only: run it against the primary (the change replicates)",
+}
+# The audit table (reaper/audit.py): {table} and {index} are filled in as identifiers.
+AUDIT_EXISTS_SQL = _query("audit_exists")
+AUDIT_CREATE_SQL = _query("audit_create")
+AUDIT_INSERT_SQL = _query("audit_insert")
 
 
 class PostgresError(Exception):
@@ -221,7 +241,8 @@ class ServerConnection:
         timer.daemon = True
         timer.start()
         try:
-            return conn.execute(query, params).fetchall()
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description is not None else []  # DDL, INSERT
         finally:
             timer.cancel()
 
@@ -278,6 +299,16 @@ class ServerConnection:
             )
             for row in rows
         )
+        # How full the server is, for connection pressure: counted in the poll's own rows (the
+        # reaper's session included), so that the counts and the sessions agree.
+        per_role = Counter(s.user for s in sessions)
+        roles = tuple(
+            RoleConnections(
+                role=row["role"], limit=row["connection_limit"], sessions=per_role[row["role"]]
+            )
+            for row in self._execute(PRESSURE_SQL)
+        )
+        facts = replace(facts, client_sessions=len(sessions), roles=roles)
         return Snapshot(facts=facts, sessions=sessions)
 
     def doctor_rows(self) -> dict[str, list[dict[str, Any]]]:
@@ -301,6 +332,40 @@ class ServerConnection:
         except psycopg.Error as exc:
             raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
         return rows
+
+    def connection_limits(self) -> dict[str, list[dict[str, Any]]]:
+        """The doctor's `connections` and `limits` rows, for `pg-reaper sessions`. Read-only."""
+        try:
+            return {name: self._execute(DOCTOR_SQL[name]) for name in ("connections", "limits")}
+        except psycopg.Error as exc:
+            raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+
+    def database_blockers(self, database: str) -> list[dict[str, Any]]:
+        """What still keeps `database` in use (`kind`, `pid`, `gid` rows): kill_blockers.sql."""
+        try:
+            return self._execute(KILL_BLOCKERS_SQL, {"database": database})
+        except psycopg.Error as exc:
+            raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+
+    def allow_connections(self, database: str, *, allow: bool) -> None:
+        """ALTER DATABASE `database` WITH ALLOW_CONNECTIONS `allow`; a `PostgresError` that says
+        why when PostgreSQL refuses (owner or superuser only, never the reaper's own database).
+        """
+        query = sql.SQL(KILL_ALLOW_CONNECTIONS_SQL).format(
+            database=sql.Identifier(database), allow=sql.SQL("true" if allow else "false")
+        )
+        self.connect()
+        assert self._conn is not None  # noqa: S101 - connect() either sets it or raises
+        conn = self._conn
+        try:
+            self._answered(conn, query, None)
+        except psycopg.Error as exc:
+            if conn.broken:
+                self.close()
+                raise PostgresError(self._lost(exc)) from None
+            message = f"{self.target}: {_clean_error(exc, None)}"
+            hint = _ALLOW_CONNECTIONS_HINTS.get(exc.sqlstate or "")
+            raise PostgresError(f"{message} ({hint})" if hint else message) from None
 
     def signal(
         self, victims: Sequence[Session], *, action: Action
@@ -355,3 +420,69 @@ class ServerConnection:
             else (Result(row["result"]), _DETAILS.get(row["result"]))
             for row in rows
         }
+
+
+class AuditConnection(ServerConnection):
+    """pg-reaper's session on the audit database, with the discipline of a server's (autocommit,
+    application_name, connect_timeout, statement_timeout, bounded waits, password_file): makes
+    the audit table if it is missing and inserts rows into it in batches."""
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        table: Sequence[str],
+        password_file: Path | None = None,
+        connect_timeout: timedelta,
+        statement_timeout: timedelta,
+    ) -> None:
+        super().__init__(
+            dsn=dsn,
+            password_file=password_file,
+            connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout,
+        )
+        self._table = sql.Identifier(*table)
+        self._index = sql.Identifier(_index_name(table[-1]))
+        self._checked: object = None  # the connection on which the table was found or made
+
+    def insert(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write `rows` (dicts with the same keys, the columns) in one statement: all or none."""
+        if not rows:
+            return
+        self._ensure_table()
+        params = {column: [row[column] for row in rows] for column in rows[0]}
+        self._run(sql.SQL(AUDIT_INSERT_SQL).format(table=self._table), params)
+
+    def interrupt(self) -> None:
+        """From another thread: cut short a statement waiting on a hung server."""
+        conn = self._conn
+        if conn is not None:
+            self._sever(conn)
+
+    def _ensure_table(self) -> None:
+        self.connect()
+        conn = self._conn
+        if conn is None or conn is self._checked:
+            return
+        qualified = self._table.as_string(conn)
+        if not self._run(AUDIT_EXISTS_SQL, {"table": qualified})[0]["present"]:
+            self._run(sql.SQL(AUDIT_CREATE_SQL).format(table=self._table, index=self._index))
+        self._checked = conn
+
+    def _run(
+        self, query: str | sql.Composed, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            return self._execute(query, params)
+        except psycopg.Error as exc:  # refused by the server: no privilege, no schema, ...
+            self._checked = None  # the table may have been dropped: look again next time
+            raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+
+
+def _index_name(table: str) -> str:
+    """``<table>_logged_at_idx``, the table part shortened to keep within 63 bytes (PostgreSQL
+    would cut the whole name, which could then be the table's own)."""
+    suffix = "_logged_at_idx"
+    room = 63 - len(suffix)
+    return table.encode()[:room].decode(errors="ignore") + suffix

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from reaper import __version__, doctor
+from reaper import __version__, audit, doctor, operate
 from reaper.embedded import SUPPORTED_MAJORS
 from reaper.log import configure, get_logger
 from reaper.output import render_json, render_table
@@ -27,6 +27,8 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# `once` writes its audit rows before it exits, giving the audit database this long at most.
+_AUDIT_FLUSH_TIMEOUT = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preview": _preview,
         "check-config": _check_config,
         "doctor": _doctor,
+        "sessions": _sessions,
+        "kill": _kill,
+        "unblock": _unblock,
     }[args.command]
     return handler(settings, args)
 
@@ -96,6 +101,57 @@ def _parser() -> argparse.ArgumentParser:
     )
     doctor_command.add_argument("--server", metavar="NAME", help="only this server")
     doctor_command.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    sessions_command = command(
+        "sessions",
+        "client sessions per server by state (every state, 0 included), database, role or "
+        "application, against the connection limits",
+    )
+    sessions_command.add_argument("--server", metavar="NAME", help="only this server")
+    sessions_command.add_argument(
+        "--by", choices=operate.GROUPINGS, default="state", help="what to count by (default: state)"
+    )
+    sessions_command.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    kill_command = command(
+        "kill",
+        "terminate every matching client session, in any state: free a role at its connection "
+        "limit, or empty a database to drop or rename it (docs/kill.md)",
+    )
+    kill_command.add_argument("--server", metavar="NAME", required=True, help="the server")
+    kill_command.add_argument("--database", metavar="NAME", help="sessions on this database")
+    kill_command.add_argument("--user", metavar="NAME", help="sessions of this role")
+    kill_command.add_argument(
+        "--application", metavar="REGEX", help="sessions whose application_name matches (search)"
+    )
+    kill_command.add_argument(
+        "--client-addr", metavar="CIDR", help="sessions from this network; 'local': Unix socket"
+    )
+    kill_command.add_argument(
+        "--block-connections",
+        action="store_true",
+        help="with --database: ALTER DATABASE ... WITH ALLOW_CONNECTIONS false first, then wait "
+        "until nothing uses the database",
+    )
+    kill_command.add_argument(
+        "--wait",
+        metavar="DURATION",
+        default="10s",
+        help="how long to wait for the sessions to leave (default: 10s)",
+    )
+    kill_command.add_argument(
+        "--dry-run", action="store_true", help="list and audit, signal nothing"
+    )
+    kill_command.add_argument(
+        "--yes", action="store_true", help="do not ask (needed without a TTY)"
+    )
+
+    unblock_command = command(
+        "unblock",
+        "let connections into a database again (ALTER DATABASE ... ALLOW_CONNECTIONS true)",
+    )
+    unblock_command.add_argument("--server", metavar="NAME", required=True, help="the server")
+    unblock_command.add_argument("--database", metavar="NAME", required=True, help="the database")
 
     demo = commands.add_parser(
         "demo",
@@ -154,8 +210,12 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _once(settings: Settings, args: argparse.Namespace) -> int:
-    reports = _run_all(settings, mode="reap")
-    return _print_reports(reports, settings=settings, as_json=args.json)
+    audit.start(settings)
+    try:
+        reports = _run_all(settings, mode="reap")
+        return _print_reports(reports, settings=settings, as_json=args.json)
+    finally:
+        audit.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
 
 
 def _unknown_server(settings: Settings, name: str | None) -> bool:
@@ -192,6 +252,84 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(doctor.render_text(reports))
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+
+
+def _sessions(settings: Settings, args: argparse.Namespace) -> int:
+    if _unknown_server(settings, args.server):
+        return EXIT_USAGE
+    reports = []
+    for server in settings.servers:
+        if args.server is not None and server.name != args.server:
+            continue
+        with connect(server, settings) as conn:
+            reports.append(operate.census(conn, server=server.name, by=args.by))
+    if args.json:
+        print(json.dumps(operate.render_counts_json(reports), indent=2, ensure_ascii=False))
+    else:
+        print(operate.render_counts_text(reports))
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+
+
+def _kill(settings: Settings, args: argparse.Namespace) -> int:
+    if _unknown_server(settings, args.server):
+        return EXIT_USAGE
+    try:
+        target = operate.kill_target(
+            database=args.database,
+            user=args.user,
+            application=args.application,
+            client_addr=args.client_addr,
+            block=args.block_connections,
+        )
+        wait = operate.parse_wait(args.wait)
+    except ValueError as exc:
+        print(f"pg-reaper: kill: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    dry_run = settings.reaper.dry_run
+    ask = not (args.yes or dry_run)
+    if ask and not sys.stdin.isatty():
+        print(
+            "pg-reaper: kill: stdin is not a terminal, so nobody can confirm: use --yes "
+            "(or --dry-run to see what would be terminated)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    def confirm(plan: operate.KillPlan) -> bool:
+        return operate.ask_on_terminal(plan, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+
+    server = next(s for s in settings.servers if s.name == args.server)
+    audit.start(settings)
+    try:
+        with connect(server, settings) as conn:
+            report = operate.kill(
+                conn,
+                server=server.name,
+                target=target,
+                block=args.block_connections,
+                wait=wait,
+                dry_run=dry_run,
+                include_query=settings.log.include_query,
+                confirm=confirm if ask else None,
+            )
+    finally:
+        audit.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
+    config_path = str(resolve_config_path(args.config))
+    print(operate.render_kill(report, config_path=config_path))
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _unblock(settings: Settings, args: argparse.Namespace) -> int:
+    if _unknown_server(settings, args.server):
+        return EXIT_USAGE
+    server = next(s for s in settings.servers if s.name == args.server)
+    with connect(server, settings) as conn:
+        error = operate.unblock(conn, server=server.name, database=args.database)
+    if error is not None:
+        print(f"pg-reaper: unblock: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(operate.render_unblocked(server.name, args.database))
+    return EXIT_OK
 
 
 def _check_config(settings: Settings, _args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 
 from reaper import __version__
+from reaper.audit import ERROR_REASONS as AUDIT_ERROR_REASONS
 from reaper.policy import Result
 from reaper.settings import ALL_STATES
 
@@ -85,6 +86,25 @@ class Metrics:
             ["server"],
             registry=r,
         )
+        self.connections_used = Gauge(
+            "pg_reaper_connections_used",
+            "Client sessions at the last poll, the reaper's own included.",
+            ["server"],
+            registry=r,
+        )
+        self.connections_usable = Gauge(
+            "pg_reaper_connections_usable",
+            "Connection slots an ordinary role can use: max_connections less "
+            "superuser_reserved_connections and reserved_connections.",
+            ["server"],
+            registry=r,
+        )
+        self.pressure = Gauge(
+            "pg_reaper_pressure",
+            "1 when the policy's connection-pressure condition held at the last poll.",
+            ["server", "policy"],
+            registry=r,
+        )
         self.poll_duration = Histogram(
             "pg_reaper_poll_duration_seconds",
             "Time of one cycle on one server: poll, decide, signal.",
@@ -120,6 +140,15 @@ class Metrics:
             "pg_reaper_build_info", "pg-reaper's version.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
+        self.audit_errors = Counter(
+            "pg_reaper_audit_errors",
+            "Audit table trouble: failed writes (reason=write, each attempt) and rows dropped "
+            "because the queue was full (reason=dropped, each row).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in AUDIT_ERROR_REASONS:
+            self.audit_errors.labels(reason=reason)
 
     def configure(self, settings: Settings) -> None:
         """Show every series of the configured servers and policies, at 0 until measured."""
@@ -130,6 +159,10 @@ class Metrics:
             self.deferred.labels(server=server.name)
             for policy in settings.policies_for(server):
                 self.candidates.labels(server=server.name, policy=policy.name)
+                if policy.pressure:
+                    self.pressure.labels(server=server.name, policy=policy.name)
+                else:  # a reload may have taken its pressure key away
+                    _remove(self.pressure, server.name, policy.name)
                 # Counters exist from the start at 0: increase() needs a sample before the
                 # first reap (or the first failure) to see it.
                 self.sessions_reaped.labels(
@@ -145,6 +178,8 @@ class Metrics:
             self.poll_errors,
             self.deferred,
             self.max_connections,
+            self.connections_used,
+            self.connections_usable,
             self.last_poll,
             self.poll_duration,
         ):
@@ -156,6 +191,7 @@ class Metrics:
 
     def forget_policy(self, server: str, policy: str) -> None:
         _remove(self.candidates, server, policy)
+        _remove(self.pressure, server, policy)
         for action in _REAPED_ACTIONS.values():
             _remove(self.sessions_reaped, server, policy, action)
         for reason in _FAILURE_REASONS.values():
@@ -171,8 +207,7 @@ class Metrics:
         self.server_up.labels(server=server).set(1)
         self.last_poll.labels(server=server).set(finished_at)
         self.poll_duration.labels(server=server).observe(report.duration_ms / 1000)
-        if report.facts is not None:
-            self.max_connections.labels(server=server).set(report.facts.max_connections)
+        self._record_connections(report)
         by_state = dict.fromkeys(_STATES, 0)
         for session in report.sessions:
             by_state[session.state if session.state in by_state else UNKNOWN_STATE] += 1
@@ -193,6 +228,16 @@ class Metrics:
             self.candidates.labels(server=server, policy=policy).set(count)
         if deferred:
             self.deferred.labels(server=server).inc(deferred)
+
+    def _record_connections(self, report: SweepReport) -> None:
+        """How full the server was at the poll, and which pressure conditions held."""
+        server = report.server
+        if report.facts is not None:
+            self.max_connections.labels(server=server).set(report.facts.max_connections)
+            self.connections_used.labels(server=server).set(report.facts.client_sessions)
+            self.connections_usable.labels(server=server).set(report.facts.usable_connections)
+        for policy, held in report.pressure:
+            self.pressure.labels(server=server, policy=policy).set(1 if held else 0)
 
 
 def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:

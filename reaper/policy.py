@@ -7,6 +7,7 @@ snapshot was taken. `evaluate` decides one session; `plan` orders and caps one s
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -24,11 +25,13 @@ __all__ = [
     "Decision",
     "Plan",
     "Result",
+    "RoleConnections",
     "ServerFacts",
     "Session",
     "can_signal",
     "evaluate",
     "plan",
+    "pressure_held",
     "seconds_until_eligible",
 ]
 
@@ -85,8 +88,18 @@ class Session:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RoleConnections:
+    """A role whose connection limit applies (rolconnlimit >= 0, not a superuser): its client
+    sessions at the poll."""
+
+    role: str
+    limit: int
+    sessions: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerFacts:
-    """What the reaper knows about its own session on one server."""
+    """What the reaper knows about its own session on one server, and how full the server is."""
 
     own_pid: int
     role: str
@@ -95,6 +108,18 @@ class ServerFacts:
     read_all_stats: bool  # member of pg_read_all_stats (or pg_monitor)
     server_version_num: int
     max_connections: int = 0
+    superuser_reserved_connections: int = 0
+    reserved_connections: int = 0  # PostgreSQL 16+ (pg_use_reserved_connections); 0 before
+    # Measured at every poll, for connection pressure (the fields above are read once):
+    client_sessions: int = 0  # client backends, the reaper's own session included
+    roles: tuple[RoleConnections, ...] = ()
+
+    @property
+    def usable_connections(self) -> int:
+        """The slots an ordinary role can fill: the rest are reserved for superusers (and, 16+,
+        for roles with pg_use_reserved_connections)."""
+        reserved = self.superuser_reserved_connections + self.reserved_connections
+        return max(0, self.max_connections - reserved)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,13 +171,31 @@ def evaluate(
     reaper: ReaperSection,
     facts: ServerFacts,
 ) -> Decision:
-    """Decide one session: the first policy (in file order) that matches names it."""
+    """Decide one session: the first policy (in file order) that matches names it.
+
+    A policy with a connection-pressure condition matches only while the condition holds at the
+    poll; how many of its matches become victims is `plan`'s business (its allowance).
+    """
+    return _evaluate(session, policies, reaper=reaper, facts=facts, allowance=None)
+
+
+def _evaluate(
+    session: Session,
+    policies: Sequence[PolicyConfig],
+    *,
+    reaper: ReaperSection,
+    facts: ServerFacts,
+    allowance: _Allowance | None,
+) -> Decision:
     reason = _hard_exclusion(session, reaper=reaper, facts=facts)
     if reason is not None:
         return Decision(session=session, policy=None, reason=reason)
     misses = []
     for policy in policies:
-        matches, why = _match(session, policy)
+        matches, why = _match(session, policy, facts)
+        if matches and allowance is not None:
+            # Beyond its allowance a pressure policy lets the next policies decide.
+            matches, why = allowance.take(session, policy, why)
         if matches:
             return Decision(session=session, policy=policy, reason=why)
         misses.append(f"{policy.name}: {why}")
@@ -166,11 +209,19 @@ def plan(
     reaper: ReaperSection,
     facts: ServerFacts,
 ) -> Plan:
-    """Decide every session of one poll, then order and cap the victims."""
+    """Decide every session of one poll, then order and cap the victims.
+
+    Sessions are decided oldest idle first, the order in which pressure policies spend their
+    allowance: they reap only down to their level (docs/pressure.md).
+    """
+    ordered = sorted(sessions, key=_age_order)
+    allowance = None
+    if any(p.pressure for p in policies):
+        allowance = _Allowance(ordered, policies, reaper=reaper, facts=facts)
     matched: list[Decision] = []
     spared: list[Decision] = []
-    for session in sessions:
-        decision = evaluate(session, policies, reaper=reaper, facts=facts)
+    for session in ordered:
+        decision = _evaluate(session, policies, reaper=reaper, facts=facts, allowance=allowance)
         (matched if decision.matched else spared).append(decision)
     signal: list[Decision] = []
     log: list[Decision] = []
@@ -214,13 +265,169 @@ def seconds_until_eligible(
     for policy in policies:
         if _filtered_out(session, policy) is not None:
             continue
+        # A pressure policy can match only once its pressure appears: no early poll for it
+        # until then (the interval bounds the wait).
+        if policy.pressure and not _pressure(session, policy, facts)[0]:
+            continue
         for key, _label, age in _ages(session):
             limit = policy.thresholds.get(key)
             if limit is None or age is None:
                 continue
+            if policy.pressure and age > limit.total_seconds():
+                continue  # past it, spared only by the policy's allowance: nothing to wait for
             left = max(0.0, limit.total_seconds() - age)
             soonest = left if soonest is None else min(soonest, left)
     return soonest
+
+
+def pressure_held(policy: PolicyConfig, facts: ServerFacts) -> bool | None:
+    """Whether `policy`'s connection-pressure condition held at the poll; None if it has none.
+
+    The role condition holds when a role in the policy's scope (`users`, less `exclude_users`)
+    is above its share of its connection limit.
+    """
+    if not policy.pressure:
+        return None
+    percent = policy.when_connections_above
+    usable = facts.usable_connections
+    if percent is not None and not (usable > 0 and facts.client_sessions > _level(usable, percent)):
+        return False
+    percent = policy.when_role_connections_above
+    if percent is not None:
+        return any(
+            r.sessions > _level(r.limit, percent)
+            for r in facts.roles
+            if (not policy.users or r.role in policy.users) and r.role not in policy.exclude_users
+        )
+    return True
+
+
+def _level(slots: int, percent: int) -> int:
+    """How many sessions `percent` of `slots` is: pressure means more sessions than that."""
+    return slots * percent // 100
+
+
+def _role(facts: ServerFacts, name: str | None) -> RoleConnections | None:
+    return next((r for r in facts.roles if r.role == name), None)
+
+
+def _pressure(session: Session, policy: PolicyConfig, facts: ServerFacts) -> tuple[bool, str]:
+    """Whether every pressure condition of `policy` holds for `session` at the poll, and why."""
+    said = []
+    percent = policy.when_connections_above
+    if percent is not None:
+        usable, used = facts.usable_connections, facts.client_sessions
+        if usable <= 0:
+            return False, "connection slots unknown"
+        level = _level(usable, percent)
+        counted = f"connections {used}/{usable}"
+        if used <= level:
+            return False, f"{counted} not above when_connections_above {percent}% ({level})"
+        said.append(f"{counted} > when_connections_above {percent}% ({level})")
+    percent = policy.when_role_connections_above
+    if percent is not None:
+        role = _role(facts, session.user)
+        if session.superuser:
+            return False, f"role {session.user!r} is a superuser: no connection limit applies"
+        if role is None:
+            return False, f"role {session.user!r} has no connection limit"
+        level = _level(role.limit, percent)
+        counted = f"role {role.role!r} connections {role.sessions}/{role.limit}"
+        if role.sessions <= level:
+            return False, f"{counted} not above when_role_connections_above {percent}% ({level})"
+        said.append(f"{counted} > when_role_connections_above {percent}% ({level})")
+    return True, ", ".join(said)
+
+
+class _Allowance:
+    """How many victims the pressure policies may still take this cycle, spent oldest first.
+
+    The counts start from the poll's, less the sessions that a policy without pressure
+    terminates this cycle anyway. Every victim a pressure policy takes brings the count of the
+    server and of the victim's role down by one; a policy takes none once the counts its
+    conditions look at are down to its level. A `log` policy counts its own victims as if it
+    terminated them (it shows what it would do) but lowers no count for the other policies.
+    Victims the reaper may not signal free no slot and cost nothing (they are reported denied).
+    """
+
+    def __init__(
+        self,
+        sessions: Sequence[Session],
+        policies: Sequence[PolicyConfig],
+        *,
+        reaper: ReaperSection,
+        facts: ServerFacts,
+    ) -> None:
+        self._facts = facts
+        plain = [p for p in policies if not p.pressure]
+        self._relieving = {
+            s.pid: s
+            for s in sessions
+            if (d := evaluate(s, plain, reaper=reaper, facts=facts)).policy is not None
+            and d.policy.action == "terminate"
+            and can_signal(s, facts)
+        }
+        self._server = facts.client_sessions - len(self._relieving)
+        self._roles: Counter[str | None] = Counter({r.role: r.sessions for r in facts.roles})
+        self._roles.subtract(s.user for s in self._relieving.values())
+        # What each `log` policy has taken: of the server's count, and of each role's.
+        self._logged: Counter[str] = Counter()
+        self._logged_roles: dict[str, Counter[str | None]] = {}
+
+    def take(self, session: Session, policy: PolicyConfig, why: str) -> tuple[bool, str]:
+        """Whether `policy`, which matches `session`, may take it as a victim, and why."""
+        if not policy.pressure:
+            return True, why
+        user = session.user
+        logs = policy.action == "log"
+        if not logs and (session.pid in self._relieving or not can_signal(session, self._facts)):
+            return True, why  # terminated by a later policy anyway, or frees no slot
+        own = self._logged_roles.setdefault(policy.name, Counter()) if logs else Counter()
+        # A session a later policy would terminate keeps its slot if this one only logs it.
+        back = int(logs and session.pid in self._relieving)
+        short = self._short(
+            policy,
+            user=user,
+            server=self._server + back - (self._logged[policy.name] if logs else 0),
+            role=self._roles[user] + back - own[user],
+        )
+        if short is not None:
+            return False, short
+        if logs:
+            self._logged[policy.name] += 1
+            own[user] += 1
+            if back:
+                del self._relieving[session.pid]
+                self._server += 1
+                self._roles[user] += 1
+        else:
+            self._server -= 1
+            self._roles[user] -= 1
+        return True, why
+
+    def _short(
+        self, policy: PolicyConfig, *, user: str | None, server: int, role: int
+    ) -> str | None:
+        """Why `policy` may take no more victims (of `user`), given the counts left; None if
+        it may."""
+        percent = policy.when_connections_above
+        if percent is not None:
+            level = _level(self._facts.usable_connections, percent)
+            if server <= level:
+                return (
+                    "other victims this cycle already bring connections down to "
+                    f"when_connections_above {percent}% ({level})"
+                )
+        percent = policy.when_role_connections_above
+        limits = _role(self._facts, user)
+        if percent is not None and limits is not None:
+            level = _level(limits.limit, percent)
+            if role <= level:
+                return (
+                    f"other victims this cycle already bring role {user!r} down to "
+                    f"when_role_connections_above {percent}% ({level})"
+                )
+        return None
 
 
 def _ages(session: Session) -> tuple[tuple[str, str, float | None], ...]:
@@ -236,7 +443,11 @@ def _ages(session: Session) -> tuple[tuple[str, str, float | None], ...]:
 
 
 def _oldest_first(decisions: Iterable[Decision]) -> tuple[Decision, ...]:
-    return tuple(sorted(decisions, key=lambda d: (-d.session.age_in_state, d.session.pid)))
+    return tuple(sorted(decisions, key=lambda d: _age_order(d.session)))
+
+
+def _age_order(session: Session) -> tuple[float, int]:
+    return (-session.age_in_state, session.pid)
 
 
 def _hard_exclusion(  # noqa: PLR0911 - one return per rule reads best
@@ -259,8 +470,9 @@ def _hard_exclusion(  # noqa: PLR0911 - one return per rule reads best
     return None
 
 
-def _match(session: Session, policy: PolicyConfig) -> tuple[bool, str]:
-    """Whether `policy` matches `session`, and why (the thresholds exceeded) or why not."""
+def _match(session: Session, policy: PolicyConfig, facts: ServerFacts) -> tuple[bool, str]:
+    """Whether `policy` matches `session`, and why (the thresholds exceeded and the pressure
+    that holds) or why not."""
     why_not = _filtered_out(session, policy)
     if why_not is not None:
         return False, why_not
@@ -273,6 +485,11 @@ def _match(session: Session, policy: PolicyConfig) -> tuple[bool, str]:
     ]
     if not exceeded:
         return False, "under every threshold"
+    if policy.pressure:
+        holds, why = _pressure(session, policy, facts)
+        if not holds:
+            return False, why
+        exceeded.append(why)
     return True, ", ".join(exceeded)
 
 

@@ -216,7 +216,11 @@ class Scheduler:
         else:
             self._metrics.record_poll_failure(worker.name)
         self._transition(worker, report)
-        thresholds = [t.total_seconds() for p in policies for t in p.thresholds.values()]
+        # A pressure policy cannot match before pressure appears, which `interval` bounds; its
+        # (often short) thresholds must not make a quiet server be polled every min_interval.
+        thresholds = [
+            t.total_seconds() for p in policies if not p.pressure for t in p.thresholds.values()
+        ]
         delay = next_delay(
             report,
             interval=settings.interval_for(server).total_seconds(),

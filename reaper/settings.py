@@ -34,13 +34,14 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from reaper import activity
+from reaper import activity, audit
 
 __all__ = [
     "ACTIVE_STATES",
     "ALL_STATES",
     "DEFAULT_CONFIG_PATH",
     "IDLE_STATES",
+    "AuditSection",
     "ConfigError",
     "LogSection",
     "MetricsSection",
@@ -201,6 +202,34 @@ def _check_name(value: str) -> str:
 Name = Annotated[str, BeforeValidator(lambda v: _check_name(v) if isinstance(v, str) else v)]
 
 
+def _parse_percentage(value: object) -> int:
+    """``"80%"`` -> 80: a whole percentage from 1% to 100%, always written with its sign (a bare
+    80 or 0.8 would be ambiguous)."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(  # noqa: TRY004 - pydantic reports ValueError
+            f"invalid percentage {_toml_repr(value)}: write it as a string such as '80%'"
+        )
+    text = value.strip()
+    if re.fullmatch(r"\d+", text, re.ASCII):
+        raise ValueError(f"invalid percentage {value!r}: write the % sign, as in '{text}%'")
+    if not re.fullmatch(r"\d+%", text, re.ASCII):
+        raise ValueError(
+            f"invalid percentage {value!r}: use a whole percentage from '1%' to '100%', "
+            "such as '80%'"
+        )
+    percent = int(text[:-1])
+    if not 1 <= percent <= 100:
+        raise ValueError(f"invalid percentage {value!r}: must be from '1%' to '100%'")
+    return percent
+
+
+Percentage = Annotated[
+    int,
+    BeforeValidator(_parse_percentage),
+    PlainSerializer(lambda v: f"{v}%", return_type=str),
+]
+
+
 # --- sections ----------------------------------------------------------------------------------
 
 
@@ -259,6 +288,48 @@ class LogSection(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+class AuditSection(_Section):
+    """The audit table (reaper/audit.py); disabled while `dsn` is empty."""
+
+    dsn: SecretStr = SecretStr("")
+    table: str = "pg_reaper_audit"
+    password_file: Path | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            activity.parse_conninfo(value.get_secret_value())  # raises ValueError without secrets
+        return value
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        audit.parse_table_name(value)
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not os.access(value, os.R_OK):
+            why = "does not exist" if not value.exists() else "is not readable"
+            raise ValueError(f"password file '{value}' {why}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dsn.get_secret_value())
+
+    @property
+    def table_name(self) -> tuple[str, ...]:
+        """(schema, table) or (table,), as PostgreSQL reads `table`."""
+        return audit.parse_table_name(self.table)
+
+    @property
+    def redacted_dsn(self) -> str:
+        return activity.redact_conninfo(self.dsn.get_secret_value()) if self.enabled else ""
+
+
 class ServerConfig(_Section):
     name: Name
     dsn: SecretStr
@@ -292,6 +363,10 @@ class PolicyConfig(_Section):
     max_runtime: PositiveDuration | None = None
     max_transaction_age: PositiveDuration | None = None
     max_connection_age: PositiveDuration | None = None
+    # Connection pressure (docs/pressure.md): the policy applies only while client sessions
+    # exceed this share of the usable slots, or of the session's role's connection limit.
+    when_connections_above: Percentage | None = None
+    when_role_connections_above: Percentage | None = None
     databases: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
     applications: tuple[Regex, ...] = ()
@@ -333,6 +408,11 @@ class PolicyConfig(_Section):
                 "action 'cancel' only interrupts a running query: with idle states it does "
                 "nothing (use 'terminate', or states = ['active'])"
             )
+        if self.action == "cancel" and self.pressure:
+            raise ValueError(
+                f"{next(iter(self.pressure))} needs action 'terminate' (or 'log'): cancelling a "
+                "query frees no connection"
+            )
         return self
 
     @property
@@ -340,6 +420,15 @@ class PolicyConfig(_Section):
         return {
             key: value
             for key in ("max_idle", "max_runtime", "max_transaction_age", "max_connection_age")
+            if (value := getattr(self, key)) is not None
+        }
+
+    @property
+    def pressure(self) -> dict[str, int]:
+        """The connection-pressure conditions set, as percentages; all of them must hold."""
+        return {
+            key: value
+            for key in ("when_connections_above", "when_role_connections_above")
             if (value := getattr(self, key)) is not None
         }
 
@@ -358,6 +447,7 @@ class Settings(BaseSettings):
     reaper: ReaperSection = ReaperSection()
     metrics: MetricsSection = MetricsSection()
     log: LogSection = LogSection()
+    audit: AuditSection = AuditSection()
     servers: tuple[ServerConfig, ...] = Field(min_length=1)
     policies: tuple[PolicyConfig, ...] = Field(min_length=1)
 
@@ -413,6 +503,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         for server, raw in zip(self.servers, data["servers"], strict=True):
             raw["dsn"] = server.redacted_dsn
+        data["audit"]["dsn"] = self.audit.redacted_dsn
         return data
 
 

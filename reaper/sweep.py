@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from reaper import audit
 from reaper.activity import PostgresError, ServerConnection
 from reaper.identifiers import quote_identifier
 from reaper.log import get_logger
@@ -16,13 +17,14 @@ from reaper.policy import (
     ServerFacts,
     Session,
     plan,
+    pressure_held,
     seconds_until_eligible,
 )
 
 if TYPE_CHECKING:
     from reaper.settings import PolicyConfig, ServerConfig, Settings
 
-__all__ = ["Outcome", "SweepReport", "connect", "sweep", "visibility_warnings"]
+__all__ = ["Outcome", "SweepReport", "audit_event", "connect", "sweep", "visibility_warnings"]
 
 Mode = Literal["reap", "preview"]
 
@@ -57,6 +59,8 @@ class SweepReport:
     # Seconds from the poll until the next session would become eligible (0: victims were
     # deferred by the cap); None when no session is on its way to any threshold.
     eligible_in: float | None = None
+    # (policy, whether its connection-pressure condition held), for the policies that have one.
+    pressure: tuple[tuple[str, bool], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -125,10 +129,21 @@ def sweep(
         outcomes=outcomes,
         warnings=warnings,
         eligible_in=_eligible_in(decided, policies, settings=settings, facts=snapshot.facts),
+        pressure=tuple(
+            (p.name, held)
+            for p in policies
+            if (held := pressure_held(p, snapshot.facts)) is not None
+        ),
     )
     if mode == "reap":
         for outcome in outcomes:
-            _audit(log, outcome, dry_run=dry_run, include_query=settings.log.include_query)
+            audit_event(
+                log,
+                outcome,
+                server=server.name,
+                dry_run=dry_run,
+                include_query=settings.log.include_query,
+            )
         log.info(
             "poll_completed",
             sessions=len(report.sessions),
@@ -225,12 +240,23 @@ def audit_fields(outcome: Outcome, *, include_query: bool) -> dict[str, Any]:
     return fields
 
 
-def _audit(log: Any, outcome: Outcome, *, dry_run: bool, include_query: bool) -> None:  # noqa: ANN401
+def audit_event(
+    log: Any,  # noqa: ANN401 - structlog's bound loggers are untyped proxies
+    outcome: Outcome,
+    *,
+    server: str,
+    dry_run: bool,
+    include_query: bool,
+) -> None:
+    """One decision as an audit event: a log line, and a row of the audit table if there is one."""
     if outcome.result is Result.DEFERRED:
         return  # counted in poll_completed; decided again next cycle
     event = "session_reap_failed" if outcome.result in _FAILED else "session_reaped"
     level = log.warning if outcome.result.is_failure else log.info
-    level(event, dry_run=dry_run, **audit_fields(outcome, include_query=include_query))
+    fields = audit_fields(outcome, include_query=include_query)
+    level(event, dry_run=dry_run, **fields)
+    # The same event as a row of the audit table, if there is one: only queued here.
+    audit.submit(event, server=server, dry_run=dry_run, fields=fields)
 
 
 _FAILED = frozenset({Result.GONE, Result.CHANGED, Result.DENIED, Result.ERROR})
