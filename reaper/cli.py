@@ -16,7 +16,13 @@ from reaper import __version__, audit, doctor, operate
 from reaper.embedded import SUPPORTED_MAJORS
 from reaper.log import configure, get_logger
 from reaper.output import render_json, render_table
-from reaper.settings import ConfigError, Settings, load_settings, resolve_config_path
+from reaper.settings import (
+    ConfigError,
+    ServerConfig,
+    Settings,
+    load_settings,
+    resolve_config_path,
+)
 from reaper.sweep import Mode, SweepReport, connect, sweep
 
 if TYPE_CHECKING:
@@ -171,9 +177,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_all(settings: Settings, *, mode: Mode, only: str | None = None) -> list[SweepReport]:
     reports = []
-    for server in settings.servers:
-        if only is not None and server.name != only:
-            continue
+    for server in _selected(settings, only):
         with connect(server, settings) as conn:
             report = sweep(conn, server=server, settings=settings, mode=mode)
         if report.error is not None and mode == "reap":
@@ -218,6 +222,11 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
         audit.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
 
 
+def _selected(settings: Settings, name: str | None) -> list[ServerConfig]:
+    """Every server, or only the one `--server NAME` names."""
+    return [s for s in settings.servers if name is None or s.name == name]
+
+
 def _unknown_server(settings: Settings, name: str | None) -> bool:
     """Say so when `--server NAME` names no configured server."""
     names = [s.name for s in settings.servers]
@@ -241,9 +250,7 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> int:
     if _unknown_server(settings, args.server):
         return EXIT_USAGE
     reports = []
-    for server in settings.servers:
-        if args.server is not None and server.name != args.server:
-            continue
+    for server in _selected(settings, args.server):
         with connect(server, settings) as conn:
             policies = settings.policies_for(server)
             reports.append(doctor.examine(conn, server=server.name, policies=policies))
@@ -258,9 +265,7 @@ def _sessions(settings: Settings, args: argparse.Namespace) -> int:
     if _unknown_server(settings, args.server):
         return EXIT_USAGE
     reports = []
-    for server in settings.servers:
-        if args.server is not None and server.name != args.server:
-            continue
+    for server in _selected(settings, args.server):
         with connect(server, settings) as conn:
             reports.append(operate.census(conn, server=server.name, by=args.by))
     if args.json:

@@ -26,7 +26,7 @@ from reaper.doctor import Connections
 from reaper.identifiers import quote_identifier
 from reaper.log import get_logger
 from reaper.output import human_duration, render_table, safe_text
-from reaper.policy import CLIENT_BACKEND, Decision, Result, ServerFacts, Session
+from reaper.policy import CLIENT_BACKEND, Decision, Result, ServerFacts, Session, in_networks
 from reaper.settings import ALL_STATES, PolicyConfig, parse_duration
 from reaper.sweep import Outcome, SweepReport, audit_event, visibility_warnings
 
@@ -311,7 +311,7 @@ class KillTarget:
             return False
         if self.application is not None and not self.application.search(session.application):
             return False
-        return self.client_addr is None or _in_network(session.client_addr, self.client_addr)
+        return self.client_addr is None or in_networks(session.client_addr, [self.client_addr])
 
     def describe(self) -> str:
         """The filters as a shell would take them: `--database shop --user 'we"ird'`."""
@@ -376,18 +376,6 @@ def parse_client_addr(value: str) -> ClientNetwork:
         return ipaddress.ip_network(value.strip(), strict=True)
     except ValueError as exc:
         raise ValueError(f"invalid CIDR {value!r}: {exc} (or 'local')") from None
-
-
-def _in_network(addr: str | None, network: ClientNetwork) -> bool:
-    if addr is None or network == "local":
-        return addr is None and network == "local"
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # an IPv4 client on an IPv6 socket: match it as the IPv4 it is
-    return ip.version == network.version and ip in network
 
 
 def select_victims(

@@ -30,6 +30,7 @@ __all__ = [
     "Session",
     "can_signal",
     "evaluate",
+    "in_networks",
     "plan",
     "pressure_held",
     "seconds_until_eligible",
@@ -509,14 +510,14 @@ def _filtered_out(session: Session, policy: PolicyConfig) -> str | None:  # noqa
         return "application not listed"
     if any(p.search(session.application) for p in policy.exclude_applications):
         return "application excluded"
-    if policy.client_addrs and not _in_networks(session.client_addr, policy.client_addrs):
+    if policy.client_addrs and not in_networks(session.client_addr, policy.client_addrs):
         return "client address not listed"
-    if _in_networks(session.client_addr, policy.exclude_client_addrs):
+    if in_networks(session.client_addr, policy.exclude_client_addrs):
         return "client address excluded"
     return None
 
 
-def _in_networks(addr: str | None, networks: Sequence[ClientNetwork]) -> bool:
+def in_networks(addr: str | None, networks: Sequence[ClientNetwork]) -> bool:
     if addr is None:
         return "local" in networks
     try:

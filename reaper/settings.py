@@ -230,6 +230,14 @@ Percentage = Annotated[
 ]
 
 
+def _readable_password_file(value: Path | None) -> Path | None:
+    """A password file must exist and be readable now (its contents are read at each connect)."""
+    if value is not None and not os.access(value, os.R_OK):
+        why = "does not exist" if not value.exists() else "is not readable"
+        raise ValueError(f"password file '{value}' {why}")
+    return value
+
+
 # --- sections ----------------------------------------------------------------------------------
 
 
@@ -308,13 +316,7 @@ class AuditSection(_Section):
         audit.parse_table_name(value)
         return value
 
-    @field_validator("password_file")
-    @classmethod
-    def _password_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not os.access(value, os.R_OK):
-            why = "does not exist" if not value.exists() else "is not readable"
-            raise ValueError(f"password file '{value}' {why}")
-        return value
+    _password_file = field_validator("password_file")(_readable_password_file)
 
     @property
     def enabled(self) -> bool:
@@ -343,13 +345,7 @@ class ServerConfig(_Section):
         activity.parse_conninfo(value.get_secret_value())  # raises ValueError without secrets
         return value
 
-    @field_validator("password_file")
-    @classmethod
-    def _password_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not os.access(value, os.R_OK):
-            why = "does not exist" if not value.exists() else "is not readable"
-            raise ValueError(f"password file '{value}' {why}")
-        return value
+    _password_file = field_validator("password_file")(_readable_password_file)
 
     @property
     def redacted_dsn(self) -> str:
