@@ -101,6 +101,10 @@ def parse_conninfo(dsn: str) -> dict[str, str]:
     try:
         return {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
     except psycopg.ProgrammingError as exc:
+        if '"' in dsn:  # libpq's quoting of the offending word cannot be undone safely
+            raise ValueError(
+                "invalid connection string: not key=value pairs or a postgresql:// URI"
+            ) from None
         # libpq quotes the offending word, which may be a password: drop quoted words.
         message = re.sub(
             r'"([^"]*)"', lambda m: '"…"' if re.search(r"\w", m[1]) else m[0], str(exc).strip()

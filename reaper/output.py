@@ -14,7 +14,9 @@ if TYPE_CHECKING:
 
 __all__ = ["render_json", "render_table", "safe_text"]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls, and the Unicode characters that break or reorder a line on a terminal:
+# line and paragraph separators, and bidirectional marks, embeddings, overrides and isolates.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 _COLUMNS = (
     "server",
     "pid",
@@ -30,10 +32,15 @@ _COLUMNS = (
 _WIDTH = 28
 
 
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def safe_text(value: object, *, width: int = _WIDTH) -> str:
     """One printable line: control characters escaped, long values cut with an ellipsis."""
     text = "" if value is None else str(value)
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = _CONTROL.sub(_escape, text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -528,6 +528,11 @@ def load_settings(path: Path) -> Settings:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"invalid TOML: {exc}"]) from None
+    # pydantic-settings reads keyword arguments starting with "_" as its own options
+    # (_env_prefix, _cli_parse_args, ...): in the file they are unknown keys like any other.
+    private = [key for key in data if key.startswith("_")]
+    if private:
+        raise ConfigError([f"{_key_path((key,))}: unknown key {key!r}" for key in private])
     try:
         return Settings(**data)
     except ValidationError as exc:
@@ -607,7 +612,10 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not out:
+            continue
+        if not part.isprintable():  # a quoted TOML key may hold a newline or an escape
+            part = repr(part)  # noqa: PLW2901 - shown, not used
+        if not out:
             out = part
         else:
             out += f".{part}"

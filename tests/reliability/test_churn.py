@@ -1,0 +1,158 @@
+"""Churn: many sessions going idle, active and idle again around `max_idle`, for a while, with
+the daemon reaping them. Not one may be killed before `max_idle`, none may outlive it by much.
+
+Short form (CI): 60 clients for 30 s. Long form (`-m soak`): 200 clients for 2 minutes. Either
+can be resized with PG_REAPER_CHURN_CLIENTS and PG_REAPER_CHURN_SECONDS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from reaper.embedded import EmbeddedPostgres
+from tests.reliability.churn import REACTION_BOUND, Churn, check_churn
+from tests.reliability.support import daemon_config, free_port, running_daemon
+from tests.test_daemon import policy
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from tests.test_daemon import RunningDaemon
+
+pytestmark = pytest.mark.integration
+
+MAX_IDLE = 2.0
+PREFIX = "churn-"
+SERVER = "churn"
+# Idle times spread around max_idle: many sessions resume just before it, many are killed, and
+# some would sit idle past max_idle + REACTION_BOUND if the daemon let them.
+IDLE_RANGE = (0.5, MAX_IDLE + REACTION_BOUND + 1.0)
+
+
+@pytest.fixture(scope="module")
+def churn_server(pg_major: int) -> Iterator[EmbeddedPostgres]:
+    """A server of its own, with room for 200 clients, their reconnections and the daemon."""
+    with EmbeddedPostgres(major=pg_major, settings={"max_connections": "300"}) as server:
+        yield server
+
+
+def _open_fds(pid: int) -> int:
+    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
+
+
+def run_churn(
+    server: EmbeddedPostgres, tmp_path: Path, *, clients: int, seconds: float, seed: int
+) -> None:
+    port = free_port()
+    config = daemon_config(
+        tmp_path / "config.toml",
+        servers={SERVER: server.dsn()},
+        policies=policy("idle", f"^{PREFIX}", max_idle="2s"),
+        port=port,
+        interval="30s",
+        min_interval="1s",
+    )
+    with running_daemon(config, port=port) as daemon:
+        daemon.wait_ready()
+        churn = Churn(server.dsn(), clients=clients, prefix=PREFIX, idle=IDLE_RANGE, seed=seed)
+        churn.start()
+        # Open file descriptors once the clients are all in (a short leak check; test_soak
+        # has the long one).
+        time.sleep(min(8.0, seconds / 3))
+        fds_before = _open_fds(daemon.process.pid)
+        time.sleep(seconds - min(8.0, seconds / 3))
+        stopped_at = time.monotonic()
+        report = churn.stop(stopped_at=stopped_at)
+        fds_after = _open_fds(daemon.process.pid)
+        _check_metrics_agree_with_audit(daemon)
+        daemon.send(signal.SIGTERM)
+        code = daemon.wait_exit(timeout=15)
+
+        problems = check_churn(report, daemon, max_idle=MAX_IDLE, prefix=PREFIX)
+        assert not problems, "\n".join(problems[:40])
+        assert code == 0, daemon.stderr_text()
+        assert daemon.other_lines == [], daemon.other_lines[:20]
+        errors = [e for e in daemon.events() if e.get("level") in {"error", "critical"}]
+        assert errors == [], errors[:5]
+    assert abs(fds_after - fds_before) <= 2, (fds_before, fds_after)
+
+    # The run did test something: many kills, and many sessions that resumed just in time.
+    killed = report.killed
+    near_misses = [
+        (since, until)
+        for life in report.lives
+        for since, until in life.idle_periods
+        if MAX_IDLE - 0.5 < until - since <= MAX_IDLE and until < stopped_at
+    ]
+    margins = sorted(
+        life.killed_at - life.last_activity
+        for life in killed
+        if life.killed_at is not None and life.killed_while == "idle" and not life.seen_late
+    )
+    print(  # noqa: T201 - the numbers of the run, shown with -s
+        f"churn: {clients} clients, {len(report.lives)} sessions, "
+        f"{sum(life.statements for life in report.lives)} statements, {len(killed)} killed "
+        f"(idle at kill: min {margins[0]:.3f} s, max {margins[-1]:.3f} s), "
+        f"{len(near_misses)} resumed within 0.5 s before max_idle, fds {fds_before}->{fds_after}"
+    )
+    assert len(killed) >= clients, f"only {len(killed)} kills"
+    assert len(near_misses) >= clients // 4, f"only {len(near_misses)} near misses"
+
+
+def _check_metrics_agree_with_audit(daemon: RunningDaemon) -> None:
+    """After the clients have gone and one more poll: the counters say what the events say."""
+    polls = len(daemon.events("poll_completed"))
+    daemon.wait_until(
+        lambda: len(daemon.events("poll_completed")) >= polls + 2, timeout=70, what="two polls"
+    )
+    terminated = len(daemon.events("session_reaped", result="terminated"))
+    counted = daemon.value(
+        "pg_reaper_sessions_reaped_total", server=SERVER, policy="idle", action="terminate"
+    )
+    assert counted == terminated
+    for reason in ("gone", "changed", "denied", "error"):
+        failed = len(daemon.events("session_reap_failed", result=reason))
+        assert (
+            daemon.value(
+                "pg_reaper_reap_failures_total", server=SERVER, policy="idle", reason=reason
+            )
+            == failed
+        ), reason
+    assert daemon.value("pg_reaper_poll_errors_total", server=SERVER) == 0
+    assert daemon.value("pg_reaper_server_up", server=SERVER) == 1
+
+
+def _size(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+def test_churn_kills_no_session_before_max_idle_and_lets_none_outlive_it(
+    churn_server: EmbeddedPostgres, tmp_path: Path, pg_major: int
+) -> None:
+    run_churn(
+        churn_server,
+        tmp_path,
+        clients=int(_size("PG_REAPER_CHURN_CLIENTS", 60)),
+        seconds=_size("PG_REAPER_CHURN_SECONDS", 30),
+        seed=pg_major,
+    )
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_churn_long_form_with_200_sessions(
+    churn_server: EmbeddedPostgres, tmp_path: Path, pg_major: int
+) -> None:
+    run_churn(
+        churn_server,
+        tmp_path,
+        clients=int(_size("PG_REAPER_CHURN_CLIENTS", 200)),
+        seconds=_size("PG_REAPER_CHURN_SECONDS", 120),
+        seed=pg_major + 1000,
+    )
