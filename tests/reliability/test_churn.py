@@ -7,15 +7,22 @@ can be resized with PG_REAPER_CHURN_CLIENTS and PG_REAPER_CHURN_SECONDS.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psycopg
 import pytest
 
+from reaper.activity import ServerConnection
 from reaper.embedded import EmbeddedPostgres
+from reaper.policy import Result
 from tests.reliability.churn import REACTION_BOUND, Churn, check_churn
 from tests.reliability.support import daemon_config, free_port, running_daemon
 from tests.test_daemon import policy
@@ -74,8 +81,8 @@ def run_churn(
         daemon.send(signal.SIGTERM)
         code = daemon.wait_exit(timeout=15)
 
-        problems = check_churn(report, daemon, max_idle=MAX_IDLE, prefix=PREFIX)
-        assert not problems, "\n".join(problems[:40])
+        verdict = check_churn(report, daemon, max_idle=MAX_IDLE, prefix=PREFIX)
+        assert not verdict.problems, "\n".join(verdict.problems[:40])
         assert code == 0, daemon.stderr_text()
         assert daemon.other_lines == [], daemon.other_lines[:20]
         errors = [e for e in daemon.events() if e.get("level") in {"error", "critical"}]
@@ -99,7 +106,9 @@ def run_churn(
         f"churn: {clients} clients, {len(report.lives)} sessions, "
         f"{sum(life.statements for life in report.lives)} statements, {len(killed)} killed "
         f"(idle at kill: min {margins[0]:.3f} s, max {margins[-1]:.3f} s), "
-        f"{len(near_misses)} resumed within 0.5 s before max_idle, fds {fds_before}->{fds_after}"
+        f"{len(near_misses)} resumed within 0.5 s before max_idle, fds {fds_before}->{fds_after}, "
+        f"{len(verdict.stale_snapshot_kills)} killed through the stale snapshot (known bug)"
+        + "".join(f"\n  {line}" for line in verdict.stale_snapshot_kills)
     )
     assert len(killed) >= clients, f"only {len(killed)} kills"
     assert len(near_misses) >= clients // 4, f"only {len(near_misses)} near misses"
@@ -156,3 +165,78 @@ def test_churn_long_form_with_200_sessions(
         seconds=_size("PG_REAPER_CHURN_SECONDS", 120),
         seed=pg_major + 1000,
     )
+
+
+# --- the race window of the signalling statement ------------------------------------------------
+
+FILLERS = 250
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: reaper/sql/signal.sql re-reads every victim with pg_stat_get_activity(pid), "
+    "but PostgreSQL reads the backend status array once per transaction (at the first call) "
+    "and serves every later call from that copy: the k-th victim of a batch is checked "
+    "against its state as it was before the k-1 signals ahead of it, which take tens of "
+    "milliseconds for 100 victims. A session that was eligible at the poll and meanwhile ran "
+    "(and finished) statements is terminated right after them, against DESIGN.md's 'a "
+    "session that became active is never touched'. Seen in the churn runs as kills 0-36 ms "
+    "after a successful statement. Fix: pg_stat_clear_snapshot() before each victim's "
+    "pg_stat_get_activity() (checked on 14 and 18: the re-read is then current)",
+)
+def test_a_session_that_ran_a_statement_after_the_signalling_statement_began_is_not_terminated(
+    churn_server: EmbeddedPostgres,
+) -> None:
+    """A batch of FILLERS idle victims, then one more whose client starts running statements
+    as soon as the first victim dies (so after the signalling statement has read the victims'
+    state) while the statement works through the others. Its state_change is then newer than the
+    poll's when its turn comes: it must be reported `changed`, not terminated."""
+    timeout = timedelta(seconds=10)
+    with ServerConnection(
+        dsn=churn_server.dsn(), connect_timeout=timeout, statement_timeout=timeout
+    ) as reaper:
+        for _ in range(12):
+            result, statements = _one_batch(churn_server, reaper)
+            assert not (result is Result.TERMINATED and statements > 0), (
+                f"terminated after it ran {statements} statements since the poll"
+            )
+
+
+def _one_batch(server: EmbeddedPostgres, reaper: ServerConnection) -> tuple[Result, int]:
+    """(what the signalling statement did to the last victim, statements it completed first)."""
+    conns = [
+        psycopg.connect(server.dsn(), autocommit=True, application_name=f"race-{i}")
+        for i in range(FILLERS + 1)
+    ]
+    try:
+        for conn in conns:
+            conn.execute("SELECT 1")
+        first, target = conns[0], conns[-1]
+        pids = [c.info.backend_pid for c in conns]  # 0 once a connection is lost
+        by_pid = {s.pid: s for s in reaper.poll().sessions}
+        victims = [by_pid[pid] for pid in pids]  # oldest idle first, as the plan orders them
+        completed: list[int] = []
+        signalled = threading.Event()
+
+        def busy_once_the_first_victim_dies() -> None:
+            watch = select.poll()
+            watch.register(first.fileno(), select.POLLIN)
+            watch.poll(10_000)
+            count = 0
+            with contextlib.suppress(psycopg.Error):
+                while not signalled.is_set():
+                    target.execute("SELECT 1")
+                    count += 1
+            completed.append(count)
+
+        client = threading.Thread(target=busy_once_the_first_victim_dies, daemon=True)
+        client.start()
+        try:
+            results = reaper.signal(victims, action="terminate")
+        finally:
+            signalled.set()
+        client.join(timeout=15)
+        return results[pids[-1]][0], completed[0]
+    finally:
+        for conn in conns:
+            conn.close()
