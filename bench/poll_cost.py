@@ -11,6 +11,8 @@ statements on one psycopg connection of a least-privilege role (``pg_read_all_st
   - fenced: the same columns and rows, with the view and its ``pg_roles`` join behind an
     ``OFFSET 0`` so that the planner's 1-row estimate after the ``backend_type`` filter cannot
     turn the joins into nested loops;
+  - fenced-dp: fenced, with the four ages computed by ``date_part('epoch', ...)`` (double
+    precision) instead of ``extract(epoch FROM ...)::float8`` (numeric since PostgreSQL 14);
   - lean: ``pg_stat_get_activity(NULL)`` alone, raw timestamps plus ``now()`` (ages subtracted
     by the client from the server's own ``now()``), oids instead of names; plus the per-role
     and per-database lookups it needs (``pg_roles`` with ``pg_has_role`` once per role,
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import resource
 import shlex
 import signal
@@ -90,6 +93,12 @@ WHERE a.backend_type = 'client backend'
    OR (a.backend_type IS NULL AND a.datname IS NOT NULL AND a.usename IS NOT NULL)
 """
 
+# The fenced query with date_part() (double precision) instead of extract() (numeric since
+# PostgreSQL 14, then cast back to float8) for the four ages.
+FENCED_DATE_PART_SQL = re.sub(
+    r"extract\(epoch FROM (now\(\) - a\.\w+)\)::float8", r"date_part('epoch', \1)", FENCED_SQL
+)
+
 LEAN_SQL = """
 SELECT a.pid, a.backend_type, a.datid, a.usesysid, a.application_name, a.client_addr, a.state,
        a.backend_start, a.state_change, a.xact_start, a.query_start, now() AS now,
@@ -117,6 +126,12 @@ VARIANTS = (
         "candidate",
         (FENCED_SQL,),
         "POLL_SQL with the view + pg_roles join behind OFFSET 0 (hash joins)",
+    ),
+    Variant(
+        "fenced-dp",
+        "candidate",
+        (FENCED_DATE_PART_SQL,),
+        "fenced, with date_part('epoch', ...) instead of extract(epoch FROM ...)::float8",
     ),
     Variant(
         "lean",
@@ -278,7 +293,9 @@ def verdict(steps: Sequence[Step], refused: str | None) -> tuple[list[str], str]
             f"- {step.sessions} sessions: poll / bare (server) = {ratio:.2f}x "
             f"({extra:+.3f} ms, {extra * 1000 / max(step.rows['poll'], 1):+.2f} us per row); "
             f"wall {_ratio(step, 'poll', 'wall'):.2f}x; candidates: fenced "
-            f"{_ratio(step, 'fenced', 'server'):.2f}x, lean {_ratio(step, 'lean', 'server'):.2f}x"
+            f"{_ratio(step, 'fenced', 'server'):.2f}x, fenced-dp "
+            f"{_ratio(step, 'fenced-dp', 'server'):.2f}x, "
+            f"lean {_ratio(step, 'lean', 'server'):.2f}x"
         )
     if refused:
         lines.append(f"- could not open more sessions: {refused}")

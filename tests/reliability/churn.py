@@ -6,6 +6,10 @@ Each client is a thread with one connection at a time. It runs a statement (some
 then sits idle for a random time around `max_idle`, watching its socket: a terminated backend
 sends its FATAL message and closes the socket at once, so the client knows to the millisecond
 when it was killed, without having to use the session. A killed client connects again.
+
+At the end (`park`) the clients stop running statements and sit idle until the daemon kills
+them, which it must do within max_idle + REACTION_BOUND: so every session ends by a kill that its
+client saw, and the daemon's account can be compared with the clients' one for one.
 """
 
 from __future__ import annotations
@@ -62,14 +66,13 @@ class Life:
     killed_at: float | None = None
     killed_while: Literal["idle", "statement"] | None = None
     statement_started: float | None = None  # of the statement that was interrupted, if one was
-    seen_late: bool = False  # found dead only at the end: killed_at is an upper bound
 
 
 @dataclass
 class ChurnReport:
     lives: list[Life]
     errors: list[str]  # anything unexpected in a client thread
-    stopped_at: float  # monotonic: when the clients were asked to stop (the daemon still ran)
+    stopped_at: float  # monotonic: when the parked clients were let go (the daemon still ran)
 
     @property
     def killed(self) -> list[Life]:
@@ -93,7 +96,8 @@ class Churn:
         self._prefix = prefix
         self._idle = idle
         self._sleep_share = sleep_share
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # no more statements or connections: park
+        self._release = threading.Event()  # parked clients give up waiting for their kill
         self._lock = threading.Lock()
         self.lives: list[Life] = []
         self.errors: list[str] = []
@@ -111,8 +115,17 @@ class Churn:
         for thread in self._threads:
             thread.start()
 
-    def stop(self, *, stopped_at: float) -> ChurnReport:
+    def park(self) -> None:
+        """No more statements or connections: every client sits idle until it is killed."""
         self._stop.set()
+
+    def finish(self, *, timeout: float) -> ChurnReport:
+        """Wait (up to `timeout`) for every parked client to be killed, then let the rest go."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        stopped_at = time.monotonic()
+        self._release.set()
         for thread in self._threads:
             thread.join(timeout=30)
         alive = [t.name for t in self._threads if t.is_alive()]
@@ -156,9 +169,11 @@ class Churn:
             while not self._stop.is_set():
                 if not self._statement(conn, life, rng):
                     return
-                if not self._sit_idle(conn, life, rng):
+                if not self._sit_idle(
+                    conn, life, until=life.last_activity + rng.uniform(*self._idle)
+                ):
                     return
-            self._final_look(conn, life)
+            self._sit_idle(conn, life, until=None)  # parked
 
     def _statement(self, conn: psycopg.Connection[Any], life: Life, rng: random.Random) -> bool:
         """Run one statement; False if the session turned out to be killed."""
@@ -178,14 +193,24 @@ class Churn:
         life.statements += 1
         return True
 
-    def _sit_idle(self, conn: psycopg.Connection[Any], life: Life, rng: random.Random) -> bool:
-        """Idle for a random time, watching the socket; False if the session was killed."""
+    def _sit_idle(self, conn: psycopg.Connection[Any], life: Life, *, until: float | None) -> bool:
+        """Idle until `until` (None: parked, until killed or let go), watching the socket; False
+        if the session was killed. Parking cuts short an idle period: the parked one goes on."""
         since = life.last_activity
-        until = since + rng.uniform(*self._idle)
         watch = select.poll()
         watch.register(conn.fileno(), select.POLLIN)
-        while (left := until - time.monotonic()) > 0 and not self._stop.is_set():
-            if watch.poll(min(left, _WAKE_EVERY) * 1000):
+        while True:
+            if until is None:
+                if self._release.is_set():
+                    break
+                wait = _WAKE_EVERY
+            else:
+                if self._stop.is_set():
+                    return True  # parked next: the same idle period goes on
+                wait = min(until - time.monotonic(), _WAKE_EVERY)
+                if wait <= 0:
+                    break
+            if watch.poll(wait * 1000):
                 seen = time.monotonic()
                 if _dead(conn):
                     life.killed_at, life.killed_while = seen, "idle"
@@ -195,13 +220,6 @@ class Churn:
                 life.last_activity = since = time.monotonic()
         life.idle_periods.append((since, time.monotonic()))
         return True
-
-    def _final_look(self, conn: psycopg.Connection[Any], life: Life) -> None:
-        """At the end of the run: was the session killed while nobody was looking?"""
-        watch = select.poll()
-        watch.register(conn.fileno(), select.POLLIN)
-        if watch.poll(200) and _dead(conn):
-            life.killed_at, life.killed_while, life.seen_late = time.monotonic(), "idle", True
 
 
 def _dead(conn: psycopg.Connection[Any]) -> bool:
@@ -250,7 +268,7 @@ def check_churn(
                     f"{who}: killed during a statement started {idle:.3f} s after its last "
                     f"activity (max_idle {max_idle} s)"
                 )
-        elif life.killed_at is not None and not life.seen_late:
+        elif life.killed_at is not None:
             idle = life.killed_at - life.last_activity
             if idle < max_idle - CLOCK_SLACK:
                 line = f"{who}: killed after {idle:.3f} s idle (max_idle {max_idle} s)"

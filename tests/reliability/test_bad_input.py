@@ -465,7 +465,7 @@ def test_a_top_level_key_named_like_a_pydantic_settings_option_is_an_unknown_key
     key = line.split(" ", 1)[0]
     try:
         code, out, err = _check_config(path)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the bug shows as any of these
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the old bug showed as any of these
         pytest.fail(f"check-config raised {type(exc).__name__}: {exc}")
     assert code == 2, out
     assert f"{key}: unknown key" in err, err

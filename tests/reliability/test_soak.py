@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from reaper.embedded import EmbeddedPostgres
-from tests.reliability.churn import Churn, check_churn
+from tests.reliability.churn import REACTION_BOUND, Churn, check_churn
 from tests.reliability.support import daemon_config, free_port, running_daemon
 from tests.test_daemon import policy
 
@@ -80,7 +80,8 @@ def test_the_daemon_neither_grows_nor_leaks_under_10_minutes_of_churn(
                 samples.append(measure(pid, at))
                 time.sleep(min(SAMPLE_EVERY, max(0.0, SECONDS - at)))
             samples.append(measure(pid, time.monotonic() - started))
-            report = churn.stop(stopped_at=time.monotonic())
+            churn.park()
+            report = churn.finish(timeout=MAX_IDLE + REACTION_BOUND + 3)
             verdict = check_churn(report, daemon, max_idle=MAX_IDLE, prefix=PREFIX)
             reaped = len(daemon.events("session_reaped"))
             daemon.send(signal.SIGTERM)
