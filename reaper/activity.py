@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuditConnection",
+    "Leadership",
     "PostgresError",
     "ServerConnection",
     "Snapshot",
@@ -64,6 +65,7 @@ FACTS_SQL = _query("facts")
 POLL_SQL = _query("poll")
 PRESSURE_SQL = _query("pressure")
 SIGNAL_SQL = _query("signal")
+HA_LEAD_SQL = _query("ha_lead")
 # `pg-reaper doctor`: read-only, run in one transaction (reaper/doctor.py reads the rows).
 DOCTOR_SQL = {
     name: _query(f"doctor_{name}") for name in ("server", "connections", "limits", "overrides")
@@ -87,6 +89,8 @@ _ALLOW_CONNECTIONS_HINTS = {
 AUDIT_EXISTS_SQL = _query("audit_exists")
 AUDIT_CREATE_SQL = _query("audit_create")
 AUDIT_INSERT_SQL = _query("audit_insert")
+AUDIT_INSERT_WITHOUT_INSTANCE_SQL = _query("audit_insert_without_instance")
+AUDIT_ADD_INSTANCE_SQL = _query("audit_add_instance")
 
 
 class PostgresError(Exception):
@@ -145,6 +149,14 @@ class Snapshot:
     sessions: tuple[Session, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leadership:
+    """Whether this session holds a server's advisory lock ([ha]), and which backend does."""
+
+    leader: bool
+    holder: int | None  # the pid of the backend holding the lock, None when it is free
+
+
 class ServerConnection:
     """The reaper's one persistent autocommit session on one server; reconnects when lost."""
 
@@ -155,8 +167,10 @@ class ServerConnection:
         password_file: Path | None = None,
         connect_timeout: timedelta,
         statement_timeout: timedelta,
+        dbname: str | None = None,
     ) -> None:
         self._dsn = dsn
+        self._dbname = dbname  # overrides the DSN's: [ha] lock_database
         self._password_file = password_file
         self._connect_timeout = max(1, round(connect_timeout.total_seconds()))
         self._statement_timeout_ms = max(1, round(statement_timeout.total_seconds() * 1000))
@@ -182,6 +196,8 @@ class ServerConnection:
         }
         if password is not None:
             kwargs["password"] = password
+        if self._dbname is not None:
+            kwargs["dbname"] = self._dbname
         try:
             conn = psycopg.Connection.connect(self._dsn, **kwargs)
         except psycopg.Error as exc:
@@ -315,6 +331,13 @@ class ServerConnection:
         facts = replace(facts, client_sessions=len(sessions), roles=roles)
         return Snapshot(facts=facts, sessions=sessions)
 
+    def lead(self, lock_key: int, *, acquire: bool) -> Leadership:
+        """Whether this session holds the advisory lock `lock_key` (checked in pg_locks), taking
+        it first if it is free and `acquire`. A lost connection loses the lock with it: the
+        session reopened by the next call holds nothing until it takes the lock again."""
+        rows = self._execute(HA_LEAD_SQL, {"lock_key": lock_key, "acquire": acquire})
+        return Leadership(leader=bool(rows[0]["leader"]), holder=rows[0]["holder"])
+
     def doctor_rows(self) -> dict[str, list[dict[str, Any]]]:
         """The rows of every doctor query, by name (`server`, `connections`, `limits`,
         `overrides`, `timeouts`), from one snapshot of the server. Changes nothing.
@@ -372,24 +395,26 @@ class ServerConnection:
             raise PostgresError(f"{message} ({hint})" if hint else message) from None
 
     def signal(
-        self, victims: Sequence[Session], *, action: Action
+        self, victims: Sequence[Session], *, action: Action, lock_key: int | None = None
     ) -> dict[int, tuple[Result, str | None]]:
         """Signal `victims` race-safely; one (result, detail) per pid, whatever befalls the others.
 
         All victims go in one statement, which checks each one's permission itself. Should it fail
         all the same, each victim is retried in a statement of its own so that one failure stays
-        its own (a victim signalled before the failure then reports `gone`).
+        its own (a victim signalled before the failure then reports `gone`). With `lock_key`,
+        the statement signals only if this session holds that advisory lock ([ha]); otherwise
+        every victim reports `not_leader`.
         """
         if not victims:
             return {}
         try:
-            return self._signal_batch(victims, action=action)
+            return self._signal_batch(victims, action=action, lock_key=lock_key)
         except psycopg.Error:
             pass
         results: dict[int, tuple[Result, str | None]] = {}
         for victim in victims:
             try:
-                results.update(self._signal_batch([victim], action=action))
+                results.update(self._signal_batch([victim], action=action, lock_key=lock_key))
             except psycopg.Error as exc:
                 denied = exc.sqlstate == _INSUFFICIENT_PRIVILEGE
                 detail = exc.diag.message_primary or _clean_error(exc, None)
@@ -399,10 +424,11 @@ class ServerConnection:
         return results
 
     def _signal_batch(
-        self, victims: Sequence[Session], *, action: Action
+        self, victims: Sequence[Session], *, action: Action, lock_key: int | None
     ) -> dict[int, tuple[Result, str | None]]:
         query = sql.SQL(SIGNAL_SQL).format(signal=sql.Identifier(_SIGNAL_FUNCTIONS[action]))
         params = {
+            "lock_key": lock_key,
             "pids": [v.pid for v in victims],
             "backend_starts": [v.backend_start for v in victims],
             "state_changes": [v.state_change for v in victims],
@@ -449,6 +475,9 @@ class AuditConnection(ServerConnection):
         self._table = sql.Identifier(*table)
         self._index = sql.Identifier(_index_name(table[-1]))
         self._checked: object = None  # the connection on which the table was found or made
+        self._insert_sql = AUDIT_INSERT_SQL
+        # Set when an older table lacks the instance column and it could not be added.
+        self.outdated: str | None = None
 
     def insert(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Write `rows` (dicts with the same keys, the columns) in one statement: all or none."""
@@ -456,7 +485,7 @@ class AuditConnection(ServerConnection):
             return
         self._ensure_table()
         params = {column: [row[column] for row in rows] for column in rows[0]}
-        self._run(sql.SQL(AUDIT_INSERT_SQL).format(table=self._table), params)
+        self._run(sql.SQL(self._insert_sql).format(table=self._table), params)
 
     def interrupt(self) -> None:
         """From another thread: cut short a statement waiting on a hung server."""
@@ -470,8 +499,19 @@ class AuditConnection(ServerConnection):
         if conn is None or conn is self._checked:
             return
         qualified = self._table.as_string(conn)
-        if not self._run(AUDIT_EXISTS_SQL, {"table": qualified})[0]["present"]:
+        found = self._run(AUDIT_EXISTS_SQL, {"table": qualified})[0]
+        self._insert_sql, self.outdated = AUDIT_INSERT_SQL, None
+        if not found["present"]:
             self._run(sql.SQL(AUDIT_CREATE_SQL).format(table=self._table, index=self._index))
+        elif not found["has_instance"]:
+            # Made by an earlier pg-reaper: add the column if the reaper's role owns the table,
+            # else keep writing the other columns.
+            try:
+                self._run(sql.SQL(AUDIT_ADD_INSTANCE_SQL).format(table=self._table))
+            except PostgresError as exc:
+                if self._conn is None:
+                    raise  # the connection was lost: try again later
+                self._insert_sql, self.outdated = AUDIT_INSERT_WITHOUT_INSTANCE_SQL, str(exc)
         self._checked = conn
 
     def _run(

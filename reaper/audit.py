@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from reaper.activity import AuditConnection, PostgresError
+from reaper.ha import default_instance_id
 from reaper.log import get_logger
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CAPACITY",
     "AuditWriter",
+    "instance",
     "parse_table_name",
     "reconfigure",
     "start",
@@ -75,6 +77,7 @@ COLUMNS = (
     "reason",
     "detail",
     "query",
+    "instance",
 )
 
 
@@ -237,6 +240,7 @@ class AuditWriter:
         self._log = get_logger()
         self._full = False  # dropping rows since the last successful write
         self._failing = False
+        self._outdated_said = False
         self.written = 0
         self.failures = 0  # failed writes since the last success
 
@@ -311,6 +315,7 @@ class AuditWriter:
                     self._queue.pop(len(batch))
                     self.written += len(batch)
                     self._succeeded()
+                    self._say_outdated()
                     continue
                 self._failed(error)
                 if self._stopping.is_set():
@@ -318,6 +323,18 @@ class AuditWriter:
                 self._stopping.wait(self._backoff())
         finally:
             self._conn.close()
+
+    def _say_outdated(self) -> None:
+        """Once: the table has no instance column and the reaper's role could not add it."""
+        if self._conn.outdated is not None and not self._outdated_said:
+            self._outdated_said = True
+            self._log.warning(
+                "audit_table_outdated",
+                table=self.table,
+                error=self._conn.outdated,
+                detail="rows are written without the instance column: as the table's owner, "
+                f"ALTER TABLE {self.table} ADD COLUMN instance text",
+            )
 
     def _backoff(self) -> float:
         return min(_MAX_BACKOFF, _FIRST_BACKOFF * 2.0 ** (min(self.failures, 31) - 1))
@@ -355,6 +372,13 @@ class AuditWriter:
 _lock = threading.Lock()
 _current: AuditWriter | None = None
 _current_key: tuple[Any, ...] | None = None
+# This instance's id ([ha] instance_id, else hostname:pid), in every audit event.
+_identity: dict[str, str] = {}
+
+
+def instance() -> str:
+    """The id of this pg-reaper instance, as its audit events carry it."""
+    return _identity.get("instance") or default_instance_id()
 
 
 def submit(event: str, *, server: str, dry_run: bool, fields: Mapping[str, Any]) -> None:
@@ -376,6 +400,7 @@ def start(settings: Settings, *, metrics: Metrics | None = None) -> AuditWriter 
     every audit event goes to it."""
     global _current, _current_key
     with _lock:
+        _identity["instance"] = settings.ha.instance
         _current, _current_key = _open(settings, metrics=metrics), _key(settings)
         return _current
 
@@ -387,6 +412,7 @@ def reconfigure(
     write what it holds; what it cannot write passes to the new one."""
     global _current, _current_key
     with _lock:
+        _identity["instance"] = settings.ha.instance
         if _key(settings) == _current_key:
             return _current
         old = _current

@@ -130,6 +130,13 @@ class Metrics:
             ["server"],
             registry=r,
         )
+        self.leader = Gauge(
+            "pg_reaper_leader",
+            "1 when this instance reaps the server: always without [ha]; with [ha], while it "
+            "holds the server's advisory lock.",
+            ["server"],
+            registry=r,
+        )
         self.dry_run = Gauge("pg_reaper_dry_run", "1 when no signal is sent (dry run).", registry=r)
         self.config_reload_ok = Gauge(
             "pg_reaper_config_last_reload_successful",
@@ -155,6 +162,10 @@ class Metrics:
         self.dry_run.set(1 if settings.reaper.dry_run else 0)
         for server in settings.servers:
             self.server_up.labels(server=server.name)
+            if not settings.ha.enabled:
+                self.leader.labels(server=server.name).set(1)
+            else:
+                self.leader.labels(server=server.name)
             self.poll_errors.labels(server=server.name)
             self.deferred.labels(server=server.name)
             for policy in settings.policies_for(server):
@@ -168,6 +179,10 @@ class Metrics:
                 self.sessions_reaped.labels(
                     server=server.name, policy=policy.name, action=policy.action
                 )
+                if policy.escalate_after is not None:  # cancel-then-terminate
+                    self.sessions_reaped.labels(
+                        server=server.name, policy=policy.name, action="terminate"
+                    )
                 for reason in _FAILURE_REASONS.values():
                     self.reap_failures.labels(server=server.name, policy=policy.name, reason=reason)
 
@@ -175,6 +190,7 @@ class Metrics:
         """Drop the series of a server no longer configured."""
         for metric in (
             self.server_up,
+            self.leader,
             self.poll_errors,
             self.deferred,
             self.max_connections,

@@ -52,6 +52,12 @@ class Result(StrEnum):
     DENIED = "denied"  # the reaper's role may not signal it
     ERROR = "error"
     DEFERRED = "deferred"  # held back by max_terminations_per_cycle
+    # Not signalled because this instance does not hold the server's lock ([ha], docs/ha.md):
+    # another instance reaps it. Neither a reap nor a failure, never audited.
+    NOT_LEADER = "not_leader"
+    # Cancelled by a policy with escalate_after, still running that query: it is terminated
+    # once escalate_after has passed; until then it is not signalled again, nor audited.
+    ESCALATION_PENDING = "escalation_pending"
 
     @property
     def is_failure(self) -> bool:

@@ -20,8 +20,9 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from reaper import audit
 from reaper.log import get_logger
-from reaper.sweep import SweepReport, connect, sweep
+from reaper.sweep import Cancels, Lock, SweepReport, connect, sweep
 
 if TYPE_CHECKING:
     from reaper.activity import ServerConnection
@@ -73,6 +74,12 @@ class _Worker:
     next_due: datetime | None = None  # set by a cycle, applied once the job has finished
     generation: int = 0  # bumped by every reload that touches this server
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # [ha]: whether this instance holds the server's lock (None: not known, or no [ha]); after
+    # losing it, it leaves the lock to the other instances until `lock_retry_at` (monotonic).
+    leader: bool | None = None
+    lock_retry_at: float = 0.0
+    # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate).
+    cancels: Cancels = field(default_factory=Cancels)
 
     @property
     def server(self) -> ServerConfig:
@@ -104,6 +111,13 @@ class Scheduler:
 
     def start(self) -> None:
         self._metrics.configure(self._settings)
+        if self._settings.ha.enabled:
+            self._log.info(
+                "ha_enabled",
+                instance=audit.instance(),
+                lock_key=self._settings.ha.lock_key,
+                lock_database=self._settings.ha.lock_database,
+            )
         for server in self._settings.servers:
             self._add(server)
         self._scheduler.start()
@@ -216,6 +230,7 @@ class Scheduler:
         else:
             self._metrics.record_poll_failure(worker.name)
         self._transition(worker, report)
+        self._leadership(worker, report, settings=settings, server=server)
         # A pressure policy cannot match before pressure appears, which `interval` bounds; its
         # (often short) thresholds must not make a quiet server be polled every min_interval.
         thresholds = [
@@ -250,17 +265,25 @@ class Scheduler:
             return
 
     def _sweep(self, worker: _Worker, *, server: ServerConfig, settings: Settings) -> SweepReport:
+        ha = settings.ha
         key = (
             server.dsn.get_secret_value(),
             server.password_file,
             settings.reaper.connect_timeout,
             settings.reaper.statement_timeout,
+            # A new lock, or none: a new session (closing the old one releases its lock).
+            (ha.enabled, ha.lock_key, ha.lock_database),
         )
         if worker.conn is None or worker.conn_key != key:
             _close(worker)
-            worker.conn, worker.conn_key = connect(server, settings), key
+            worker.conn, worker.conn_key = connect(server, settings, ha=True), key
+        lock = None
+        if ha.enabled:
+            lock = Lock(key=ha.lock_key, acquire=time.monotonic() >= worker.lock_retry_at)
         try:
-            return sweep(worker.conn, server=server, settings=settings)
+            return sweep(
+                worker.conn, server=server, settings=settings, lock=lock, cancels=worker.cancels
+            )
         except Exception as exc:  # noqa: BLE001 - a bug must not stop this server's schedule
             self._log.exception("cycle_crashed", server=worker.name)
             return SweepReport(
@@ -282,6 +305,35 @@ class Scheduler:
         level = self._log.debug if worker.state == "down" else self._log.error
         level("poll_failed", server=worker.name, error=report.error, failures=worker.failures)
         worker.state, worker.last_error = "down", report.error
+
+    def _leadership(
+        self, worker: _Worker, report: SweepReport, *, settings: Settings, server: ServerConfig
+    ) -> None:
+        """pg_reaper_leader, and one log line per change of leadership ([ha]), not per cycle.
+
+        An instance that loses the lock (its session was lost: a DBA terminated it, the network
+        or the server went away) leaves it to the others for two intervals, so that leadership
+        moves rather than returning to where it failed."""
+        if not settings.ha.enabled:
+            worker.leader = None
+            self._metrics.leader.labels(server=worker.name).set(1)
+            return
+        leader = report.ok and report.leader
+        self._metrics.leader.labels(server=worker.name).set(1 if leader else 0)
+        was = worker.leader
+        fields = {"server": worker.name, "instance": audit.instance()}
+        if leader and was is not True:
+            self._log.info("leadership_acquired", **fields)
+        elif not leader and was is True:
+            hold_off = 2 * settings.interval_for(server).total_seconds()
+            worker.lock_retry_at = time.monotonic() + hold_off
+            reason = report.error or "the lock is no longer held by this session"
+            self._log.warning(
+                "leadership_lost", **fields, reason=reason, retry_in=round(hold_off, 3)
+            )
+        elif not leader and was is None and report.ok:
+            self._log.info("leadership_standby", **fields, holder_pid=report.lock_holder)
+        worker.leader = leader if report.ok or leader else None
 
     # for tests and benchmarks
 

@@ -35,6 +35,7 @@ from pydantic_settings import (
 )
 
 from reaper import activity, audit
+from reaper.ha import DEFAULT_LOCK_KEY, default_instance_id
 
 __all__ = [
     "ACTIVE_STATES",
@@ -43,6 +44,7 @@ __all__ = [
     "IDLE_STATES",
     "AuditSection",
     "ConfigError",
+    "HaSection",
     "LogSection",
     "MetricsSection",
     "PolicyConfig",
@@ -332,6 +334,41 @@ class AuditSection(_Section):
         return activity.redact_conninfo(self.dsn.get_secret_value()) if self.enabled else ""
 
 
+class HaSection(_Section):
+    """Several instances sharing servers (docs/ha.md): each server reaped by the holder of an
+    advisory lock on it."""
+
+    enabled: bool = False
+    # The advisory lock: pg_try_advisory_lock(lock_key), in the database lock_database. Every
+    # instance that shares a server must use the same two values.
+    lock_key: int = Field(default=DEFAULT_LOCK_KEY, ge=-(2**63), le=2**63 - 1)
+    lock_database: str = "postgres"
+    # Who this instance is in audit events and logs; "" means "hostname:pid".
+    instance_id: str = ""
+
+    @field_validator("lock_database")
+    @classmethod
+    def _lock_database(cls, value: str) -> str:
+        if not value or "\x00" in value or len(value.encode()) > 63:  # NAMEDATALEN - 1
+            raise ValueError(f"invalid database name {value!r}: 1 to 63 bytes")
+        return value
+
+    @field_validator("instance_id")
+    @classmethod
+    def _instance_id(cls, value: str) -> str:
+        if value and (not value.isprintable() or value.strip() != value or len(value) > 200):
+            raise ValueError(
+                f"invalid instance_id {value!r}: up to 200 printable characters, "
+                "no surrounding spaces"
+            )
+        return value
+
+    @property
+    def instance(self) -> str:
+        """This instance's id: `instance_id`, else ``hostname:pid``."""
+        return self.instance_id or default_instance_id()
+
+
 class ServerConfig(_Section):
     name: Name
     dsn: SecretStr
@@ -372,6 +409,9 @@ class PolicyConfig(_Section):
     exclude_applications: tuple[Regex, ...] = ()
     exclude_client_addrs: tuple[Network, ...] = ()
     action: Literal["terminate", "cancel", "log"] = "terminate"
+    # Cancel-then-terminate: a session cancelled by this policy that still runs the same query
+    # this long after the cancel is terminated.
+    escalate_after: PositiveDuration | None = None
 
     @field_validator("states")
     @classmethod
@@ -403,6 +443,11 @@ class PolicyConfig(_Section):
             raise ValueError(
                 "action 'cancel' only interrupts a running query: with idle states it does "
                 "nothing (use 'terminate', or states = ['active'])"
+            )
+        if self.escalate_after is not None and self.action != "cancel":
+            raise ValueError(
+                "escalate_after needs action 'cancel' (it terminates a session that is still "
+                "running the query it was cancelled for)"
             )
         if self.action == "cancel" and self.pressure:
             raise ValueError(
@@ -444,6 +489,7 @@ class Settings(BaseSettings):
     metrics: MetricsSection = MetricsSection()
     log: LogSection = LogSection()
     audit: AuditSection = AuditSection()
+    ha: HaSection = HaSection()
     servers: tuple[ServerConfig, ...] = Field(min_length=1)
     policies: tuple[PolicyConfig, ...] = Field(min_length=1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,9 +23,21 @@ from reaper.policy import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from datetime import datetime
+
     from reaper.settings import PolicyConfig, ServerConfig, Settings
 
-__all__ = ["Outcome", "SweepReport", "audit_event", "connect", "sweep", "visibility_warnings"]
+__all__ = [
+    "Cancels",
+    "Lock",
+    "Outcome",
+    "SweepReport",
+    "audit_event",
+    "connect",
+    "sweep",
+    "visibility_warnings",
+]
 
 Mode = Literal["reap", "preview"]
 
@@ -36,6 +49,8 @@ class Outcome:
     decision: Decision
     result: Result
     detail: str | None = None
+    # Terminated because a cancel of its policy (escalate_after) did not stop it.
+    escalated: bool = False
 
     @property
     def policy(self) -> str:
@@ -43,7 +58,72 @@ class Outcome:
 
     @property
     def action(self) -> str:
+        if self.escalated:
+            return "terminate"
         return self.decision.policy.action if self.decision.policy else ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lock:
+    """[ha] for one cycle: the advisory lock to hold before signalling (docs/ha.md)."""
+
+    key: int
+    acquire: bool  # False while this instance lets another one take over
+
+
+@dataclass(frozen=True, slots=True)
+class _Cancelled:
+    policy: str
+    state_change: datetime | None  # the cancelled query's: a new query is a new story
+    at: float  # time.monotonic() of the cancel
+
+
+class Cancels:
+    """The sessions of one server cancelled by a policy with `escalate_after`, for the daemon to
+    terminate those still running the same query that long after (cancel-then-terminate).
+
+    Keyed by (pid, backend_start): a reused pid is another session. Bounded: backends that are
+    gone are forgotten at every poll, and beyond `capacity` the oldest cancels are.
+    """
+
+    def __init__(
+        self, *, capacity: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.capacity = capacity
+        self.clock = clock
+        self._entries: OrderedDict[tuple[int, datetime | None], _Cancelled] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keep_only(self, sessions: Iterable[Session]) -> None:
+        """Forget the backends that are no longer there."""
+        present = {(s.pid, s.backend_start) for s in sessions}
+        for key in [k for k in self._entries if k not in present]:
+            del self._entries[key]
+
+    def remember(self, session: Session, *, policy: str) -> None:
+        key = (session.pid, session.backend_start)
+        self._entries.pop(key, None)
+        self._entries[key] = _Cancelled(policy, session.state_change, self.clock())
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def forget(self, session: Session) -> None:
+        self._entries.pop((session.pid, session.backend_start), None)
+
+    def due_in(self, session: Session, policy: PolicyConfig) -> float | None:
+        """Seconds until `session`, cancelled by `policy` and still running the same query,
+        is to be terminated (0 or less: now); None if it was not cancelled for this query."""
+        entry = self._entries.get((session.pid, session.backend_start))
+        if (
+            entry is None
+            or policy.escalate_after is None
+            or entry.policy != policy.name
+            or entry.state_change != session.state_change
+        ):
+            return None
+        return policy.escalate_after.total_seconds() - (self.clock() - entry.at)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +141,10 @@ class SweepReport:
     eligible_in: float | None = None
     # (policy, whether its connection-pressure condition held), for the policies that have one.
     pressure: tuple[tuple[str, bool], ...] = ()
+    # [ha]: whether this instance held the server's lock at the end of the cycle (always True
+    # without [ha]), and the pid of the backend that holds it.
+    leader: bool = True
+    lock_holder: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,12 +164,15 @@ class SweepReport:
         return sum(o.result in {Result.TERMINATED, Result.CANCELLED} for o in self.outcomes)
 
 
-def connect(server: ServerConfig, settings: Settings) -> ServerConnection:
+def connect(server: ServerConfig, settings: Settings, *, ha: bool = False) -> ServerConnection:
+    """The reaper's session on `server`; with `ha` (the daemon under [ha] enabled) in the
+    database `[ha] lock_database`, where every instance takes the same advisory lock."""
     return ServerConnection(
         dsn=server.dsn.get_secret_value(),
         password_file=server.password_file,
         connect_timeout=settings.reaper.connect_timeout,
         statement_timeout=settings.reaper.statement_timeout,
+        dbname=settings.ha.lock_database if ha and settings.ha.enabled else None,
     )
 
 
@@ -95,10 +182,15 @@ def sweep(
     server: ServerConfig,
     settings: Settings,
     mode: Mode = "reap",
+    lock: Lock | None = None,
+    cancels: Cancels | None = None,
 ) -> SweepReport:
     """Run one cycle on `server`. In preview mode nothing is signalled and nothing is audited.
 
-    A failed poll is returned as a report with `error` set, not logged here.
+    With `lock` ([ha]) only the holder of the server's advisory lock signals and audits; the
+    others decide (for metrics) and report every candidate `not_leader`. With `cancels` (the
+    daemon) victims of a policy with `escalate_after` are terminated if a cancel did not stop
+    them. A failed poll is returned as a report with `error` set, not logged here.
     """
     dry_run = settings.reaper.dry_run or mode == "preview"
     log = get_logger(server=server.name)
@@ -109,17 +201,36 @@ def sweep(
 
     try:
         snapshot = conn.poll(include_query=settings.log.include_query)
+        leadership = None if lock is None else conn.lead(lock.key, acquire=lock.acquire)
     except PostgresError as exc:  # reported by the caller: `once` per run, the daemon per change
         return SweepReport(
-            server=server.name, dry_run=dry_run, duration_ms=elapsed(), error=str(exc)
+            server=server.name,
+            dry_run=dry_run,
+            duration_ms=elapsed(),
+            error=str(exc),
+            leader=lock is None,
         )
+    leader = leadership is None or leadership.leader
 
     warnings = visibility_warnings(snapshot.facts, snapshot.sessions)
     for warning in warnings:
         log.warning("privileges_insufficient", detail=warning)
     policies = settings.policies_for(server)
     decided = plan(snapshot.sessions, policies, reaper=settings.reaper, facts=snapshot.facts)
-    outcomes = _execute(conn, decided, dry_run=dry_run)
+    if cancels is not None:
+        cancels.keep_only(snapshot.sessions)
+    if leader:
+        outcomes = _execute(
+            conn,
+            decided,
+            dry_run=dry_run,
+            lock_key=None if lock is None else lock.key,
+            cancels=cancels,
+        )
+        # The signalling statement found the lock gone (the session was lost and reopened).
+        leader = not any(o.result is Result.NOT_LEADER for o in outcomes)
+    else:
+        outcomes = tuple(Outcome(decision=d, result=Result.NOT_LEADER) for d in decided.candidates)
     report = SweepReport(
         server=server.name,
         dry_run=dry_run,
@@ -128,12 +239,21 @@ def sweep(
         sessions=snapshot.sessions,
         outcomes=outcomes,
         warnings=warnings,
-        eligible_in=_eligible_in(decided, policies, settings=settings, facts=snapshot.facts),
+        eligible_in=_eligible_in(
+            decided,
+            policies,
+            settings=settings,
+            facts=snapshot.facts,
+            leader=leader,
+            escalations=_escalations_due(outcomes, cancels),
+        ),
         pressure=tuple(
             (p.name, held)
             for p in policies
             if (held := pressure_held(p, snapshot.facts)) is not None
         ),
+        leader=leader,
+        lock_holder=None if leadership is None else leadership.holder,
     )
     if mode == "reap":
         for outcome in outcomes:
@@ -144,19 +264,29 @@ def sweep(
                 dry_run=dry_run,
                 include_query=settings.log.include_query,
             )
+        extra = {} if lock is None else {"leader": leader}
         log.info(
             "poll_completed",
             sessions=len(report.sessions),
             candidates=report.candidates,
             reaped=report.reaped,
-            deferred=len(decided.deferred),
+            deferred=len(decided.deferred) if leader else 0,
             duration_ms=report.duration_ms,
+            **extra,
         )
     return report
 
 
-def _execute(conn: ServerConnection, decided: Plan, *, dry_run: bool) -> tuple[Outcome, ...]:
+def _execute(
+    conn: ServerConnection,
+    decided: Plan,
+    *,
+    dry_run: bool,
+    lock_key: int | None,
+    cancels: Cancels | None,
+) -> tuple[Outcome, ...]:
     results: dict[int, tuple[Result, str | None]] = {}
+    escalated: set[int] = set()
     for decision in decided.log:
         results[decision.session.pid] = (Result.LOGGED, None)
     for decision in decided.deferred:
@@ -169,16 +299,77 @@ def _execute(conn: ServerConnection, decided: Plan, *, dry_run: bool) -> tuple[O
     if dry_run:
         results.update({d.session.pid: (Result.DRY_RUN, None) for d in decided.signal})
     else:
-        for action in ("terminate", "cancel"):
-            victims = [d.session for d in decided.signal if d.policy and d.policy.action == action]
-            try:
-                results.update(conn.signal(victims, action=action))
-            except PostgresError as exc:
-                results.update({v.pid: (Result.ERROR, str(exc)) for v in victims})
+        escalated = _signal(conn, decided.signal, results, lock_key=lock_key, cancels=cancels)
     return tuple(
-        Outcome(decision=d, result=results[d.session.pid][0], detail=results[d.session.pid][1])
+        Outcome(
+            decision=d,
+            result=results[d.session.pid][0],
+            detail=results[d.session.pid][1],
+            escalated=d.session.pid in escalated,
+        )
         for d in decided.candidates
     )
+
+
+def _signal(
+    conn: ServerConnection,
+    victims: Iterable[Decision],
+    results: dict[int, tuple[Result, str | None]],
+    *,
+    lock_key: int | None,
+    cancels: Cancels | None,
+) -> set[int]:
+    """Signal `victims` by their policy's action, a cancel that did not stop its session
+    escalated to terminate; the results go in `results`. The pids escalated."""
+    actions: dict[str, list[Decision]] = {"terminate": [], "cancel": []}
+    escalated: set[int] = set()
+    for d in victims:
+        assert d.policy is not None  # noqa: S101 - victims carry their policy
+        due = None if cancels is None else cancels.due_in(d.session, d.policy)
+        if due is None:
+            actions[d.policy.action].append(d)
+        elif due <= 0:
+            actions["terminate"].append(d)  # the cancel did not stop it: escalate
+            escalated.add(d.session.pid)
+        else:
+            results[d.session.pid] = (Result.ESCALATION_PENDING, None)
+    for action in ("terminate", "cancel"):
+        sessions = [d.session for d in actions[action]]
+        try:
+            results.update(conn.signal(sessions, action=action, lock_key=lock_key))
+        except PostgresError as exc:
+            results.update({s.pid: (Result.ERROR, str(exc)) for s in sessions})
+    if cancels is not None:
+        _remember(cancels, actions, results, escalated)
+    return escalated
+
+
+def _remember(
+    cancels: Cancels,
+    actions: dict[str, list[Decision]],
+    results: dict[int, tuple[Result, str | None]],
+    escalated: set[int],
+) -> None:
+    """Note the cancels that may need escalating; forget the sessions escalated."""
+    for d in actions["cancel"]:
+        cancelled = results[d.session.pid][0] is Result.CANCELLED
+        if cancelled and d.policy and d.policy.escalate_after is not None:
+            cancels.remember(d.session, policy=d.policy.name)
+    for d in actions["terminate"]:
+        if d.session.pid in escalated and results[d.session.pid][0] in _FINAL:
+            cancels.forget(d.session)
+
+
+def _escalations_due(outcomes: Iterable[Outcome], cancels: Cancels | None) -> float | None:
+    """Seconds until the next escalation of this server is due, if one is pending."""
+    if cancels is None:
+        return None
+    due = [
+        cancels.due_in(o.decision.session, o.decision.policy)
+        for o in outcomes
+        if o.result is Result.ESCALATION_PENDING and o.decision.policy is not None
+    ]
+    return min((max(0.0, d) for d in due if d is not None), default=None)
 
 
 def _eligible_in(
@@ -187,13 +378,16 @@ def _eligible_in(
     *,
     settings: Settings,
     facts: ServerFacts,
+    leader: bool,
+    escalations: float | None,
 ) -> float | None:
-    if decided.deferred:
+    if decided.deferred and leader:
         return 0.0
-    times = (
+    times = [
         seconds_until_eligible(d.session, policies, reaper=settings.reaper, facts=facts)
         for d in decided.spared
-    )
+    ]
+    times.append(escalations)
     return min((t for t in times if t is not None), default=None)
 
 
@@ -233,6 +427,8 @@ def audit_fields(outcome: Outcome, *, include_query: bool) -> dict[str, Any]:
         "connection_seconds": _round(s.connection_seconds),
         "reason": outcome.decision.reason,
     }
+    if outcome.escalated:
+        fields["escalated"] = True
     if outcome.detail:
         fields["detail"] = outcome.detail
     if include_query:
@@ -249,17 +445,20 @@ def audit_event(
     include_query: bool,
 ) -> None:
     """One decision as an audit event: a log line, and a row of the audit table if there is one."""
-    if outcome.result is Result.DEFERRED:
-        return  # counted in poll_completed; decided again next cycle
+    if outcome.result in _UNAUDITED:
+        return  # counted in poll_completed; decided again next cycle (or by the leader)
     event = "session_reap_failed" if outcome.result in _FAILED else "session_reaped"
     level = log.warning if outcome.result.is_failure else log.info
-    fields = audit_fields(outcome, include_query=include_query)
+    fields = {**audit_fields(outcome, include_query=include_query), "instance": audit.instance()}
     level(event, dry_run=dry_run, **fields)
     # The same event as a row of the audit table, if there is one: only queued here.
     audit.submit(event, server=server, dry_run=dry_run, fields=fields)
 
 
 _FAILED = frozenset({Result.GONE, Result.CHANGED, Result.DENIED, Result.ERROR})
+_UNAUDITED = frozenset({Result.DEFERRED, Result.NOT_LEADER, Result.ESCALATION_PENDING})
+# What ends the story of an escalated session: signalled, or found gone or changed.
+_FINAL = frozenset({Result.TERMINATED, Result.GONE, Result.CHANGED})
 
 
 def _round(value: float | None) -> float | None:

@@ -702,3 +702,68 @@ def test_sighup_with_a_new_table_moves_the_audit_to_it(
         assert [r["pid"] for r in rows_of(audit_db, ("ts_after",))] == [after.info.backend_pid]
     finally:
         daemon.stop()
+
+
+# An audit table as an earlier pg-reaper made it: every column but instance.
+_EARLIER_TABLE = """
+CREATE TABLE {table} (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, logged_at timestamptz NOT NULL,
+    event text NOT NULL, server text NOT NULL, policy text, action text,
+    dry_run boolean NOT NULL, result text NOT NULL, pid integer NOT NULL,
+    backend_start timestamptz, database text, "user" text, application text, client_addr text,
+    state text, idle_seconds double precision, transaction_seconds double precision,
+    connection_seconds double precision, reason text, detail text, query text)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("owner", [True, False], ids=["owner", "insert-only"])
+def test_a_table_made_by_an_earlier_pg_reaper_gets_the_instance_column_or_still_its_rows(
+    audit_db: EmbeddedPostgres,
+    capsys: pytest.CaptureFixture[str],
+    owner: bool,  # noqa: FBT001 - a parameter
+) -> None:
+    table = f"earlier_{'owned' if owner else 'granted'}"
+    with psycopg.connect(audit_db.dsn(), autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS earlier_owned, earlier_granted")
+        conn.execute(sql.SQL(_EARLIER_TABLE).format(table=sql.Identifier(table)))
+        conn.execute("DROP ROLE IF EXISTS audit_writer")
+        conn.execute("CREATE ROLE audit_writer LOGIN")
+        grant = (
+            "ALTER TABLE {} OWNER TO audit_writer"
+            if owner
+            else "GRANT INSERT ON {} TO audit_writer"
+        )
+        conn.execute(sql.SQL(grant).format(sql.Identifier(table)))
+    configure(LogSection(format="json"), stream=sys.stderr)
+    writer = AuditWriter(
+        dsn=audit_db.dsn(user="audit_writer"),
+        table=(table,),
+        connect_timeout=timedelta(seconds=2),
+        statement_timeout=timedelta(seconds=5),
+    )
+    row = audit._row(
+        "session_reaped",
+        server="s",
+        dry_run=False,
+        fields={"pid": 7, "result": "terminated", "instance": "pod-a"},
+    )
+    writer.start()
+    try:
+        writer.submit(row)
+        wait_for(lambda: writer.written == 1, timeout=10, what="the row written")
+    finally:
+        writer.stop(timeout=5)
+    (written,) = rows_of(audit_db, (table,))
+    assert written["pid"] == 7
+    warnings = [
+        e for e in json_events(capsys.readouterr().err) if e["event"] == "audit_table_outdated"
+    ]
+    if owner:
+        assert written["instance"] == "pod-a"
+        assert warnings == []
+    else:
+        assert "instance" not in written
+        (warning,) = warnings
+        assert "must be owner" in warning["error"]
+        assert f"ALTER TABLE {table} ADD COLUMN instance text" in warning["detail"]

@@ -322,9 +322,13 @@ def test_config_example_is_valid_and_documents_every_key(
         "reaper": effective["reaper"],
         "metrics": effective["metrics"],
         "log": effective["log"],
+        "audit": effective["audit"],
+        "ha": effective["ha"],
         "servers": effective["servers"][0],
         "policies": effective["policies"][0],
     }
+    # Every policy key, whichever example policy shows it.
+    sections["policies"] = {key for policy in effective["policies"] for key in policy}
     for section, keys in sections.items():
         for key in keys:
             assert f"\n{key} =" in text or f"\n# {key} =" in text, f"{section}.{key} not documented"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -436,3 +437,52 @@ def test_reference_problems_one_per_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text)
     assert len(info.value.problems) == 3
+
+
+# --- [ha] and escalate_after -------------------------------------------------------------------
+
+
+def test_ha_defaults(tmp_path: Path) -> None:
+    ha = _load(tmp_path, MINIMAL).ha
+    assert ha.enabled is False
+    assert ha.lock_key == -2719498840538813096  # docs/ha.md names it
+    assert ha.lock_database == "postgres"
+    assert ha.instance_id == ""
+    host, _, pid = ha.instance.rpartition(":")
+    assert host
+    assert pid == str(os.getpid())
+
+
+def test_ha_values_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = MINIMAL + '\n[ha]\nlock_key = 42\nlock_database = "ops"\ninstance_id = "pod-a"\n'
+    monkeypatch.setenv("PG_REAPER_HA__ENABLED", "true")
+    ha = _load(tmp_path, text).ha
+    assert (ha.enabled, ha.lock_key, ha.lock_database, ha.instance) == (True, 42, "ops", "pod-a")
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ("lock_key = 9223372036854775808", "ha.lock_key: Input should be less than or equal to"),
+        ('lock_database = ""', "ha.lock_database: invalid database name ''"),
+        ('instance_id = " a"', "ha.instance_id: invalid instance_id ' a'"),
+        ("enabeld = true", "ha.enabeld: unknown key 'enabeld' (did you mean 'enabled'?)"),
+    ],
+)
+def test_ha_refuses(tmp_path: Path, section: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, MINIMAL + f"\n[ha]\n{section}\n")
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+def test_escalate_after_only_with_cancel(tmp_path: Path) -> None:
+    runaway = '[[policies]]\nname = "runaway"\nstates = ["active"]\nmax_runtime = "30m"\n'
+    settings = _load(tmp_path, MINIMAL + runaway + 'action = "cancel"\nescalate_after = "30s"\n')
+    assert settings.policies[1].escalate_after == timedelta(seconds=30)
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, MINIMAL + runaway + 'action = "terminate"\nescalate_after = "30s"\n')
+    expected = (
+        "policies[1]: escalate_after needs action 'cancel' (it terminates a session that is "
+        "still running the query it was cancelled for)"
+    )
+    assert caught.value.problems == (expected,)

@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     connection_seconds  double precision,
     reason              text,
     detail              text,
-    query               text
+    query               text,
+    instance            text
 );
 CREATE INDEX IF NOT EXISTS {index} ON {table} (logged_at);

@@ -2,7 +2,8 @@
 -- batch is written (autocommit) and one round trip carries it.
 INSERT INTO {table} (logged_at, event, server, policy, action, dry_run, result, pid,
                      backend_start, database, "user", application, client_addr, state,
-                     idle_seconds, transaction_seconds, connection_seconds, reason, detail, query)
+                     idle_seconds, transaction_seconds, connection_seconds, reason, detail, query,
+                     instance)
 SELECT *
 FROM unnest(%(logged_at)s::timestamptz[], %(event)s::text[], %(server)s::text[],
             %(policy)s::text[], %(action)s::text[], %(dry_run)s::boolean[], %(result)s::text[],
@@ -10,4 +11,4 @@ FROM unnest(%(logged_at)s::timestamptz[], %(event)s::text[], %(server)s::text[],
             %(user)s::text[], %(application)s::text[], %(client_addr)s::text[],
             %(state)s::text[], %(idle_seconds)s::double precision[],
             %(transaction_seconds)s::double precision[], %(connection_seconds)s::double precision[],
-            %(reason)s::text[], %(detail)s::text[], %(query)s::text[])
+            %(reason)s::text[], %(detail)s::text[], %(query)s::text[], %(instance)s::text[])

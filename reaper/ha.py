@@ -1,0 +1,30 @@
+"""High availability: several pg-reaper instances share servers through PostgreSQL's own lock
+manager (docs/ha.md).
+
+Before it signals anything on a server, an instance takes a session-level advisory lock there,
+`pg_try_advisory_lock(lock_key)`, on the very connection that polls and signals. Only the
+holder signals, and every signalling statement checks in `pg_locks` that its own backend still
+holds the lock: a leader whose connection was lost (and silently reopened) cannot act.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+__all__ = ["DEFAULT_LOCK_KEY", "default_instance_id", "lock_key_halves"]
+
+# The advisory lock's key: the first 8 bytes of SHA-256("pg-reaper"), a signed bigint.
+# -2719498840538813096; pg_locks shows it as classid 3661784630, objid 2325278040, objsubid 1.
+DEFAULT_LOCK_KEY = int.from_bytes(hashlib.sha256(b"pg-reaper").digest()[:8], "big", signed=True)
+
+
+def default_instance_id() -> str:
+    """``hostname:pid``: what tells one instance's audit events from another's."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def lock_key_halves(key: int) -> tuple[int, int]:
+    """(classid, objid) as pg_locks shows a bigint advisory key: its high and low 32 bits."""
+    return (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF

@@ -1,0 +1,501 @@
+"""High availability (docs/ha.md): several real daemons share real servers through an advisory
+lock on each; exactly one signals per server, and leadership moves when its holder goes.
+Cancel-then-terminate (escalate_after) on a real query that ignores its cancel."""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+import threading
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+
+from reaper.activity import PostgresError, ServerConnection
+from reaper.embedded import EmbeddedPostgres
+from reaper.ha import DEFAULT_LOCK_KEY, lock_key_halves
+from reaper.policy import Result
+from tests.servers import ADMIN_APPLICATION, wait_for
+from tests.test_daemon import RunningDaemon, daemon_config, free_port, start_daemon
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+    from pathlib import Path
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["start_daemon"]  # the fixture, shared with test_daemon.py
+
+INTERVAL = 2.0  # [reaper] interval of every daemon here, in seconds
+REAPER = "pg-reaper"
+
+
+# --- servers and sessions -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet(pg_major: int) -> Iterator[list[EmbeddedPostgres]]:
+    """Six throwaway servers of their own: a daemon here may reap any idle session on them."""
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(
+                EmbeddedPostgres(
+                    major=pg_major, settings={"max_connections": "40", "shared_buffers": "16MB"}
+                )
+            )
+            for _ in range(6)
+        ]
+        yield servers
+
+
+def admin(server: EmbeddedPostgres, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(
+        server.dsn(), autocommit=True, application_name=ADMIN_APPLICATION, connect_timeout=5
+    ) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def lock_holders(server: EmbeddedPostgres) -> list[tuple[int, str]]:
+    """(pid, application_name) of every backend holding pg-reaper's advisory lock."""
+    classid, objid = lock_key_halves(DEFAULT_LOCK_KEY)
+    return [
+        (pid, app)
+        for pid, app in admin(
+            server,
+            "SELECT l.pid, a.application_name FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::int8::oid "
+            "AND l.objid = %s::int8::oid AND l.objsubid = 1",
+            [classid, objid],
+        )
+    ]
+
+
+def reaper_pids(server: EmbeddedPostgres) -> set[int]:
+    rows = admin(server, "SELECT pid FROM pg_stat_activity WHERE application_name = %s", [REAPER])
+    return {row[0] for row in rows}
+
+
+def is_alive(server: EmbeddedPostgres, pid: int) -> bool:
+    return bool(admin(server, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]))
+
+
+class Clients:
+    """Client sessions on the fleet, closed at the end of the test."""
+
+    def __init__(self) -> None:
+        self.conns: list[psycopg.Connection[Any]] = []
+        self.threads: list[threading.Thread] = []
+
+    def idle(self, server: EmbeddedPostgres, application: str) -> int:
+        conn = psycopg.connect(server.dsn(), autocommit=True, application_name=application)
+        conn.execute("SELECT 1")
+        self.conns.append(conn)
+        return int(conn.info.backend_pid)
+
+    def running(self, server: EmbeddedPostgres, application: str, query: str) -> int:
+        """A session running `query` in a thread until it ends or is killed."""
+        conn = psycopg.connect(server.dsn(), autocommit=True, application_name=application)
+        self.conns.append(conn)
+        pid = int(conn.info.backend_pid)
+
+        def run() -> None:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(query)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        wait_for(
+            lambda: bool(
+                admin(
+                    server,
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'",
+                    [pid],
+                )
+            ),
+            timeout=10,
+            what=f"pid {pid} active",
+        )
+        return pid
+
+    def close(self, servers: Sequence[EmbeddedPostgres]) -> None:
+        pids = [c.info.backend_pid for c in self.conns if not c.closed]
+        for server in servers:
+            with contextlib.suppress(psycopg.Error):
+                admin(server, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", [pids])
+        for thread in self.threads:
+            thread.join(timeout=10)
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def clients(fleet: list[EmbeddedPostgres]) -> Iterator[Clients]:
+    opened = Clients()
+    yield opened
+    opened.close(fleet)
+
+
+# --- daemons --------------------------------------------------------------------------------------
+
+IDLE_POLICY = """
+[[policies]]
+name = "idle"
+states = ["idle"]
+max_idle = "1s"
+"""
+
+
+def ha_config(
+    path: Path,
+    servers: Sequence[EmbeddedPostgres],
+    *,
+    instance: str,
+    port: int,
+    policies: str = IDLE_POLICY,
+) -> Path:
+    """A daemon of the fleet with [ha] on. Its idle policy matches every idle session but the
+    test's own (protected): pg-reaper's sessions are spared by pg-reaper itself, or not at all."""
+    ha = textwrap.dedent(
+        f"""
+        [ha]
+        enabled = true
+        instance_id = "{instance}"
+        """
+    )
+    return daemon_config(
+        path,
+        servers={f"s{i}": server.dsn() for i, server in enumerate(servers)},
+        policies=ha + policies,
+        port=port,
+        interval=f"{INTERVAL:g}s",
+    )
+
+
+def start_ha(
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+    servers: Sequence[EmbeddedPostgres],
+    instances: Sequence[str],
+) -> list[RunningDaemon]:
+    """One daemon per instance id, each on every one of `servers`, all ready."""
+    daemons = []
+    for name in instances:
+        port = free_port()
+        config = ha_config(tmp_path / f"{name}.toml", servers, instance=name, port=port)
+        daemons.append(start_daemon(config, port=port))
+    for daemon in daemons:
+        daemon.wait_ready()
+    return daemons
+
+
+def leaders(daemons: Sequence[RunningDaemon], server: str) -> list[RunningDaemon]:
+    return [d for d in daemons if d.value("pg_reaper_leader", server=server) == 1]
+
+
+def wait_one_leader(
+    daemons: Sequence[RunningDaemon], server: str, *, timeout: float = 15.0
+) -> RunningDaemon:
+    daemons[0].wait_until(
+        lambda: (
+            len(leaders(daemons, server)) == 1
+            and all(d.value("pg_reaper_leader", server=server) is not None for d in daemons)
+        ),
+        timeout=timeout,
+        what=f"one leader of {server}",
+    )
+    (leader,) = leaders(daemons, server)
+    return leader
+
+
+def reaped(daemon: RunningDaemon, server: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.events("session_reaped", server=server) if not e["dry_run"]]
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+
+def test_two_daemons_on_two_servers_signal_every_eligible_session_exactly_once(
+    fleet: list[EmbeddedPostgres],
+    clients: Clients,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+) -> None:
+    servers = fleet[:2]
+    daemons = start_ha(start_daemon, tmp_path, servers, ["d1", "d2"])
+    instance_of = {id(d): name for d, name in zip(daemons, ["d1", "d2"], strict=True)}
+    leader_of = {f"s{i}": wait_one_leader(daemons, f"s{i}") for i in range(2)}
+
+    victims = {
+        (f"s{i}", clients.idle(server, f"ha-victim-{i}-{n}"))
+        for i, server in enumerate(servers)
+        for n in range(3)
+    }
+    for name, pid in victims:
+        wait_for(
+            lambda s=servers[int(name[1:])], p=pid: not is_alive(s, p),  # type: ignore[misc]
+            timeout=10,
+            what=f"{name} pid {pid} reaped",
+        )
+
+    events = [e for d in daemons for i in range(2) for e in reaped(d, f"s{i}")]
+    assert sorted((e["server"], e["pid"]) for e in events) == sorted(victims), "exactly once"
+    for name, leader in leader_of.items():
+        instances = {e["instance"] for d in daemons for e in reaped(d, name)}
+        assert instances == {instance_of[id(leader)]}, f"{name} audited by {instances}"
+        follower = next(d for d in daemons if d is not leader)
+        assert reaped(follower, name) == []
+        assert follower.value("pg_reaper_leader", server=name) == 0
+        labels = {"server": name, "policy": "idle", "action": "terminate"}
+        assert follower.value("pg_reaper_sessions_reaped_total", **labels) == 0
+        assert leader.value("pg_reaper_sessions_reaped_total", **labels) == 3
+        # Followers log their state once, not every cycle.
+        assert len(follower.events("leadership_standby", server=name)) == 1
+        assert follower.events("leadership_acquired", server=name) == []
+    for server in servers:
+        # One lock per server, held by a pg-reaper session; every pg-reaper session (two per
+        # server: leader and follower) survived an idle policy that matches any idle session.
+        ((_, application),) = lock_holders(server)
+        assert application == REAPER
+        assert len(reaper_pids(server)) == 2
+    for daemon in daemons:
+        assert not [e for e in daemon.events("session_reaped") if e["application"] == REAPER]
+
+
+def test_sigkill_of_the_leader_hands_the_server_over_within_two_intervals(
+    fleet: list[EmbeddedPostgres],
+    clients: Clients,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+) -> None:
+    server = fleet[2]
+    daemons = start_ha(start_daemon, tmp_path, [server], ["k1", "k2"])
+    leader = wait_one_leader(daemons, "s0")
+    (survivor,) = [d for d in daemons if d is not leader]
+
+    leader.process.kill()  # SIGKILL: no chance to let go of anything
+    killed = time.monotonic()
+    survivor.wait_value("pg_reaper_leader", lambda v: v == 1, timeout=4 * INTERVAL, server="s0")
+    handed_over = time.monotonic() - killed
+    assert handed_over <= 2 * INTERVAL, f"handed over after {handed_over:.2f}s"
+    survivor.wait_event("leadership_acquired", server="s0", instance=instance_id(survivor))
+
+    pid = clients.idle(server, "ha-after-kill")
+    survivor.wait_until(
+        lambda: any(e["pid"] == pid for e in reaped(survivor, "s0")),
+        timeout=10,
+        what="the survivor reaps",
+    )
+    assert not is_alive(server, pid)
+
+
+def instance_id(daemon: RunningDaemon) -> str:
+    (started,) = daemon.events("ha_enabled")
+    return str(started["instance"])
+
+
+def test_a_dba_terminating_the_leaders_session_moves_leadership_for_good(
+    fleet: list[EmbeddedPostgres],
+    clients: Clients,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+) -> None:
+    server = fleet[3]
+    daemons = start_ha(start_daemon, tmp_path, [server], ["t1", "t2"])
+    old = wait_one_leader(daemons, "s0")
+    (new,) = [d for d in daemons if d is not old]
+    ((holder, _),) = lock_holders(server)
+
+    admin(server, "SELECT pg_terminate_backend(%s)", [holder])
+
+    new.wait_value("pg_reaper_leader", lambda v: v == 1, timeout=4 * INTERVAL, server="s0")
+    old.wait_event("leadership_lost", server="s0")
+    assert old.value("pg_reaper_leader", server="s0") == 0
+    before = len(reaped(old, "s0"))
+    # Sessions that become eligible over the next few intervals, past the old leader's
+    # hold-off (2 intervals): all of them reaped by the new leader, none by the old.
+    pids = []
+    for n in range(3):
+        pids.append(clients.idle(server, f"ha-after-terminate-{n}"))
+        time.sleep(INTERVAL)
+    for pid in pids:
+        wait_for(
+            lambda p=pid: not is_alive(server, p),  # type: ignore[misc]
+            timeout=10,
+            what=f"{pid} reaped",
+        )
+    assert sorted(e["pid"] for e in reaped(new, "s0") if e["pid"] in pids) == sorted(pids)
+    assert len(reaped(old, "s0")) == before == 0
+    assert old.value("pg_reaper_leader", server="s0") == 0
+    ((holder_now, _),) = lock_holders(server)
+    assert holder_now != holder
+    assert len(old.events("leadership_lost", server="s0")) == 1
+
+
+def test_three_daemons_and_six_servers_each_server_has_exactly_one_leader(
+    fleet: list[EmbeddedPostgres],
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+) -> None:
+    daemons = start_ha(start_daemon, tmp_path, fleet, ["m1", "m2", "m3"])
+    names = [f"s{i}" for i in range(len(fleet))]
+    for name in names:
+        wait_one_leader(daemons, name)
+    time.sleep(2 * INTERVAL)  # and it stays so, cycle after cycle
+    for name, server in zip(names, fleet, strict=True):
+        assert len(leaders(daemons, name)) == 1, name
+        ((_, application),) = lock_holders(server)
+        assert application == REAPER
+        assert len(reaper_pids(server)) == 3
+    for daemon in daemons:
+        acquired = daemon.events("leadership_acquired")
+        assert len(acquired) == len({e["server"] for e in acquired}), "no flapping"
+        assert daemon.events("leadership_lost") == []
+
+
+# --- cancel-then-terminate ------------------------------------------------------------------------
+
+# A runaway query that a cancel does not stop: it catches query_canceled and goes on.
+STUBBORN = """
+DO $$
+BEGIN
+    LOOP
+        BEGIN
+            PERFORM pg_sleep(60);
+        EXCEPTION WHEN query_canceled THEN
+            NULL;
+        END;
+    END LOOP;
+END
+$$
+"""
+
+ESCALATE_POLICY = """
+[[policies]]
+name = "runaway"
+states = ["active"]
+max_runtime = "1s"
+applications = ["^esc-"]
+action = "cancel"
+escalate_after = "3s"
+"""
+
+
+@pytest.mark.parametrize("ha", [True, False], ids=["ha", "single"])
+def test_a_query_that_survives_its_cancel_is_terminated_escalate_after_later(
+    fleet: list[EmbeddedPostgres],
+    clients: Clients,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+    ha: bool,  # noqa: FBT001 - a parameter
+) -> None:
+    server = fleet[4]
+    stubborn = clients.running(server, "esc-stubborn", STUBBORN)
+    polite = clients.running(server, "esc-polite", "SELECT pg_sleep(60)")
+    port = free_port()
+    config = daemon_config(
+        tmp_path / "config.toml",
+        servers={"s0": server.dsn()},
+        policies=("[ha]\nenabled = true\n" if ha else "") + ESCALATE_POLICY,
+        port=port,
+        interval="30s",
+    )
+    daemon = start_daemon(config, port=port)
+
+    cancel = daemon.wait_event("session_reaped", pid=stubborn, action="cancel")
+    cancelled_at = time.monotonic()
+    assert cancel["result"] == "cancelled"
+    assert "escalated" not in cancel
+    terminate = daemon.wait_event("session_reaped", pid=stubborn, action="terminate", timeout=10)
+    waited = time.monotonic() - cancelled_at
+    assert terminate["result"] == "terminated"
+    assert terminate["escalated"] is True
+    assert terminate["policy"] == "runaway"
+    assert terminate["backend_start"] == cancel["backend_start"]
+    # About escalate_after after the cancel: deadline scheduling, not the 30 s interval.
+    assert 2.0 <= waited <= 3.0 + 2.0, f"escalated {waited:.2f}s after the cancel"
+    wait_for(lambda: not is_alive(server, stubborn), timeout=5, what="stubborn gone")
+    # One cancel, not one per cycle while the escalation was pending.
+    assert len(daemon.events("session_reaped", pid=stubborn, action="cancel")) == 1
+
+    # The query that obeyed its cancel: cancelled once, its session left alone.
+    polite_events = daemon.events("session_reaped", pid=polite)
+    assert [(e["action"], e["result"]) for e in polite_events] == [("cancel", "cancelled")]
+    assert is_alive(server, polite)
+    labels = {"server": "s0", "policy": "runaway"}
+    assert daemon.value("pg_reaper_sessions_reaped_total", action="cancel", **labels) == 2
+    assert daemon.value("pg_reaper_sessions_reaped_total", action="terminate", **labels) == 1
+    for event in daemon.events("session_reaped"):
+        assert event["instance"]
+
+
+# --- the lock, statement by statement -------------------------------------------------------------
+
+
+def _connection(server: EmbeddedPostgres, *, dbname: str | None = None) -> ServerConnection:
+    return ServerConnection(
+        dsn=server.dsn(),
+        connect_timeout=timedelta(seconds=5),
+        statement_timeout=timedelta(seconds=10),
+        dbname=dbname,
+    )
+
+
+def test_a_leader_whose_session_was_lost_and_reopened_signals_nothing(
+    fleet: list[EmbeddedPostgres], clients: Clients
+) -> None:
+    server = fleet[5]
+    victim = clients.idle(server, "ha-guard")
+    with _connection(server) as conn:
+        assert conn.lead(DEFAULT_LOCK_KEY, acquire=True).leader
+        (session,) = [s for s in conn.poll().sessions if s.pid == victim]
+        (holder,) = lock_holders(server)
+        admin(server, "SELECT pg_terminate_backend(%s, 5000)", [holder[0]])
+
+        # The first statement finds the session gone; the next one reconnects on its own: a
+        # new session, which holds no lock.
+        with pytest.raises(PostgresError):
+            conn.signal([session], action="terminate", lock_key=DEFAULT_LOCK_KEY)
+        results = conn.signal([session], action="terminate", lock_key=DEFAULT_LOCK_KEY)
+
+        assert results == {victim: (Result.NOT_LEADER, None)}
+        assert is_alive(server, victim)
+        assert lock_holders(server) == []
+        # Without [ha] the same statement signals.
+        assert conn.signal([session], action="terminate") == {victim: (Result.TERMINATED, None)}
+    wait_for(lambda: not is_alive(server, victim), timeout=5, what="victim gone")
+
+
+def test_the_lock_is_taken_once_per_session_checked_in_pg_locks_and_per_database(
+    fleet: list[EmbeddedPostgres],
+) -> None:
+    server = fleet[5]
+    admin(server, "DROP DATABASE IF EXISTS otherdb")
+    admin(server, "CREATE DATABASE otherdb")
+    with (
+        _connection(server) as first,
+        _connection(server) as second,
+        _connection(server, dbname="otherdb") as elsewhere,
+    ):
+        assert first.lead(DEFAULT_LOCK_KEY, acquire=False).leader is False
+        taken = first.lead(DEFAULT_LOCK_KEY, acquire=True)
+        assert taken.leader
+        assert first.lead(DEFAULT_LOCK_KEY, acquire=True).leader  # held: not taken twice
+        other = second.lead(DEFAULT_LOCK_KEY, acquire=True)
+        assert other.leader is False
+        assert other.holder == taken.holder == first.facts().own_pid
+        # Advisory locks are per database: the reason for [ha] lock_database.
+        assert elsewhere.lead(DEFAULT_LOCK_KEY, acquire=True).leader
+        counts = admin(
+            server,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s",
+            [taken.holder],
+        )
+        assert counts == [(1,)]
+        # Another key is another lock.
+        assert second.lead(DEFAULT_LOCK_KEY + 1, acquire=True).leader
