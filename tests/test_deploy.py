@@ -60,6 +60,7 @@ METRICS = frozenset(
         "pg_reaper_poll_duration_seconds_count",
         "pg_reaper_poll_errors_total",
         "pg_reaper_server_up",
+        "pg_reaper_leader",
         "pg_reaper_last_poll_timestamp_seconds",
         "pg_reaper_dry_run",
         "pg_reaper_config_last_reload_successful",
@@ -362,17 +363,28 @@ def test_sidecar_initdb_creates_the_role_from_the_sql_file(tmp_path: Path) -> No
     assert (result.returncode, result.stderr) == (0, "")
 
 
-def test_central_runs_one_replica_behind_a_metrics_service() -> None:
+def test_central_runs_two_replicas_with_ha_a_disruption_budget_and_a_metrics_service() -> None:
     manifest = K8S / "central.yaml"
     deployment, template, _ = _reaper_pod(manifest)
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    labels = template["metadata"]["labels"]
+    # Two replicas sharing every server through [ha]: never both down by choice.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (budget,) = _objects("PodDisruptionBudget", manifest)
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    spread = template["spec"]["affinity"]["podAntiAffinity"]
+    (term,) = spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
     (service,) = _objects("Service", manifest)
     assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
     assert service["spec"]["ports"] == [
         {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}
     ]
     config = tomllib.loads(_config_text(manifest))
+    assert config["ha"]["enabled"] is True
+    assert "instance_id" not in config["ha"]  # the pod's name: one id per replica
     assert len(config["servers"]) > 1
     assert all("host=/" not in server["dsn"] for server in config["servers"])  # over TCP
 
@@ -445,6 +457,7 @@ def test_alerts_are_labelled_annotated_and_use_only_real_metrics() -> None:
         "PgReaperReapBurst",
         "PgReaperReapingNeverStops",
         "PgReaperServerDown",
+        "PgReaperNoLeader",
         "PgReaperPollErrors",
         "PgReaperPollsStale",
         "PgReaperConfigReloadFailed",
