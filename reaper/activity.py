@@ -176,6 +176,7 @@ class ServerConnection:
         self._statement_timeout_ms = max(1, round(statement_timeout.total_seconds() * 1000))
         self._answer_deadline = statement_timeout.total_seconds() + _ANSWER_GRACE_SECONDS
         self._severed = False
+        self.sessions_opened = 0  # a new session holds none of the old one's locks
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._facts: ServerFacts | None = None
         self.target = _describe(parse_conninfo(dsn))
@@ -214,6 +215,7 @@ class ServerConnection:
             raise PostgresError(message) from None
         self._conn = conn
         self._facts = None
+        self.sessions_opened += 1
 
     def close(self) -> None:
         if self._conn is not None:

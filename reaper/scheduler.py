@@ -77,6 +77,7 @@ class _Worker:
     # [ha]: whether this instance holds the server's lock (None: not known, or no [ha]); after
     # losing it, it leaves the lock to the other instances until `lock_retry_at` (monotonic).
     leader: bool | None = None
+    leader_session: int | None = None  # the connection's session that holds the lock
     lock_retry_at: float = 0.0
     # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate).
     cancels: Cancels = field(default_factory=Cancels)
@@ -277,9 +278,14 @@ class Scheduler:
         if worker.conn is None or worker.conn_key != key:
             _close(worker)
             worker.conn, worker.conn_key = connect(server, settings, ha=True), key
+            worker.leader_session = None  # sessions are counted per connection object
         lock = None
         if ha.enabled:
-            lock = Lock(key=ha.lock_key, acquire=time.monotonic() >= worker.lock_retry_at)
+            lock = Lock(
+                key=ha.lock_key,
+                acquire=time.monotonic() >= worker.lock_retry_at,
+                held_by=worker.leader_session if worker.leader else None,
+            )
         try:
             return sweep(
                 worker.conn, server=server, settings=settings, lock=lock, cancels=worker.cancels
@@ -334,6 +340,7 @@ class Scheduler:
         elif not leader and was is None and report.ok:
             self._log.info("leadership_standby", **fields, holder_pid=report.lock_holder)
         worker.leader = leader if report.ok or leader else None
+        worker.leader_session = report.session if leader else None
 
     # for tests and benchmarks
 

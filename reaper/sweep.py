@@ -69,6 +69,10 @@ class Lock:
 
     key: int
     acquire: bool  # False while this instance lets another one take over
+    # The session (ServerConnection.sessions_opened) that held the lock at the last cycle, if
+    # one did: should the poll have opened another, the lock was lost with the old one, and
+    # this cycle leaves it to the others.
+    held_by: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +149,7 @@ class SweepReport:
     # without [ha]), and the pid of the backend that holds it.
     leader: bool = True
     lock_holder: int | None = None
+    session: int = 0  # the ServerConnection session of the cycle (sessions_opened)
 
     @property
     def ok(self) -> bool:
@@ -201,7 +206,10 @@ def sweep(
 
     try:
         snapshot = conn.poll(include_query=settings.log.include_query)
-        leadership = None if lock is None else conn.lead(lock.key, acquire=lock.acquire)
+        leadership = None
+        if lock is not None:
+            lost = lock.held_by is not None and lock.held_by != conn.sessions_opened
+            leadership = conn.lead(lock.key, acquire=lock.acquire and not lost)
     except PostgresError as exc:  # reported by the caller: `once` per run, the daemon per change
         return SweepReport(
             server=server.name,
@@ -254,6 +262,7 @@ def sweep(
         ),
         leader=leader,
         lock_holder=None if leadership is None else leadership.holder,
+        session=conn.sessions_opened,
     )
     if mode == "reap":
         for outcome in outcomes:
@@ -361,13 +370,15 @@ def _remember(
 
 
 def _escalations_due(outcomes: Iterable[Outcome], cancels: Cancels | None) -> float | None:
-    """Seconds until the next escalation of this server is due, if one is pending."""
+    """Seconds until the next escalation of this server is due, if one is pending (a cancel of
+    this cycle included)."""
     if cancels is None:
         return None
     due = [
         cancels.due_in(o.decision.session, o.decision.policy)
         for o in outcomes
-        if o.result is Result.ESCALATION_PENDING and o.decision.policy is not None
+        if o.result in {Result.ESCALATION_PENDING, Result.CANCELLED}
+        and o.decision.policy is not None
     ]
     return min((max(0.0, d) for d in due if d is not None), default=None)
 
