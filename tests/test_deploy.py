@@ -608,6 +608,7 @@ def test_dashboard_queries_use_only_real_metrics_and_cover_them() -> None:
         "pg_reaper_candidates",
         "pg_reaper_poll_duration_seconds_bucket",
         "pg_reaper_server_up",
+        "pg_reaper_leader",
         "pg_reaper_deferred_total",
         "pg_reaper_dry_run",
         "pg_reaper_config_last_reload_successful",
