@@ -66,6 +66,7 @@ POLL_SQL = _query("poll")
 PRESSURE_SQL = _query("pressure")
 SIGNAL_SQL = _query("signal")
 HA_LEAD_SQL = _query("ha_lead")
+HA_SESSION_SQL = _query("ha_session")
 # `pg-reaper doctor`: read-only, run in one transaction (reaper/doctor.py reads the rows).
 DOCTOR_SQL = {
     name: _query(f"doctor_{name}") for name in ("server", "connections", "limits", "overrides")
@@ -168,9 +169,11 @@ class ServerConnection:
         connect_timeout: timedelta,
         statement_timeout: timedelta,
         dbname: str | None = None,
+        ha: bool = False,
     ) -> None:
         self._dsn = dsn
         self._dbname = dbname  # overrides the DSN's: [ha] lock_database
+        self._ha = ha  # server-side TCP keepalives, so that a vanished leader frees its lock
         self._password_file = password_file
         self._connect_timeout = max(1, round(connect_timeout.total_seconds()))
         self._statement_timeout_ms = max(1, round(statement_timeout.total_seconds() * 1000))
@@ -209,6 +212,8 @@ class ServerConnection:
             self._answered(
                 conn, SESSION_SETTINGS_SQL, {"statement_timeout": self._statement_timeout_ms}
             )
+            if self._ha:
+                self._answered(conn, HA_SESSION_SQL, None)
         except psycopg.Error as exc:
             conn.close()
             message = f"cannot set up session on {self.target}: {_clean_error(exc, None)}"

@@ -178,6 +178,7 @@ def connect(server: ServerConfig, settings: Settings, *, ha: bool = False) -> Se
         connect_timeout=settings.reaper.connect_timeout,
         statement_timeout=settings.reaper.statement_timeout,
         dbname=settings.ha.lock_database if ha and settings.ha.enabled else None,
+        ha=ha and settings.ha.enabled,
     )
 
 

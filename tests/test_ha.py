@@ -440,12 +440,15 @@ def test_a_query_that_survives_its_cancel_is_terminated_escalate_after_later(
 # --- the lock, statement by statement -------------------------------------------------------------
 
 
-def _connection(server: EmbeddedPostgres, *, dbname: str | None = None) -> ServerConnection:
+def _connection(
+    server: EmbeddedPostgres, *, dbname: str | None = None, tcp: bool = False, ha: bool = False
+) -> ServerConnection:
     return ServerConnection(
-        dsn=server.dsn(),
+        dsn=server.dsn(tcp=tcp),
         connect_timeout=timedelta(seconds=5),
         statement_timeout=timedelta(seconds=10),
         dbname=dbname,
+        ha=ha,
     )
 
 
@@ -547,3 +550,25 @@ def test_a_leader_whose_session_was_reopened_between_cycles_leaves_the_lock_that
         lock = Lock(key=DEFAULT_LOCK_KEY, acquire=True)
         assert sweep(conn, server=config, settings=settings, mode="preview", lock=lock).leader
     assert is_alive(server, victim)
+
+
+def test_the_ha_session_has_the_server_probe_its_tcp_connection(
+    fleet: list[EmbeddedPostgres],
+) -> None:
+    """A leader whose host vanished frees the lock within about 25 s, not the OS's 2 hours."""
+    server = fleet[5]
+    query = (
+        "SELECT name, setting FROM pg_settings WHERE name IN ('tcp_keepalives_idle', "
+        "'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout') ORDER BY name"
+    )
+    with _connection(server, tcp=True, ha=True) as conn:
+        settings = {row["name"]: row["setting"] for row in conn._execute(query)}
+    assert settings == {
+        "tcp_keepalives_count": "3",
+        "tcp_keepalives_idle": "10",
+        "tcp_keepalives_interval": "5",
+        "tcp_user_timeout": "30000",
+    }
+    with _connection(server, tcp=True) as conn:
+        plain = {row["name"]: row["setting"] for row in conn._execute(query)}
+    assert plain["tcp_keepalives_idle"] != "10"  # without [ha]: the server's own
