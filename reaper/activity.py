@@ -10,9 +10,9 @@ import contextlib
 import os
 import re
 import socket
-import threading
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from reaper import APPLICATION_NAME
+from reaper import APPLICATION_NAME, deadlines
 from reaper.policy import Result, RoleConnections, ServerFacts, Session
 
 if TYPE_CHECKING:
@@ -241,14 +241,12 @@ class ServerConnection:
     ) -> list[dict[str, Any]]:
         """Run one statement, severing the connection if no answer comes in time."""
         self._severed = False
-        timer = threading.Timer(self._answer_deadline, self._sever, args=[conn])
-        timer.daemon = True
-        timer.start()
+        deadline = deadlines.arm(self._answer_deadline, partial(self._sever, conn))
         try:
             cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description is not None else []  # DDL, INSERT
         finally:
-            timer.cancel()
+            deadline.cancel()
 
     def _sever(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
         # Shutting the socket down (through a duplicate of libpq's descriptor) wakes the
