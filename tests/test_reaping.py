@@ -529,6 +529,61 @@ def test_the_poll_of_a_role_without_pg_read_all_stats_and_its_ages_by_the_server
     assert all(s.query is None for s in snapshot.sessions)
 
 
+def test_the_poll_reads_only_the_roles_with_a_backend_when_roles_outnumber_sessions(
+    pg: TestServer, sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from reaper.activity import (  # noqa: PLC0415
+        POLL_BACKEND_ROLES_SQL,
+        POLL_SQL,
+        ServerConnection,
+    )
+    from reaper.policy import RoleConnections  # noqa: PLC0415
+
+    pg.execute("DROP ROLE IF EXISTS poll_limited")
+    pg.execute("CREATE ROLE poll_limited LOGIN PASSWORD 'poll_limited' CONNECTION LIMIT 5")
+    try:
+        limited = [
+            sessions.idle(user="poll_limited", password="poll_limited", application="limited")
+            for _ in range(2)
+        ]
+        sessions.idle(user="appuser", password="appuser")
+        with ServerConnection(
+            dsn=pg.dsn(user="reaper_lp", password="reaper_lp"),
+            connect_timeout=timedelta(seconds=3),
+            statement_timeout=timedelta(seconds=7),
+        ) as conn:
+            run: list[Any] = []
+            execute = conn._execute  # to see which statement each poll runs
+
+            def spy(query: Any, params: Any = None) -> list[dict[str, Any]]:
+                run.append(query)
+                return execute(query, params)
+
+            monkeypatch.setattr(conn, "_execute", spy)
+            every = conn.poll()  # the first poll on a connection reads every role
+            (roles,) = pg.execute("SELECT count(*) FROM pg_roles")[0]
+            assert roles > len(every.sessions)  # the test server's: more roles than sessions
+            some = conn.poll()
+        assert run[-2:] == [POLL_SQL, POLL_BACKEND_ROLES_SQL]
+
+        def seen(snapshot: Any) -> set[tuple[Any, ...]]:
+            return {
+                (s.pid, s.backend_type, s.database, s.user, s.superuser, s.member, s.state)
+                for s in snapshot.sessions
+            }
+
+        assert seen(some) == seen(every)
+        assert some.facts.client_sessions == every.facts.client_sessions
+        expected = (RoleConnections(role="poll_limited", limit=5, sessions=2),)
+        assert every.facts.roles == some.facts.roles == expected
+        for conn_ in limited:
+            conn_.close()
+    finally:
+        pg.execute("DROP ROLE IF EXISTS poll_limited")
+
+
 def test_connection_refused_names_the_server_without_secrets() -> None:
     from datetime import timedelta  # noqa: PLC0415
 

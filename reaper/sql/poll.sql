@@ -2,12 +2,13 @@
 -- the key column that is set (reaper/activity.py puts them together):
 --   session   (pid set)                        a client session, as pg_stat_get_activity has it
 --   role      (role_oid set, pid NULL)         one per role: name, superuser, member, limit
+--             (every role, or only the roles that have a backend: see below)
 --   database  (database_oid set, pid NULL)     one per database: name
 --   clock     (only now set)                   the server's now()
 -- Cheaper for the server than SELECT * FROM pg_stat_activity (bench/poll_cost.py): the per-session
 -- rows come from pg_stat_get_activity(NULL) alone, with no join and no per-row computation; names
--- and privileges are looked up once per role and per database (few rows) instead of once per
--- session, and the ages are subtracted by the reaper from the server's own now() (the same
+-- and privileges are looked up once per role and per database instead of once per session, and
+-- the ages are subtracted by the reaper from the server's own now() (the same
 -- microseconds as now() - state_change in SQL: ages are by the server's clock, never the reaper's).
 -- Runs in autocommit: activity is snapshotted once per transaction, so a poll inside a long
 -- transaction would keep seeing the first snapshot; now() is the statement's transaction start.
@@ -52,6 +53,11 @@ SELECT NULL, NULL, NULL, r.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        CASE WHEN r.rolconnlimit >= 0 AND r.rolcanlogin AND NOT r.rolsuper THEN r.rolconnlimit END,
        NULL
 FROM pg_roles AS r
+-- One row per role costs about what one backend costs through pg_stat_get_backend_idset(), so the
+-- reaper reads every role unless the server has more roles than sessions (activity.py decides).
+-- Both read the same snapshot as pg_stat_get_activity (one per transaction).
+WHERE {every_role}
+   OR r.oid IN (SELECT pg_stat_get_backend_userid(b) FROM pg_stat_get_backend_idset() AS b)
 UNION ALL
 SELECT NULL, NULL, d.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        d.datname, NULL, NULL, NULL, NULL
