@@ -90,8 +90,8 @@ class Session:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoleConnections:
-    """A role whose connection limit applies (rolconnlimit >= 0, not a superuser): its client
-    sessions at the poll."""
+    """A role whose connection limit applies (rolconnlimit >= 0, not a superuser) and that has
+    client sessions at the poll (one without cannot be above any share of its limit): how many."""
 
     role: str
     limit: int
