@@ -6,17 +6,24 @@ statements on one psycopg connection of a least-privilege role (``pg_read_all_st
 ``pg_signal_backend``, as the design recommends):
 
 - bare: ``SELECT * FROM pg_stat_activity`` (the baseline);
-- poll: ``reaper.activity.POLL_SQL`` with ``include_query`` false (the product);
-- two candidate rewrites, not the product, to show what would bring the poll under the baseline:
-  - fenced: the same columns and rows, with the view and its ``pg_roles`` join behind an
-    ``OFFSET 0`` so that the planner's 1-row estimate after the ``backend_type`` filter cannot
-    turn the joins into nested loops;
-  - fenced-dp: fenced, with the four ages computed by ``date_part('epoch', ...)`` (double
-    precision) instead of ``extract(epoch FROM ...)::float8`` (numeric since PostgreSQL 14);
-  - lean: ``pg_stat_get_activity(NULL)`` alone, raw timestamps plus ``now()`` (ages subtracted
-    by the client from the server's own ``now()``), oids instead of names; plus the per-role
-    and per-database lookups it needs (``pg_roles`` with ``pg_has_role`` once per role,
-    ``pg_database``), counted in its cost as if run at every poll.
+- function: ``SELECT pid FROM pg_stat_get_activity(NULL)``, the function both read, alone: the
+  floor (it looks every backend up in the process array, so at thousands of sessions it is most
+  of the cost of bare and of the poll alike);
+- poll: ``reaper.activity.POLL_SQL`` with ``include_query`` false (the product): the whole poll in
+  one statement, session rows from ``pg_stat_get_activity(NULL)`` alone plus one row per role,
+  one per database and the server's ``now()``, which the reaper puts together;
+- poll-br: ``reaper.activity.POLL_BACKEND_ROLES_SQL``, the same with role rows only for the roles
+  that have a backend (``pg_stat_get_backend_idset()``), which the product runs instead when the
+  server has more roles than sessions (``poll_reads_every_role``); the table marks the one the
+  product runs at each step, and the verdict is about that one;
+- previous: the poll as it was before (the view joined with ``pg_roles``, ages in SQL, and a
+  second statement for the roles' connection limits), for comparison;
+- joined, a candidate, not the product: one statement that keeps the names per row
+  (``pg_stat_get_activity(NULL)`` hash-joined with ``pg_database`` and a MATERIALIZED
+  ``pg_roles`` CTE), to show what the names per row cost.
+
+``--extra-roles N`` creates N more (NOLOGIN) roles first: a server with many roles, where the
+product runs poll-br.
 
 Cost per execution, two ways, each over many repetitions with the variants' order rotated every
 repetition to cancel drift, reported as medians: the server's ``Execution Time`` from
@@ -25,6 +32,7 @@ execute + fetch. The server and every session are stopped on exit, on errors, on
 SIGTERM.
 
     .venv/bin/python bench/poll_cost.py [--steps 100,1000,4000] [--repetitions 100] [--major 18]
+                                        [--extra-roles 0]
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import resource
 import shlex
 import signal
@@ -48,7 +55,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import psycopg
 from reaction_latency import load_average, machine
 
-from reaper.activity import POLL_SQL
+from reaper.activity import POLL_BACKEND_ROLES_SQL, POLL_SQL, poll_reads_every_role
 from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 
 if TYPE_CHECKING:
@@ -67,8 +74,15 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PARAMS = {"include_query": False}
 
 BARE_SQL = "SELECT * FROM pg_stat_activity"
+# The set-returning function that both read, alone: the floor. It looks every backend up in the
+# process array, so its cost per row grows with the number of backends and, at thousands of
+# sessions, it is most of both bare's and the poll's cost.
+FUNCTION_SQL = "SELECT pid FROM pg_stat_get_activity(NULL)"
 
-FENCED_SQL = """
+# The poll before it became one statement (pg-reaper up to 586cdc6): the client sessions joined
+# with pg_roles (pg_has_role per session) and named through the view's joins, ages as
+# extract(epoch ...)::float8; then, at every poll, a second statement for the roles' limits.
+PREVIOUS_SQL = """
 SELECT a.pid,
        coalesce(a.backend_type, 'unknown') AS backend_type,
        a.datname,
@@ -82,62 +96,84 @@ SELECT a.pid,
        extract(epoch FROM now() - a.xact_start)::float8 AS transaction_seconds,
        extract(epoch FROM now() - a.query_start)::float8 AS runtime_seconds,
        extract(epoch FROM now() - a.backend_start)::float8 AS connection_seconds,
-       coalesce(a.rolsuper, false) AS superuser,
-       CASE WHEN a.role_oid IS NULL THEN false ELSE pg_has_role(a.role_oid, 'USAGE') END AS member,
+       coalesce(r.rolsuper, false) AS superuser,
+       CASE WHEN r.oid IS NULL THEN false ELSE pg_has_role(r.oid, 'USAGE') END AS member,
        CASE WHEN %(include_query)s THEN a.query END AS query
-FROM (SELECT a.*, r.oid AS role_oid, r.rolsuper
-      FROM pg_stat_activity a
-      LEFT JOIN pg_roles r ON r.oid = a.usesysid
-      OFFSET 0) AS a
+FROM pg_stat_activity a
+LEFT JOIN pg_roles r ON r.oid = a.usesysid
 WHERE a.backend_type = 'client backend'
    OR (a.backend_type IS NULL AND a.datname IS NOT NULL AND a.usename IS NOT NULL)
 """
-
-# The fenced query with date_part() (double precision) instead of extract() (numeric since
-# PostgreSQL 14, then cast back to float8) for the four ages.
-FENCED_DATE_PART_SQL = re.sub(
-    r"extract\(epoch FROM (now\(\) - a\.\w+)\)::float8", r"date_part('epoch', \1)", FENCED_SQL
-)
-
-LEAN_SQL = """
-SELECT a.pid, a.backend_type, a.datid, a.usesysid, a.application_name, a.client_addr, a.state,
-       a.backend_start, a.state_change, a.xact_start, a.query_start, now() AS now,
-       CASE WHEN %(include_query)s THEN a.query END AS query
-FROM pg_stat_get_activity(NULL) AS a
-WHERE a.backend_type = 'client backend' OR (a.backend_type IS NULL AND a.datid IS NOT NULL)
+PREVIOUS_PRESSURE_SQL = """
+SELECT r.rolname AS role,
+       r.rolconnlimit AS connection_limit
+FROM pg_roles r
+WHERE r.rolconnlimit >= 0
+  AND r.rolcanlogin
+  AND NOT r.rolsuper
 """
-LEAN_ROLES_SQL = "SELECT oid, rolname, rolsuper, pg_has_role(oid, 'USAGE') AS member FROM pg_roles"
-LEAN_DATABASES_SQL = "SELECT oid, datname FROM pg_database"
+
+# One statement that keeps the names per row: pg_stat_get_activity(NULL) hash-joined with
+# pg_database and with pg_roles (pg_has_role once per role, in a MATERIALIZED CTE), the
+# client-backend filter after the joins so that the planner's row estimate keeps hash joins.
+JOINED_SQL = """
+WITH r AS MATERIALIZED (
+  SELECT r.oid, r.rolname, r.rolsuper, pg_has_role(r.oid, 'USAGE') AS member,
+         CASE WHEN r.rolconnlimit >= 0 AND r.rolcanlogin AND NOT r.rolsuper
+              THEN r.rolconnlimit END AS connection_limit
+  FROM pg_roles r
+)
+SELECT a.pid, coalesce(a.backend_type, 'unknown') AS backend_type, d.datname,
+       r.rolname AS usename, a.application_name, host(a.client_addr) AS client_addr, a.state,
+       a.backend_start, a.state_change, a.xact_start, a.query_start, now() AS now,
+       coalesce(r.rolsuper, false) AS superuser, coalesce(r.member, false) AS member,
+       r.connection_limit, CASE WHEN %(include_query)s THEN a.query END AS query
+FROM pg_stat_get_activity(NULL) AS a
+LEFT JOIN r ON r.oid = a.usesysid
+LEFT JOIN pg_database d ON d.oid = a.datid
+WHERE CASE WHEN a.backend_type IS NULL
+           THEN a.datid IS NOT NULL AND d.datname IS NOT NULL AND r.rolname IS NOT NULL
+           ELSE a.backend_type = 'client backend' END
+"""
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str  # baseline | product | candidate
+    kind: str  # baseline | floor | product | previous | candidate
     statements: tuple[str, ...]  # run one after the other; the cost is their sum
     description: str
 
 
 VARIANTS = (
     Variant("bare", "baseline", (BARE_SQL,), "SELECT * FROM pg_stat_activity"),
-    Variant("poll", "product", (POLL_SQL,), "reaper.activity.POLL_SQL (include_query false)"),
+    Variant("function", "floor", (FUNCTION_SQL,), "pg_stat_get_activity(NULL) alone"),
     Variant(
-        "fenced",
-        "candidate",
-        (FENCED_SQL,),
-        "POLL_SQL with the view + pg_roles join behind OFFSET 0 (hash joins)",
+        "poll",
+        "product",
+        (POLL_SQL,),
+        "reaper.activity.POLL_SQL (include_query false): the whole poll in one statement, a "
+        "row per role",
     ),
     Variant(
-        "fenced-dp",
-        "candidate",
-        (FENCED_DATE_PART_SQL,),
-        "fenced, with date_part('epoch', ...) instead of extract(epoch FROM ...)::float8",
+        "poll-br",
+        "product",
+        (POLL_BACKEND_ROLES_SQL,),
+        "reaper.activity.POLL_BACKEND_ROLES_SQL: the same with role rows only for the roles "
+        "that have a backend, which the product runs when there are more roles than sessions",
     ),
     Variant(
-        "lean",
+        "previous",
+        "previous",
+        (PREVIOUS_SQL, PREVIOUS_PRESSURE_SQL),
+        "the poll before: the view joined with pg_roles + the roles' limits (two statements)",
+    ),
+    Variant(
+        "joined",
         "candidate",
-        (LEAN_SQL, LEAN_ROLES_SQL, LEAN_DATABASES_SQL),
-        "pg_stat_get_activity(NULL) alone + now(); role and database lookups",
+        (JOINED_SQL,),
+        "one statement with names per row: pg_stat_get_activity(NULL) hash-joined with "
+        "pg_database and a MATERIALIZED pg_roles CTE",
     ),
 )
 
@@ -145,7 +181,8 @@ VARIANTS = (
 @dataclass
 class Step:
     sessions: int  # idle sessions opened by the benchmark
-    rows: dict[str, int] = field(default_factory=dict)  # rows of each variant's first statement
+    rows: dict[str, int] = field(default_factory=dict)  # rows each variant returns (all statements)
+    product: str = "poll"  # the variant the product runs at this step
     server_ms: dict[str, list[float]] = field(default_factory=dict)
     wall_ms: dict[str, list[float]] = field(default_factory=dict)
 
@@ -192,13 +229,15 @@ def close_sessions(sessions: list[psycopg.Connection[TupleRow]]) -> None:
     sessions.clear()
 
 
-def prepare_roles(pg: EmbeddedPostgres) -> None:
+def prepare_roles(pg: EmbeddedPostgres, extra: int) -> None:
     with psycopg.connect(pg.dsn(), autocommit=True, application_name="bench-setup") as conn:
         conn.execute(
             f"CREATE ROLE {REAPER_ROLE} LOGIN IN ROLE pg_read_all_stats, pg_signal_backend"
         )
         for role in ROLES:
             conn.execute(f"CREATE ROLE {role} LOGIN")
+        for i in range(extra):
+            conn.execute(f"CREATE ROLE bench_extra_{i}")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -229,10 +268,21 @@ def wall_ms(conn: psycopg.Connection[TupleRow], variant: Variant) -> float:
     return (time.perf_counter() - started) * 1000.0
 
 
+def product_variant(conn: psycopg.Connection[TupleRow]) -> str:
+    """Which of the product's two statements a poll runs on this server, by the product's rule
+    (reaper.activity.poll_reads_every_role) after a first poll that reads every role."""
+    rows = conn.execute(POLL_SQL, PARAMS).fetchall()
+    sessions = sum(1 for row in rows if row[0] is not None)  # pid
+    roles = sum(1 for row in rows if row[0] is None and row[3] is not None)  # role_oid
+    return "poll" if poll_reads_every_role(roles, sessions) else "poll-br"
+
+
 def measure(conn: psycopg.Connection[TupleRow], step: Step, repetitions: int) -> None:
+    step.product = product_variant(conn)
     for variant in VARIANTS:
-        step.rows[variant.name] = len(
-            conn.execute(variant.statements[0], _params(variant.statements[0])).fetchall()
+        step.rows[variant.name] = sum(
+            len(conn.execute(statement, _params(statement)).fetchall())
+            for statement in variant.statements
         )
         step.server_ms[variant.name] = []
         step.wall_ms[variant.name] = []
@@ -272,7 +322,7 @@ def table(steps: Sequence[Step]) -> str:
             cells = [
                 str(step.sessions),
                 variant.name,
-                variant.kind,
+                f"{variant.kind} (runs)" if variant.name == step.product else variant.kind,
                 str(step.rows[variant.name]),
                 f"{_median(server):.3f}",
                 f"{statistics.quantiles(server, n=10)[-1]:.3f}" if len(server) > 1 else "n/a",
@@ -287,19 +337,22 @@ def table(steps: Sequence[Step]) -> str:
 def verdict(steps: Sequence[Step], refused: str | None) -> tuple[list[str], str]:
     lines = []
     for step in steps:
-        ratio = _ratio(step, "poll", "server")
-        extra = _median(step.server_ms["poll"]) - _median(step.server_ms["bare"])
+        product = step.product
+        ratio = _ratio(step, product, "server")
+        extra = _median(step.server_ms[product]) - _median(step.server_ms["bare"])
+        others = ", ".join(
+            f"{v.name} {_ratio(step, v.name, 'server'):.2f}x / {_ratio(step, v.name, 'wall'):.2f}x"
+            for v in VARIANTS
+            if v.name not in {"bare", product}
+        )
         lines.append(
-            f"- {step.sessions} sessions: poll / bare (server) = {ratio:.2f}x "
-            f"({extra:+.3f} ms, {extra * 1000 / max(step.rows['poll'], 1):+.2f} us per row); "
-            f"wall {_ratio(step, 'poll', 'wall'):.2f}x; candidates: fenced "
-            f"{_ratio(step, 'fenced', 'server'):.2f}x, fenced-dp "
-            f"{_ratio(step, 'fenced-dp', 'server'):.2f}x, "
-            f"lean {_ratio(step, 'lean', 'server'):.2f}x"
+            f"- {step.sessions} sessions: the product runs {product}: / bare = {ratio:.2f}x "
+            f"server ({extra:+.3f} ms), {_ratio(step, product, 'wall'):.2f}x wall; "
+            f"server / wall: {others}"
         )
     if refused:
         lines.append(f"- could not open more sessions: {refused}")
-    worst = max(_ratio(s, "poll", "server") for s in steps)
+    worst = max(_ratio(s, s.product, "server") for s in steps)
     if worst <= TARGET_RATIO:
         sentence = (
             f"Target met: the poll costs the server at most {worst:.2f}x a bare "
@@ -329,13 +382,15 @@ def append_results(
         *info,
         f"- Command: `{_command()}`",
         (
-            f"- Workload: idle sessions in steps of {args.steps} as {len(ROLES)} ordinary roles; "
+            f"- Workload: idle sessions in steps of {args.steps} as {len(ROLES)} ordinary roles "
+            f"({args.extra_roles} more roles without sessions); "
             f"queries run as prepared statements by a role with pg_read_all_stats and "
             f"pg_signal_backend; {args.repetitions} repetitions per step, order rotated each "
             "repetition, medians. server = EXPLAIN (ANALYZE, TIMING OFF) Execution Time; wall "
             f"= client execute + fetch over the Unix socket. Queries: {variants}. "
-            "`rows` counts the first statement's rows (bare: every backend, including "
-            "background processes)."
+            "`rows` counts the rows returned by all of a variant's statements (bare: every "
+            "backend, including background processes; poll: sessions, roles, databases and "
+            "the clock row)."
         ),
         "",
         body,
@@ -379,6 +434,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--repetitions", type=int, default=100, help="measurements per query per step (100)"
     )
     parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
+    parser.add_argument(
+        "--extra-roles", type=int, default=0, help="roles without sessions to create first (0)"
+    )
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
     args = parser.parse_args(argv)
     if args.repetitions < 2:
@@ -399,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {"max_connections": str(max(100, top + 200))}
     with EmbeddedPostgres(major=args.major, settings=settings) as pg:
         try:
-            prepare_roles(pg)
+            prepare_roles(pg, args.extra_roles)
             info = machine(pg)
             load_before = load_average()
             with psycopg.connect(

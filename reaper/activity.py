@@ -10,9 +10,9 @@ import contextlib
 import os
 import re
 import socket
-import threading
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -21,12 +21,12 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from reaper import APPLICATION_NAME
+from reaper import APPLICATION_NAME, deadlines
 from reaper.policy import Result, RoleConnections, ServerFacts, Session
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from datetime import timedelta
+    from datetime import datetime, timedelta
     from pathlib import Path
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "ServerConnection",
     "Snapshot",
     "parse_conninfo",
+    "poll_reads_every_role",
     "redact_conninfo",
 ]
 
@@ -62,8 +63,11 @@ def _query(name: str) -> str:
 
 SESSION_SETTINGS_SQL = _query("session_settings")
 FACTS_SQL = _query("facts")
-POLL_SQL = _query("poll")
-PRESSURE_SQL = _query("pressure")
+# One statement: session, role, database and clock rows (see poll.sql), put together by poll();
+# with a row for every role, or only for the roles that have a backend (poll_reads_every_role).
+_POLL_TEMPLATE = _query("poll")
+POLL_SQL = _POLL_TEMPLATE.replace("{every_role}", "true")
+POLL_BACKEND_ROLES_SQL = _POLL_TEMPLATE.replace("{every_role}", "false")
 SIGNAL_SQL = _query("signal")
 HA_LEAD_SQL = _query("ha_lead")
 HA_SESSION_SQL = _query("ha_session")
@@ -139,6 +143,56 @@ def _clean_error(exc: BaseException, password: str | None) -> str:
     return message
 
 
+# --- the poll ----------------------------------------------------------------------------------
+
+
+def poll_reads_every_role(roles: int | None, sessions: int) -> bool:
+    """Whether the next poll should return a row for every role (`POLL_SQL`) rather than only
+    for the roles that have a backend (`POLL_BACKEND_ROLES_SQL`), given the roles the last poll
+    that read every role saw (None: none yet) and the sessions of the last poll. A role row
+    costs the server about what a backend costs the other way: read every role unless there
+    are more roles than sessions. Either way the sessions and their values are the same."""
+    return roles is None or sessions >= roles
+
+
+def _age(now: datetime, then: datetime | None) -> float | None:
+    """`now - then` in seconds, both read from the server: the age by the server's clock (the
+    same float8 as ``extract(epoch FROM now() - then)::float8``)."""
+    return None if then is None else (now - then).total_seconds()
+
+
+def _session(
+    row: Mapping[str, Any],
+    roles: Mapping[int, Mapping[str, Any]],
+    databases: Mapping[int, str],
+    now: datetime,
+) -> Session | None:
+    """A session row of poll.sql with its role's and database's names; None for a hidden row
+    (NULL backend_type) whose role or database has no name, as pg_stat_activity would show it."""
+    role = roles.get(row["role_oid"])
+    database = databases.get(row["database_oid"])
+    if row["backend_type"] is None and (role is None or database is None):
+        return None
+    return Session(
+        pid=row["pid"],
+        backend_type=row["backend_type"] or "unknown",
+        database=database,
+        user=None if role is None else role["name"],
+        application=row["application_name"] or "",
+        client_addr=row["client_addr"],
+        state=row["state"],
+        backend_start=row["backend_start"],
+        state_change=row["state_change"],
+        idle_seconds=_age(now, row["state_change"]),
+        transaction_seconds=_age(now, row["xact_start"]),
+        runtime_seconds=_age(now, row["query_start"]),
+        connection_seconds=_age(now, row["backend_start"]),
+        superuser=False if role is None else role["superuser"],
+        member=False if role is None else role["member"],
+        query=row["query"],  # NULL unless include_query
+    )
+
+
 # --- the connection ----------------------------------------------------------------------------
 
 
@@ -182,6 +236,8 @@ class ServerConnection:
         self.sessions_opened = 0  # a new session holds none of the old one's locks
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._facts: ServerFacts | None = None
+        self._roles_seen: int | None = None  # role rows of the last poll that read every role
+        self._every_role = True  # what the next poll reads: see poll_reads_every_role
         self.target = _describe(parse_conninfo(dsn))
 
     # lifecycle
@@ -221,6 +277,8 @@ class ServerConnection:
         self._conn = conn
         self._facts = None
         self.sessions_opened += 1
+        self._roles_seen = None
+        self._every_role = True
 
     def close(self) -> None:
         if self._conn is not None:
@@ -264,14 +322,12 @@ class ServerConnection:
     ) -> list[dict[str, Any]]:
         """Run one statement, severing the connection if no answer comes in time."""
         self._severed = False
-        timer = threading.Timer(self._answer_deadline, self._sever, args=[conn])
-        timer.daemon = True
-        timer.start()
+        deadline = deadlines.arm(self._answer_deadline, partial(self._sever, conn))
         try:
             cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description is not None else []  # DDL, INSERT
         finally:
-            timer.cancel()
+            deadline.cancel()
 
     def _sever(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
         # Shutting the socket down (through a duplicate of libpq's descriptor) wakes the
@@ -302,40 +358,48 @@ class ServerConnection:
         return self._facts
 
     def poll(self, *, include_query: bool = False) -> Snapshot:
-        """Every client backend, as the server sees it now."""
+        """Every client backend, as the server sees it now: one statement (poll.sql)."""
         facts = self.facts()
-        rows = self._execute(POLL_SQL, {"include_query": include_query})
+        every_role = self._every_role
+        query = POLL_SQL if every_role else POLL_BACKEND_ROLES_SQL
+        rows = self._execute(query, {"include_query": include_query})
+        session_rows: list[dict[str, Any]] = []
+        roles: dict[int, dict[str, Any]] = {}
+        databases: dict[int, str] = {}
+        now: datetime | None = None
+        for row in rows:
+            if row["pid"] is not None:
+                session_rows.append(row)
+            elif row["role_oid"] is not None:
+                roles[row["role_oid"]] = row
+            elif row["database_oid"] is not None:
+                databases[row["database_oid"]] = row["name"]
+            else:
+                now = row["now"]
+        if now is None:  # the clock row is always there
+            raise PostgresError(f"{self.target}: the poll returned no clock row")
+        if every_role:
+            self._roles_seen = len(roles)
+        self._every_role = poll_reads_every_role(self._roles_seen, len(session_rows))
         sessions = tuple(
-            Session(
-                pid=row["pid"],
-                backend_type=row["backend_type"],
-                database=row["datname"],
-                user=row["usename"],
-                application=row["application_name"] or "",
-                client_addr=row["client_addr"],
-                state=row["state"],
-                backend_start=row["backend_start"],
-                state_change=row["state_change"],
-                idle_seconds=row["idle_seconds"],
-                transaction_seconds=row["transaction_seconds"],
-                runtime_seconds=row["runtime_seconds"],
-                connection_seconds=row["connection_seconds"],
-                superuser=row["superuser"],
-                member=row["member"],
-                query=row["query"],
-            )
-            for row in rows
+            session
+            for row in session_rows
+            if (session := _session(row, roles, databases, now)) is not None
         )
         # How full the server is, for connection pressure: counted in the poll's own rows (the
-        # reaper's session included), so that the counts and the sessions agree.
+        # reaper's session included), so that the counts and the sessions agree. Only roles with
+        # sessions (whichever role rows the poll read): a role without is below any share.
         per_role = Counter(s.user for s in sessions)
-        roles = tuple(
+        limited = tuple(
             RoleConnections(
-                role=row["role"], limit=row["connection_limit"], sessions=per_role[row["role"]]
+                role=role["name"],
+                limit=role["connection_limit"],
+                sessions=per_role[role["name"]],
             )
-            for row in self._execute(PRESSURE_SQL)
+            for role in roles.values()
+            if role["connection_limit"] is not None and per_role[role["name"]]
         )
-        facts = replace(facts, client_sessions=len(sessions), roles=roles)
+        facts = replace(facts, client_sessions=len(sessions), roles=limited)
         return Snapshot(facts=facts, sessions=sessions)
 
     def lead(self, lock_key: int, *, acquire: bool) -> Leadership:

@@ -96,8 +96,8 @@ class Session:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoleConnections:
-    """A role whose connection limit applies (rolconnlimit >= 0, not a superuser): its client
-    sessions at the poll."""
+    """A role whose connection limit applies (rolconnlimit >= 0, not a superuser) and that has
+    client sessions at the poll (one without cannot be above any share of its limit): how many."""
 
     role: str
     limit: int
@@ -276,13 +276,13 @@ def seconds_until_eligible(
         # until then (the interval bounds the wait).
         if policy.pressure and not _pressure(session, policy, facts)[0]:
             continue
-        for key, _label, age in _ages(session):
-            limit = policy.thresholds.get(key)
-            if limit is None or age is None:
+        for key, limit in policy.limits:
+            age = _age(session, key)
+            if age is None:
                 continue
-            if policy.pressure and age > limit.total_seconds():
+            if policy.pressure and age > limit:
                 continue  # past it, spared only by the policy's allowance: nothing to wait for
-            left = max(0.0, limit.total_seconds() - age)
+            left = max(0.0, limit - age)
             soonest = left if soonest is None else min(soonest, left)
     return soonest
 
@@ -437,16 +437,26 @@ class _Allowance:
         return None
 
 
-def _ages(session: Session) -> tuple[tuple[str, str, float | None], ...]:
-    # A query runs only while the session is active: for an idle one, now() - query_start is
-    # the age of its last query, the very mistake that makes idle scripts kill the wrong ones.
-    running = session.runtime_seconds if session.state in _RUNNING_STATES else None
-    return (
-        ("max_idle", "idle", session.idle_seconds),
-        ("max_runtime", "running", running),
-        ("max_transaction_age", "in transaction", session.transaction_seconds),
-        ("max_connection_age", "connected", session.connection_seconds),
-    )
+_AGE_LABELS = {
+    "max_idle": "idle",
+    "max_runtime": "running",
+    "max_transaction_age": "in transaction",
+    "max_connection_age": "connected",
+}
+
+
+def _age(session: Session, key: str) -> float | None:
+    """The session's age that threshold `key` limits (None: not known, or does not apply)."""
+    if key == "max_idle":
+        return session.idle_seconds
+    if key == "max_runtime":
+        # A query runs only while the session is active: for an idle one, now() - query_start
+        # is the age of its last query, the very mistake that makes idle scripts kill the
+        # wrong ones.
+        return session.runtime_seconds if session.state in _RUNNING_STATES else None
+    if key == "max_transaction_age":
+        return session.transaction_seconds
+    return session.connection_seconds
 
 
 def _oldest_first(decisions: Iterable[Decision]) -> tuple[Decision, ...]:
@@ -484,11 +494,9 @@ def _match(session: Session, policy: PolicyConfig, facts: ServerFacts) -> tuple[
     if why_not is not None:
         return False, why_not
     exceeded = [
-        f"{label} {_seconds(age)} > {key} {_seconds(limit.total_seconds())}"
-        for key, label, age in _ages(session)
-        if (limit := policy.thresholds.get(key)) is not None
-        and age is not None
-        and age > limit.total_seconds()
+        f"{_AGE_LABELS[key]} {_seconds(age)} > {key} {_seconds(limit)}"
+        for key, limit in policy.limits
+        if (age := _age(session, key)) is not None and age > limit
     ]
     if not exceeded:
         return False, "under every threshold"

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_SUBMITTED,
+    JobEvent,
+    JobExecutionEvent,
+)
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -72,6 +78,7 @@ class _Worker:
     tried: bool = False
     polls: int = 0
     next_due: datetime | None = None  # set by a cycle, applied once the job has finished
+    cycle_thread: int | None = None  # the pool thread running (or last running) the cycle
     generation: int = 0  # bumped by every reload that touches this server
     lock: threading.Lock = field(default_factory=threading.Lock)
     # [ha]: whether this instance holds the server's lock (None: not known, or no [ha]); after
@@ -103,8 +110,14 @@ class Scheduler:
         )
         # The next run is set once APScheduler counts the run as finished: set from inside the
         # run, a due time already past would be refused as a second concurrent instance
-        # (max_instances = 1) and the job would fall back to its interval.
+        # (max_instances = 1) and the job would fall back to its interval. And it must be set
+        # after APScheduler has moved the job to its trigger's next fire time: a run that ends
+        # before the pool has even returned from submitting it (a refused connection takes well
+        # under a millisecond) has its done-event dispatched at once, in the scheduler's thread,
+        # before that update, which would overwrite the deadline with now + interval. Such a
+        # run's deadline is applied on its EVENT_JOB_SUBMITTED, which comes after the update.
         self._scheduler.add_listener(self._on_job_done, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+        self._scheduler.add_listener(self._on_job_submitted, EVENT_JOB_SUBMITTED)
         _quiet_apscheduler()
         self._log = get_logger()
 
@@ -215,6 +228,7 @@ class Scheduler:
 
     def _cycle(self, worker: _Worker) -> None:
         started_wall, started = time.time(), time.monotonic()
+        worker.cycle_thread = threading.get_ident()
         with worker.lock:
             settings, generation = worker.settings, worker.generation
             if worker.name not in {s.name for s in settings.servers}:
@@ -254,12 +268,27 @@ class Scheduler:
         worker.next_due = due if worker.generation == generation else _now()
 
     def _on_job_done(self, event: JobExecutionEvent) -> None:
+        worker = self._worker_of(event)
+        # Dispatched by the pool thread that ran the cycle, after APScheduler's own update of the
+        # job; from any other thread (the scheduler's), before it: see __init__.
+        if worker is not None and worker.cycle_thread == threading.get_ident():
+            self._apply_next_due(worker, event)
+
+    def _on_job_submitted(self, event: JobEvent) -> None:
+        worker = self._worker_of(event)
+        if worker is not None:
+            self._apply_next_due(worker, event)
+
+    def _worker_of(self, event: JobEvent) -> _Worker | None:
         name = str(event.job_id).removeprefix("server:")
         with self._lock:
-            worker = self._workers.get(name)
-        if worker is None or worker.next_due is None:
+            return self._workers.get(name)
+
+    def _apply_next_due(self, worker: _Worker, event: JobEvent) -> None:
+        with self._lock:
+            due, worker.next_due = worker.next_due, None
+        if due is None:
             return
-        due, worker.next_due = worker.next_due, None
         try:
             self._scheduler.modify_job(event.job_id, next_run_time=max(due, _now()))
         except Exception:  # noqa: BLE001 - the job was removed by a reload or shutdown meanwhile

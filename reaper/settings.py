@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -456,7 +457,8 @@ class PolicyConfig(_Section):
             )
         return self
 
-    @property
+    # Cached: the policy engine reads them for every session of every poll.
+    @cached_property
     def thresholds(self) -> dict[str, timedelta]:
         return {
             key: value
@@ -464,7 +466,12 @@ class PolicyConfig(_Section):
             if (value := getattr(self, key)) is not None
         }
 
-    @property
+    @cached_property
+    def limits(self) -> tuple[tuple[str, float], ...]:
+        """The thresholds set, in seconds, in the order of `thresholds`."""
+        return tuple((key, value.total_seconds()) for key, value in self.thresholds.items())
+
+    @cached_property
     def pressure(self) -> dict[str, int]:
         """The connection-pressure conditions set, as percentages; all of them must hold."""
         return {

@@ -969,3 +969,12 @@ def test_seconds_until_eligible_is_the_nearest_threshold_of_any_policy_in_scope(
     assert seconds_until_eligible(protected, [idle], reaper=guarded, facts=FACTS) is None
     elsewhere = make_policy("elsewhere", max_idle=60, databases=["other"])
     assert seconds_until_eligible(session, [elsewhere], reaper=reaper, facts=FACTS) is None
+
+
+def test_the_poll_reads_every_role_unless_roles_outnumber_sessions() -> None:
+    from reaper.activity import poll_reads_every_role  # noqa: PLC0415
+
+    assert poll_reads_every_role(None, 0)  # nothing known yet: every role
+    assert poll_reads_every_role(30, 30)
+    assert poll_reads_every_role(30, 4000)
+    assert not poll_reads_every_role(2000, 100)

@@ -459,6 +459,131 @@ def test_reaper_sets_its_own_session_up_defensively(pg: TestServer) -> None:
         pg.execute("ALTER ROLE reaper_lp RESET idle_session_timeout")
 
 
+def test_the_poll_of_a_role_without_pg_read_all_stats_and_its_ages_by_the_servers_clock(
+    pg: TestServer, sessions: Sessions
+) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from reaper.activity import ServerConnection  # noqa: PLC0415
+
+    mine = sessions.idle(application="mine", user="reaper_blind", password="reaper_blind")
+    other = sessions.idle(application="theirs", user="appuser", password="appuser")
+    with ServerConnection(
+        dsn=pg.dsn(user="reaper_blind", password="reaper_blind"),
+        connect_timeout=timedelta(seconds=3),
+        statement_timeout=timedelta(seconds=7),
+    ) as conn:
+        conn.connect()
+        before = pg.execute("SELECT now()")[0][0]
+        snapshot = conn.poll()
+        after = pg.execute("SELECT now()")[0][0]
+        with_query = conn.poll(include_query=True)
+        on_server = pg.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        )[0][0]
+
+    by_pid = {s.pid: s for s in snapshot.sessions}
+    # Its own role's session: everything, with ages by the server's clock.
+    own = by_pid[mine.info.backend_pid]
+    assert (own.backend_type, own.state, own.user, own.application) == (
+        "client backend",
+        "idle",
+        "reaper_blind",
+        "mine",
+    )
+    assert own.database == pg.execute("SELECT current_database()")[0][0]
+    assert (own.superuser, own.member, own.client_addr, own.query) == (False, True, None, None)
+    assert own.state_change is not None
+    assert own.backend_start is not None
+    assert isinstance(own.idle_seconds, float)
+    assert (before - own.state_change).total_seconds() <= own.idle_seconds
+    assert own.idle_seconds <= (after - own.state_change).total_seconds()
+    assert own.connection_seconds == pytest.approx(
+        own.idle_seconds + (own.state_change - own.backend_start).total_seconds(), abs=1e-6
+    )
+    assert own.transaction_seconds is None  # idle: no transaction open
+    assert own.runtime_seconds is not None  # the age of its last query
+    assert own.runtime_seconds >= own.idle_seconds
+    # Another role's session: still returned, with its names, as state unknown.
+    hidden = by_pid[other.info.backend_pid]
+    assert (hidden.backend_type, hidden.state, hidden.user, hidden.database) == (
+        "unknown",
+        None,
+        "appuser",
+        own.database,
+    )
+    assert hidden.application == "theirs"  # visible to every role
+    assert (hidden.idle_seconds, hidden.connection_seconds, hidden.backend_start) == (
+        None,
+        None,
+        None,
+    )
+    assert (hidden.superuser, hidden.member) == (False, False)
+    # Counted like every other client session (the suite's admin session is hidden too).
+    assert snapshot.facts.client_sessions == len(snapshot.sessions) == on_server
+    assert {s.backend_type for s in snapshot.sessions} == {"client backend", "unknown"}
+    # The query text only when asked for, and only where the role may see it.
+    queries = {s.pid: s.query for s in with_query.sessions}
+    assert queries[mine.info.backend_pid] == "SELECT 1"
+    assert queries[other.info.backend_pid] == "<insufficient privilege>"
+    assert all(s.query is None for s in snapshot.sessions)
+
+
+def test_the_poll_reads_only_the_roles_with_a_backend_when_roles_outnumber_sessions(
+    pg: TestServer, sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from reaper.activity import (  # noqa: PLC0415
+        POLL_BACKEND_ROLES_SQL,
+        POLL_SQL,
+        ServerConnection,
+    )
+    from reaper.policy import RoleConnections  # noqa: PLC0415
+
+    pg.execute("DROP ROLE IF EXISTS poll_limited")
+    pg.execute("CREATE ROLE poll_limited LOGIN PASSWORD 'poll_limited' CONNECTION LIMIT 5")
+    try:
+        limited = [
+            sessions.idle(user="poll_limited", password="poll_limited", application="limited")
+            for _ in range(2)
+        ]
+        sessions.idle(user="appuser", password="appuser")
+        with ServerConnection(
+            dsn=pg.dsn(user="reaper_lp", password="reaper_lp"),
+            connect_timeout=timedelta(seconds=3),
+            statement_timeout=timedelta(seconds=7),
+        ) as conn:
+            run: list[Any] = []
+            execute = conn._execute  # to see which statement each poll runs
+
+            def spy(query: Any, params: Any = None) -> list[dict[str, Any]]:
+                run.append(query)
+                return execute(query, params)
+
+            monkeypatch.setattr(conn, "_execute", spy)
+            every = conn.poll()  # the first poll on a connection reads every role
+            (roles,) = pg.execute("SELECT count(*) FROM pg_roles")[0]
+            assert roles > len(every.sessions)  # the test server's: more roles than sessions
+            some = conn.poll()
+        assert run[-2:] == [POLL_SQL, POLL_BACKEND_ROLES_SQL]
+
+        def seen(snapshot: Any) -> set[tuple[Any, ...]]:
+            return {
+                (s.pid, s.backend_type, s.database, s.user, s.superuser, s.member, s.state)
+                for s in snapshot.sessions
+            }
+
+        assert seen(some) == seen(every)
+        assert some.facts.client_sessions == every.facts.client_sessions
+        expected = (RoleConnections(role="poll_limited", limit=5, sessions=2),)
+        assert every.facts.roles == some.facts.roles == expected
+        for conn_ in limited:
+            conn_.close()
+    finally:
+        pg.execute("DROP ROLE IF EXISTS poll_limited")
+
+
 def test_connection_refused_names_the_server_without_secrets() -> None:
     from datetime import timedelta  # noqa: PLC0415
 

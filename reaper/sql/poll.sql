@@ -1,28 +1,67 @@
--- Client sessions with their ages by the server's clock (PostgreSQL 14-18), and the rows the
--- reaper's role may not see: without pg_read_all_stats another role's row has NULL in every
--- column but pid, database and role, backend_type included. They are returned (and counted as
--- state unknown) so that the reaper can say how much it cannot see; no policy can match them.
--- Runs in autocommit: pg_stat_activity is snapshotted once per transaction, so a poll inside a
--- long transaction would keep seeing the first snapshot.
--- member: whether the reaper's role has the privileges of the session's role, which (with
--- pg_signal_backend and superuser) decides whether pg_terminate_backend may signal it.
+-- One poll of a server, in one statement (PostgreSQL 14-18), as four kinds of rows told apart by
+-- the key column that is set (reaper/activity.py puts them together):
+--   session   (pid set)                        a client session, as pg_stat_get_activity has it
+--   role      (role_oid set, pid NULL)         one per role: name, superuser, member, limit
+--             (every role, or only the roles that have a backend: see below)
+--   database  (database_oid set, pid NULL)     one per database: name
+--   clock     (only now set)                   the server's now()
+-- Cheaper for the server than SELECT * FROM pg_stat_activity (bench/poll_cost.py): the per-session
+-- rows come from pg_stat_get_activity(NULL) alone, with no join and no per-row computation; names
+-- and privileges are looked up once per role and per database instead of once per session, and
+-- the ages are subtracted by the reaper from the server's own now() (the same
+-- microseconds as now() - state_change in SQL: ages are by the server's clock, never the reaper's).
+-- Runs in autocommit: activity is snapshotted once per transaction, so a poll inside a long
+-- transaction would keep seeing the first snapshot; now() is the statement's transaction start.
+--
+-- Sessions: client backends, and the rows the reaper's role may not see. Without
+-- pg_read_all_stats another role's row has NULL in every column but pid, database, role and
+-- application_name, backend_type included. Those are returned (and counted as state unknown) so
+-- that the reaper can say how much it cannot see; no policy can match them. Like a NULL
+-- backend_type row of pg_stat_activity whose database or role has no name, such a row is dropped
+-- by the reaper when its database or role has no row below.
+-- Roles: member is whether the reaper's role has the privileges of the role, which (with
+-- pg_signal_backend and superuser) decides whether pg_terminate_backend may signal its sessions.
+-- connection_limit is set where the role's limit applies, for when_role_connections_above (read
+-- at every poll: ALTER ROLE ... CONNECTION LIMIT takes effect at once); the reaper counts its
+-- client sessions in this poll's own session rows, as PostgreSQL counts against the limit
+-- (client backends only). PostgreSQL does not apply a role's limit to a superuser; -1 is none.
 SELECT a.pid,
-       coalesce(a.backend_type, 'unknown') AS backend_type,
-       a.datname,
-       a.usename,
+       a.backend_type,
+       a.datid AS database_oid,
+       a.usesysid AS role_oid,
        a.application_name,
        host(a.client_addr) AS client_addr,
        a.state,
        a.backend_start,
        a.state_change,
-       extract(epoch FROM now() - a.state_change)::float8 AS idle_seconds,
-       extract(epoch FROM now() - a.xact_start)::float8 AS transaction_seconds,
-       extract(epoch FROM now() - a.query_start)::float8 AS runtime_seconds,
-       extract(epoch FROM now() - a.backend_start)::float8 AS connection_seconds,
-       coalesce(r.rolsuper, false) AS superuser,
-       CASE WHEN r.oid IS NULL THEN false ELSE pg_has_role(r.oid, 'USAGE') END AS member,
-       CASE WHEN %(include_query)s THEN a.query END AS query
-FROM pg_stat_activity a
-LEFT JOIN pg_roles r ON r.oid = a.usesysid
+       a.xact_start,
+       a.query_start,
+       CASE WHEN %(include_query)s THEN a.query END AS query,
+       NULL::name AS name,
+       NULL::boolean AS superuser,
+       NULL::boolean AS member,
+       NULL::int4 AS connection_limit,
+       NULL::timestamptz AS now
+FROM pg_stat_get_activity(NULL) AS a
 WHERE a.backend_type = 'client backend'
-   OR (a.backend_type IS NULL AND a.datname IS NOT NULL AND a.usename IS NOT NULL)
+   OR (a.backend_type IS NULL AND a.datid IS NOT NULL AND a.usesysid IS NOT NULL)
+UNION ALL
+SELECT NULL, NULL, NULL, r.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       r.rolname,
+       r.rolsuper,
+       pg_has_role(r.oid, 'USAGE'),
+       CASE WHEN r.rolconnlimit >= 0 AND r.rolcanlogin AND NOT r.rolsuper THEN r.rolconnlimit END,
+       NULL
+FROM pg_roles AS r
+-- One row per role costs about what one backend costs through pg_stat_get_backend_idset(), so the
+-- reaper reads every role unless the server has more roles than sessions (activity.py decides).
+-- Both read the same snapshot as pg_stat_get_activity (one per transaction).
+WHERE {every_role}
+   OR r.oid IN (SELECT pg_stat_get_backend_userid(b) FROM pg_stat_get_backend_idset() AS b)
+UNION ALL
+SELECT NULL, NULL, d.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       d.datname, NULL, NULL, NULL, NULL
+FROM pg_database AS d
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, now()

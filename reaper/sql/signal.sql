@@ -7,25 +7,23 @@
 -- (signals are not transactional), leaving their results unknown.
 -- High availability (docs/ha.md): with %(lock_key)s set, nothing is signalled unless this very
 -- backend holds that advisory lock (see ha_lead.sql): a leader whose session was lost and
--- reopened reports 'not_leader' for every victim. NULL: no [ha], no check.
-SELECT v.pid,
-       CASE
-           WHEN NOT ha.leader THEN 'not_leader'
-           WHEN s.pid IS NULL THEN 'gone'
-           WHEN s.backend_start IS DISTINCT FROM v.backend_start
-             OR s.state_change IS DISTINCT FROM v.state_change
-             OR s.state IS DISTINCT FROM v.state THEN 'changed'
-           WHEN NOT (me.rolsuper
-                     OR (NOT coalesce(r.rolsuper, true)
-                         AND (pg_has_role(r.oid, 'USAGE')
-                              OR pg_has_role('pg_signal_backend', 'USAGE')))) THEN 'denied'
-           WHEN {signal}(v.pid) THEN 'signalled'
-           ELSE 'gone'
-       END AS result
+-- reopened reports 'not_leader' for every victim. NULL: no [ha], no check. Checked once per
+-- statement: a session-level lock stays with its session until the session ends.
+-- Victim by victim, re-read then signal: the check must be as fresh as the signal it guards.
+--  * The whole per-victim work is one LATERAL subquery, kept apart by OFFSET 0, so that the
+--    planner cannot hoist the CASE (and the signal in it) above a Sort or a Hash: otherwise every
+--    victim would be re-read first and signalled only after all the others were.
+--  * A backend reads the shared status array once per transaction and serves every later
+--    pg_stat_get_activity() from that copy; pg_stat_clear_snapshot(), evaluated in the
+--    function's argument expression (so right before each call; a void result IS NOT NULL),
+--    makes each victim's re-read current. In a FROM clause of its own it would run only once:
+--    a function scan without changed arguments replays its first result on a rescan.
+-- A victim can still run a statement between its own re-read and its signal: microseconds, the
+-- window pg_terminate_backend() has for any single session.
+SELECT v.pid, x.result
 FROM unnest(%(pids)s::int4[], %(backend_starts)s::timestamptz[],
             %(state_changes)s::timestamptz[], %(states)s::text[])
      WITH ORDINALITY AS v(pid, backend_start, state_change, state, ord)
-CROSS JOIN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS me
 CROSS JOIN (SELECT %(lock_key)s::int8 IS NULL
                    OR EXISTS (SELECT 1
                               FROM pg_locks l
@@ -37,6 +35,25 @@ CROSS JOIN (SELECT %(lock_key)s::int8 IS NULL
                                 AND l.classid = ((%(lock_key)s::int8 >> 32) & 4294967295)::oid
                                 AND l.objid = (%(lock_key)s::int8 & 4294967295)::oid
                                 AND l.objsubid = 1) AS leader) AS ha
-LEFT JOIN LATERAL pg_stat_get_activity(v.pid) AS s ON true
-LEFT JOIN pg_roles AS r ON r.oid = s.usesysid
+CROSS JOIN LATERAL (
+    SELECT CASE
+               WHEN NOT ha.leader THEN 'not_leader'
+               WHEN s.pid IS NULL THEN 'gone'
+               WHEN s.backend_start IS DISTINCT FROM v.backend_start
+                 OR s.state_change IS DISTINCT FROM v.state_change
+                 OR s.state IS DISTINCT FROM v.state THEN 'changed'
+               WHEN NOT (me.rolsuper
+                         OR (NOT coalesce(r.rolsuper, true)
+                             AND (pg_has_role(r.oid, 'USAGE')
+                                  OR pg_has_role('pg_signal_backend', 'USAGE')))) THEN 'denied'
+               WHEN {signal}(v.pid) THEN 'signalled'
+               ELSE 'gone'
+           END AS result
+    FROM (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS me
+    LEFT JOIN pg_stat_get_activity(
+        CASE WHEN pg_stat_clear_snapshot() IS NOT NULL THEN v.pid END) AS s
+           ON s.pid = v.pid
+    LEFT JOIN pg_roles AS r ON r.oid = s.usesysid
+    OFFSET 0
+) AS x
 ORDER BY v.ord

@@ -36,16 +36,6 @@ __all__ = ["Churn", "ChurnReport", "Life", "Verdict", "check_churn"]
 CLOCK_SLACK = 0.2
 # Every session idle longer than max_idle + this must have been killed.
 REACTION_BOUND = 2.0
-# Known bug (test_churn.py::test_a_session_that_ran_a_statement_after_the_signalling_statement_
-# began_is_not_terminated): the signalling statement checks every victim against one snapshot of
-# pg_stat_activity, taken as it starts, so a session that was eligible at the poll and ran a whole
-# statement while earlier victims were being signalled is terminated all the same, right after
-# that statement. Such kills are reported apart (Verdict.stale_snapshot_kills) and do not fail the
-# churn tests; set this to False once the bug is fixed, and they will.
-TOLERATE_STALE_SNAPSHOT_KILLS = True
-# How long after such a statement the kill can come: the signalling statement's duration (tens
-# of milliseconds for 50 victims on a busy machine), and the client's reaction.
-STALE_SNAPSHOT_TAIL = 1.0
 # How often an idle client looks at the stop flag (its socket wakes it at once).
 _WAKE_EVERY = 0.5
 
@@ -241,7 +231,6 @@ def _broken(conn: psycopg.Connection[Any]) -> bool:
 @dataclass
 class Verdict:
     problems: list[str]  # wrong kills, survivors, disagreements: each fails the test
-    stale_snapshot_kills: list[str]  # the known bug, when tolerated
 
 
 def check_churn(
@@ -252,9 +241,7 @@ def check_churn(
     prefix: str,
 ) -> Verdict:
     """Every way the run went wrong, as readable lines (none: zero wrong kills, no survivor)."""
-    verdict = Verdict(
-        problems=[f"client error: {e}" for e in report.errors], stale_snapshot_kills=[]
-    )
+    verdict = Verdict(problems=[f"client error: {e}" for e in report.errors])
     # Idle periods are judged up to here: the clients stop, then the daemon.
     reaping_until = report.stopped_at
     for life in report.lives:
@@ -271,14 +258,9 @@ def check_churn(
         elif life.killed_at is not None:
             idle = life.killed_at - life.last_activity
             if idle < max_idle - CLOCK_SLACK:
-                line = f"{who}: killed after {idle:.3f} s idle (max_idle {max_idle} s)"
-                eligible = _eligible_just_before(life, life.killed_at, max_idle=max_idle)
-                if eligible is not None and TOLERATE_STALE_SNAPSHOT_KILLS:
-                    verdict.stale_snapshot_kills.append(
-                        f"{line}, just after a statement sent after {eligible:.3f} s idle"
-                    )
-                else:
-                    verdict.problems.append(line)
+                verdict.problems.append(
+                    f"{who}: killed after {idle:.3f} s idle (max_idle {max_idle} s)"
+                )
             elif (
                 idle > max_idle + REACTION_BOUND
                 and life.last_activity + max_idle + REACTION_BOUND < reaping_until
@@ -293,17 +275,6 @@ def check_churn(
                 )
     verdict.problems.extend(_check_audit(report, daemon, max_idle=max_idle, prefix=prefix))
     return verdict
-
-
-def _eligible_just_before(life: Life, killed_at: float, *, max_idle: float) -> float | None:
-    """How long the session had been idle when it sent the statement it had just run, if that
-    was past max_idle and the kill came right after: the signature of the stale snapshot."""
-    for since, until in reversed(life.idle_periods):
-        if killed_at - until > STALE_SNAPSHOT_TAIL:
-            return None
-        if until - since >= max_idle - CLOCK_SLACK:
-            return until - since
-    return None
 
 
 def _check_audit(

@@ -352,17 +352,6 @@ def reaper_pids(server: EmbeddedPostgres) -> set[int]:
 UNREACHABLE_SERVERS = 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a poll that fails at once (connection refused) is not retried after "
-    "min_interval but only after `interval`, for some servers: APScheduler's pool executor "
-    "attaches its done-callback after submitting the job, and when the job has already "
-    "finished the callback (EVENT_JOB_EXECUTED, then Scheduler._on_job_done's modify_job) runs "
-    "at once in the scheduler's own thread, inside _process_jobs, which then overwrites the "
-    "next run time just set with the trigger's next fire time (now + interval). The backoff of "
-    "daemon.md (min_interval, then twice as long) is lost; a fast enough successful poll would "
-    "lose its deadline the same way",
-)
 def test_every_server_that_refuses_connections_is_retried_after_min_interval(
     tmp_path: Path,
 ) -> None:

@@ -18,6 +18,7 @@ import traceback
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 import tomli_w
 from psycopg import sql
@@ -222,11 +223,6 @@ def _kill(form: str) -> list[str]:
 
 
 @pytest.mark.usefixtures("roles")
-@pytest.mark.skip(
-    reason="flaky under load (a failing server's second poll error, or the audit row, does not "
-    "always arrive in time): being fixed under issue 6; the other secret tests cover every "
-    "command and every DSN form"
-)
 def test_the_daemon_never_logs_or_exports_the_password(
     pg: TestServer, sessions: Sessions, tmp_path: Path
 ) -> None:
@@ -240,8 +236,6 @@ def test_the_daemon_never_logs_or_exports_the_password(
         audit_dsn=_tcp(pg, password=SENTINEL),
         listen=f"127.0.0.1:{port}",
         level="debug",
-        # Retries within the test's time even when the backoff is lost (see
-        # test_faults_daemon.py::test_every_server_that_refuses_connections_is_retried_after_...).
         interval="5s",
     )
     victims = _victims(sessions, 3)
@@ -249,9 +243,11 @@ def test_the_daemon_never_logs_or_exports_the_password(
         daemon.wait_ready()
         for name in WORKING:
             daemon.wait_value("pg_reaper_server_up", lambda v: v == 1, server=name)
+        # Two failures each: the first is logged at error level, the retries at debug level
+        # (with debug on, psycopg's and libpq's own words about them too).
         for name in ("wrong", "unreachable"):
             daemon.wait_value(
-                "pg_reaper_poll_errors_total", lambda v: (v or 0) >= 1, server=name, timeout=30
+                "pg_reaper_poll_errors_total", lambda v: (v or 0) >= 2, server=name, timeout=30
             )
         for pid in victims:
             assert pg.wait_gone(pid)
@@ -260,10 +256,12 @@ def test_the_daemon_never_logs_or_exports_the_password(
             timeout=10,
             what="the victims' audit events",
         )
-        audited = pg.execute(
-            sql.SQL("SELECT pid FROM public.{}").format(sql.Identifier(AUDIT_TABLE))
+        # The audit table is written by its own thread, in batches: the rows follow the events.
+        daemon.wait_until(
+            lambda: _audited_pids(pg) >= set(victims),
+            timeout=15,
+            what="the victims' rows in the audit table (through the audit DSN)",
         )
-        assert {row[0] for row in audited} >= set(victims), "the audit DSN did not work"
         pages = {path: daemon.get(path)[1] for path in ("/metrics", "/healthz", "/readyz", "/")}
         daemon.send(signal.SIGHUP)  # a reload logs the configuration's summary
         daemon.wait_event("config_reloaded")
@@ -278,6 +276,14 @@ def test_the_daemon_never_logs_or_exports_the_password(
         _no_sentinel(path, body)
     assert "password authentication failed" in log
     assert "Connection refused" in log
+
+
+def _audited_pids(pg: TestServer) -> set[int]:
+    query = sql.SQL("SELECT pid FROM public.{}").format(sql.Identifier(AUDIT_TABLE))
+    try:
+        return {row[0] for row in pg.execute(query)}
+    except psycopg.errors.UndefinedTable:  # not created yet
+        return set()
 
 
 # --- exceptions ---------------------------------------------------------------------------------

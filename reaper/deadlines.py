@@ -1,0 +1,91 @@
+"""One thread that fires the deadlines of every statement in flight.
+
+Every statement the reaper sends is watched: a stopped or unreachable server cannot enforce its
+own statement_timeout, so the reaper severs the connection itself when no answer comes in time.
+A timer thread per statement would cost a thread start and stop for each of them (two per poll,
+hundreds per second for a large fleet); one thread and a heap cost a push and a flag.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["Deadline", "arm"]
+
+
+class Deadline:
+    """A pending action; `cancel()` it once the statement has answered."""
+
+    __slots__ = ("_action", "at")
+
+    def __init__(self, at: float, action: Callable[[], None]) -> None:
+        self.at = at
+        self._action: Callable[[], None] | None = action
+
+    def cancel(self) -> None:
+        self._action = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._action is None
+
+    def _take(self) -> Callable[[], None] | None:
+        action, self._action = self._action, None
+        return action
+
+
+class _Watch:
+    def __init__(self) -> None:
+        self._wake = threading.Condition()
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()  # ties in `at` never compare two Deadlines
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float, action: Callable[[], None]) -> Deadline:
+        deadline = Deadline(time.monotonic() + seconds, action)
+        with self._wake:
+            # Answered statements leave their entries behind; drop those at the top here, so
+            # the heap holds about one entry per statement in flight.
+            while self._heap and self._heap[0][2].cancelled:
+                heapq.heappop(self._heap)
+            earliest = not self._heap or deadline.at < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="pg-reaper-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif earliest:
+                self._wake.notify()
+        return deadline
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._heap and self._heap[0][2].cancelled:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                left = self._heap[0][0] - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                action = heapq.heappop(self._heap)[2]._take()  # noqa: SLF001 - its own class
+            if action is not None:
+                action()
+
+
+_WATCH = _Watch()
+
+
+def arm(seconds: float, action: Callable[[], None]) -> Deadline:
+    """Run `action` in `seconds` unless the returned deadline is cancelled first."""
+    return _WATCH.arm(seconds, action)
