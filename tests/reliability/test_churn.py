@@ -37,6 +37,7 @@ pytestmark = pytest.mark.integration
 MAX_IDLE = 2.0
 PREFIX = "churn-"
 SERVER = "churn"
+CAP = 200  # max_terminations_per_cycle: every client at once
 # Idle times spread around max_idle: many sessions resume just before it, many are killed, and
 # some would sit idle past max_idle + REACTION_BOUND if the daemon let them.
 IDLE_RANGE = (0.5, MAX_IDLE + REACTION_BOUND + 1.0)
@@ -64,6 +65,10 @@ def run_churn(
         port=port,
         interval="30s",
         min_interval="1s",
+        # The default cap (50 per cycle) is below what 200 churning clients make eligible in
+        # some seconds: the rest would wait a cycle, and be reaped up to min_interval later
+        # than the 2 s bound this test holds the reaper to. An operator sizes it the same way.
+        reaper=f"max_terminations_per_cycle = {CAP}",
     )
     with running_daemon(config, port=port) as daemon:
         daemon.wait_ready()
@@ -86,6 +91,7 @@ def run_churn(
         assert not verdict.problems, "\n".join(verdict.problems[:40])
         assert code == 0, daemon.stderr_text()
         assert daemon.other_lines == [], daemon.other_lines[:20]
+        events_reaped = daemon.events("session_reaped")
         errors = [e for e in daemon.events() if e.get("level") in {"error", "critical"}]
         assert errors == [], errors[:5]
     assert abs(fds_after - fds_before) <= 2, (fds_before, fds_after)
@@ -103,10 +109,12 @@ def run_churn(
         for life in killed
         if life.killed_at is not None and life.killed_while == "idle"
     )
+    audited_max = max(float(e["idle_seconds"]) for e in events_reaped)
     print(  # noqa: T201 - the numbers of the run, shown with -s
         f"churn: {clients} clients, {len(report.lives)} sessions, "
         f"{sum(life.statements for life in report.lives)} statements, {len(killed)} killed "
-        f"(idle at kill: min {margins[0]:.3f} s, max {margins[-1]:.3f} s), "
+        f"(idle at kill: min {margins[0]:.3f} s, p99 {margins[len(margins) * 99 // 100]:.3f} s, "
+        f"max {margins[-1]:.3f} s; by the daemon's account max {audited_max:.3f} s), "
         f"{len(near_misses)} resumed within 0.5 s before max_idle, fds {fds_before}->{fds_after}"
     )
     assert len(killed) >= clients, f"only {len(killed)} kills"
@@ -146,22 +154,22 @@ def test_churn_kills_no_session_before_max_idle_and_lets_none_outlive_it(
     run_churn(
         churn_server,
         tmp_path,
-        clients=int(_size("PG_REAPER_CHURN_CLIENTS", 60)),
-        seconds=_size("PG_REAPER_CHURN_SECONDS", 30),
+        clients=int(_size("PG_REAPER_CHURN_CLIENTS", 200)),
+        seconds=_size("PG_REAPER_CHURN_SECONDS", 60),
         seed=pg_major,
     )
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(900)
-def test_churn_long_form_with_200_sessions(
+def test_churn_long_form_with_200_sessions_for_5_minutes(
     churn_server: EmbeddedPostgres, tmp_path: Path, pg_major: int
 ) -> None:
     run_churn(
         churn_server,
         tmp_path,
         clients=int(_size("PG_REAPER_CHURN_CLIENTS", 200)),
-        seconds=_size("PG_REAPER_CHURN_SECONDS", 120),
+        seconds=_size("PG_REAPER_CHURN_SECONDS", 300),
         seed=pg_major + 1000,
     )
 
