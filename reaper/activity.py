@@ -94,7 +94,30 @@ _ALLOW_CONNECTIONS_HINTS = {
 AUDIT_EXISTS_SQL = _query("audit_exists")
 AUDIT_CREATE_SQL = _query("audit_create")
 AUDIT_INSERT_SQL = _query("audit_insert")
-AUDIT_INSERT_WITHOUT_INSTANCE_SQL = _query("audit_insert_without_instance")
+# The audit table's columns as the reaper writes them, each with the type of its array parameter.
+AUDIT_COLUMNS = (
+    ("logged_at", "timestamptz"),
+    ("event", "text"),
+    ("server", "text"),
+    ("policy", "text"),
+    ("action", "text"),
+    ("dry_run", "boolean"),
+    ("result", "text"),
+    ("pid", "integer"),
+    ("backend_start", "timestamptz"),
+    ("database", "text"),
+    ("user", "text"),
+    ("application", "text"),
+    ("client_addr", "text"),
+    ("state", "text"),
+    ("idle_seconds", "double precision"),
+    ("transaction_seconds", "double precision"),
+    ("connection_seconds", "double precision"),
+    ("reason", "text"),
+    ("detail", "text"),
+    ("query", "text"),
+    ("instance", "text"),
+)
 AUDIT_ADD_INSTANCE_SQL = _query("audit_add_instance")
 
 
@@ -546,7 +569,7 @@ class AuditConnection(ServerConnection):
         self._table = sql.Identifier(*table)
         self._index = sql.Identifier(_index_name(table[-1]))
         self._checked: object = None  # the connection on which the table was found or made
-        self._insert_sql = AUDIT_INSERT_SQL
+        self._insert_sql = _audit_insert(self._table, with_instance=True)
         # Set when an older table lacks the instance column and it could not be added.
         self.outdated: str | None = None
 
@@ -556,7 +579,7 @@ class AuditConnection(ServerConnection):
             return
         self._ensure_table()
         params = {column: [row[column] for row in rows] for column in rows[0]}
-        self._run(sql.SQL(self._insert_sql).format(table=self._table), params)
+        self._run(self._insert_sql, params)
 
     def interrupt(self) -> None:
         """From another thread: cut short a statement waiting on a hung server."""
@@ -571,7 +594,8 @@ class AuditConnection(ServerConnection):
             return
         qualified = self._table.as_string(conn)
         found = self._run(AUDIT_EXISTS_SQL, {"table": qualified})[0]
-        self._insert_sql, self.outdated = AUDIT_INSERT_SQL, None
+        self._insert_sql = _audit_insert(self._table, with_instance=True)
+        self.outdated = None
         if not found["present"]:
             self._run(sql.SQL(AUDIT_CREATE_SQL).format(table=self._table, index=self._index))
         elif not found["has_instance"]:
@@ -582,7 +606,8 @@ class AuditConnection(ServerConnection):
             except PostgresError as exc:
                 if self._conn is None:
                     raise  # the connection was lost: try again later
-                self._insert_sql, self.outdated = AUDIT_INSERT_WITHOUT_INSTANCE_SQL, str(exc)
+                self._insert_sql = _audit_insert(self._table, with_instance=False)
+                self.outdated = str(exc)
         self._checked = conn
 
     def _run(
@@ -593,6 +618,18 @@ class AuditConnection(ServerConnection):
         except psycopg.Error as exc:  # refused by the server: no privilege, no schema, ...
             self._checked = None  # the table may have been dropped: look again next time
             raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+
+
+def _audit_insert(table: sql.Identifier, *, with_instance: bool) -> sql.Composed:
+    """audit_insert.sql for `table`, with or without the `instance` column."""
+    columns = [(c, t) for c, t in AUDIT_COLUMNS if with_instance or c != "instance"]
+    return sql.SQL(AUDIT_INSERT_SQL).format(
+        table=table,
+        columns=sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns),
+        arrays=sql.SQL(", ").join(
+            sql.SQL("{}::{}[]").format(sql.Placeholder(c), sql.SQL(t)) for c, t in columns
+        ),
+    )
 
 
 def _index_name(table: str) -> str:

@@ -19,7 +19,7 @@ import threading
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from reaper.activity import AuditConnection, PostgresError
+from reaper.activity import AUDIT_COLUMNS, AuditConnection, PostgresError
 from reaper.ha import default_instance_id
 from reaper.log import get_logger
 
@@ -55,30 +55,8 @@ REASON_WRITE = "write"
 REASON_DROPPED = "dropped"
 ERROR_REASONS = (REASON_WRITE, REASON_DROPPED)
 
-# The columns of the table, in the order of reaper/sql/audit_insert.sql; every row has them all.
-COLUMNS = (
-    "logged_at",
-    "event",
-    "server",
-    "policy",
-    "action",
-    "dry_run",
-    "result",
-    "pid",
-    "backend_start",
-    "database",
-    "user",
-    "application",
-    "client_addr",
-    "state",
-    "idle_seconds",
-    "transaction_seconds",
-    "connection_seconds",
-    "reason",
-    "detail",
-    "query",
-    "instance",
-)
+# The columns of the table (reaper/activity.py writes them); every row has them all.
+COLUMNS = tuple(column for column, _type in AUDIT_COLUMNS)
 
 
 # --- the table name ----------------------------------------------------------------------------

@@ -1,14 +1,7 @@
 -- One batch of audit rows, one array per column: a single statement, so all or none of the
--- batch is written (autocommit) and one round trip carries it.
-INSERT INTO {table} (logged_at, event, server, policy, action, dry_run, result, pid,
-                     backend_start, database, "user", application, client_addr, state,
-                     idle_seconds, transaction_seconds, connection_seconds, reason, detail, query,
-                     instance)
+-- batch is written (autocommit) and one round trip carries it. {columns} and {arrays} come from
+-- reaper/activity.py's AUDIT_COLUMNS (without `instance` for a table made by an earlier
+-- pg-reaper that the reaper's role may not alter, docs/audit.md).
+INSERT INTO {table} ({columns})
 SELECT *
-FROM unnest(%(logged_at)s::timestamptz[], %(event)s::text[], %(server)s::text[],
-            %(policy)s::text[], %(action)s::text[], %(dry_run)s::boolean[], %(result)s::text[],
-            %(pid)s::integer[], %(backend_start)s::timestamptz[], %(database)s::text[],
-            %(user)s::text[], %(application)s::text[], %(client_addr)s::text[],
-            %(state)s::text[], %(idle_seconds)s::double precision[],
-            %(transaction_seconds)s::double precision[], %(connection_seconds)s::double precision[],
-            %(reason)s::text[], %(detail)s::text[], %(query)s::text[], %(instance)s::text[])
+FROM unnest({arrays})
