@@ -207,11 +207,11 @@ class TimedConnection(ServerConnection):
             self.poll_seconds += time.perf_counter() - started
 
     def signal(
-        self, victims: Sequence[Session], *, action: Action
+        self, victims: Sequence[Session], *, action: Action, lock_key: int | None = None
     ) -> dict[int, tuple[Result, str | None]]:
         started = time.perf_counter()
         try:
-            return super().signal(victims, action=action)
+            return super().signal(victims, action=action, lock_key=lock_key)
         finally:
             self.signal_seconds += time.perf_counter() - started
 
