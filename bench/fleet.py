@@ -32,9 +32,7 @@ import contextlib
 import itertools
 import json
 import os
-import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,19 +40,18 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, NoReturn
+from typing import IO, TYPE_CHECKING
 
+import common
 import psycopg
 import tomli_w
-from reaction_latency import load_average, machine
 
 from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from types import FrameType
 
     from psycopg.rows import TupleRow
 
@@ -70,7 +67,6 @@ FIRST_ROUND_TIMEOUT = 120.0
 SAMPLE_PERIOD = 5.0
 STOP_TIMEOUT = 15.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 # --------------------------------------------------------------------------- a daemon
@@ -125,7 +121,7 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=_daemon_env(),
+            env=common.daemon_env(),
         )
         assert self.proc.stderr is not None
         self._thread = threading.Thread(
@@ -184,28 +180,10 @@ class Daemon:
         self._thread.join(5.0)
 
 
-def _daemon_env() -> dict[str, str]:
-    dropped = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PG_REAPER_") and key not in dropped
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def write_config(path: Path, servers: Sequence[EmbeddedPostgres], entries: int) -> None:
     config = {
         "reaper": {"interval": "30s"},
-        "metrics": {"listen": f"127.0.0.1:{_free_port()}"},
+        "metrics": {"listen": f"127.0.0.1:{common.free_port()}"},
         "log": {"format": "json", "level": "info"},
         "servers": [
             {
@@ -449,22 +427,14 @@ def notes(daemons: Sequence[Daemon], results: Sequence[Measured]) -> list[str]:
     return found
 
 
-def _command() -> str:
-    python = os.path.relpath(sys.executable) if sys.executable else "python"
-    return shlex.join([python, *sys.argv])
-
-
 def append_results(
     *, info: list[str], args: argparse.Namespace, body: str, ratios: list[str], sentence: str
 ) -> None:
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = [
-        f"## {now}: fleet, one daemon watching {args.entries} server entries",
-        "",
-        *info,
-        f"- Command: `{_command()}`",
-        (
-            f"- Workload: {args.servers} PostgreSQL servers (max_connections 200), each with "
+    common.append_results(
+        title=f"fleet, one daemon watching {args.entries} server entries",
+        info=info,
+        workload=(
+            f"{args.servers} PostgreSQL servers (max_connections 200), each with "
             f"{SESSIONS_PER_SERVER} idle sessions, listed {args.entries // args.servers} times "
             f'each as {args.entries} `[[servers]]` entries with `interval = "{INTERVAL:g}s"`; '
             'policies idle and stuck-transactions with `max_idle = "1h"` (nothing eligible); '
@@ -473,27 +443,13 @@ def append_results(
             f"{args.duration:g} s, opened {SETTLE:g} s after every entry had completed its first "
             "poll."
         ),
-        "",
-        body,
-        "",
-        *ratios,
-        "",
-        sentence,
-        "",
-    ]
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in this directory; newest last.\n\n"
-        )
-    with RESULTS.open("a") as out:
-        out.write("\n".join(section) + "\n")
+        body=body,
+        ratios=ratios,
+        sentence=sentence,
+    )
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -504,7 +460,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--entries", type=int, default=500, help="server entries (500)")
     parser.add_argument("--servers", type=int, default=4, help="real servers behind them (4)")
     parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
-    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     if args.duration < 3 * INTERVAL or args.servers < 1 or args.entries < args.servers:
         parser.error("--duration must be >= 30 and --entries >= --servers >= 1")
@@ -532,8 +488,6 @@ def _polled_all(wanted: set[str]) -> Callable[[Daemon], bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     servers: list[EmbeddedPostgres] = []
     sessions: list[psycopg.Connection[TupleRow]] = []
     daemons: list[Daemon] = []
@@ -548,8 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             servers.append(pg)
         try:
             sessions = _open_sessions(servers)
-            info = machine(servers[0])
-            load_before = load_average()
+            info = common.machine(servers[0])
+            load_before = common.load_average()
             write_config(work / "fleet.toml", servers, args.entries)
             write_config(work / "baseline.toml", servers, 1)
             names = {
@@ -580,17 +534,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with contextlib.suppress(psycopg.Error):
                     conn.close()
     info.append(
-        f"- load average (1/5/15 min) before the window: {load_before}; after it: {load_average()}"
+        f"- load average (1/5/15 min) before the window: {load_before}; "
+        f"after it: {common.load_average()}"
     )
     body = table(results)
     ratios, sentence = verdict(results[0], results[1])
     found = notes(daemons, results)
-    print("\n".join(info))
-    print()
-    print(body)
-    print()
-    print("\n".join(ratios))
-    print(sentence)
+    common.print_report(info, body, ratios, sentence)
     for line in found:
         print(f"- {line}")
     if not args.no_record:
@@ -601,16 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratios=[*ratios, *(f"- note: {line}" for line in found)],
             sentence=sentence,
         )
-        print(f"\nappended to {RESULTS}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as exc:
-        print(
-            f"interrupted ({exc or 'SIGINT'}); the daemons, sessions and servers are stopped",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+    common.run(main, stopped="the daemons, sessions and servers")

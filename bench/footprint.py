@@ -20,32 +20,26 @@ processes and the server are stopped on exit, on errors, on Ctrl-C and on SIGTER
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
+import common
 import tomli_w
-from reaction_latency import load_average, machine
 
 from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from types import FrameType
 
 TARGET_MB = 60.0
 STOP_TIMEOUT = 15.0
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BASELINE_IMPORTS = "psycopg, pydantic_settings, structlog, prometheus_client, apscheduler"
 PROCESSES = ("daemon", "baseline", "imports")
 
@@ -77,28 +71,10 @@ def read_memory(pid: int) -> Memory:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _env() -> dict[str, str]:
-    dropped = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PG_REAPER_") and key not in dropped
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def write_config(path: Path, pg: EmbeddedPostgres) -> None:
     config = {
         "reaper": {"interval": "30s"},
-        "metrics": {"listen": f"127.0.0.1:{_free_port()}"},
+        "metrics": {"listen": f"127.0.0.1:{common.free_port()}"},
         "log": {"format": "json", "level": "info"},
         "servers": [{"name": "primary", "dsn": pg.dsn()}],
         "policies": [
@@ -150,7 +126,7 @@ def one_run(pg: EmbeddedPostgres, work: Path, settle: float) -> tuple[dict[str, 
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=log if name == "daemon" else subprocess.DEVNULL,
-                    env=_env(),
+                    env=common.daemon_env(),
                 )
             time.sleep(settle)
             for name, proc in procs.items():
@@ -237,48 +213,26 @@ def verdict(runs: Sequence[dict[str, Memory]]) -> tuple[list[str], str]:
     return lines, sentence
 
 
-def _command() -> str:
-    python = os.path.relpath(sys.executable) if sys.executable else "python"
-    return shlex.join([python, *sys.argv])
-
-
 def append_results(
     *, info: list[str], args: argparse.Namespace, body: str, ratios: list[str], sentence: str
 ) -> None:
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = [
-        f"## {now}: footprint of an idle daemon with one server",
-        "",
-        *info,
-        f"- Command: `{_command()}`",
-        (
-            f"- Workload: the three processes started side by side, memory read from "
+    common.append_results(
+        title="footprint of an idle daemon with one server",
+        info=info,
+        workload=(
+            f"the three processes started side by side, memory read from "
             f"/proc/<pid>/status {args.settle:g} s later; {args.runs} run(s). The daemon: one "
             "server (embedded PostgreSQL, Unix socket), policies idle 15m and "
             "stuck-transactions 5m/1h, metrics listening on 127.0.0.1 (not scraped), JSON logs "
             "to a file."
         ),
-        "",
-        body,
-        "",
-        *ratios,
-        "",
-        sentence,
-        "",
-    ]
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in this directory; newest last.\n\n"
-        )
-    with RESULTS.open("a") as out:
-        out.write("\n".join(section) + "\n")
+        body=body,
+        ratios=ratios,
+        sentence=sentence,
+    )
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -286,7 +240,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=30.0, help="seconds before reading (30)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (3)")
     parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
-    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     if args.settle <= 0 or args.runs < 1:
         parser.error("--settle must be positive and --runs at least 1")
@@ -295,8 +249,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     runs: list[dict[str, Memory]] = []
     notes: list[str] = []
     print(f"starting PostgreSQL {args.major} ...", file=sys.stderr)
@@ -304,8 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         EmbeddedPostgres(major=args.major) as pg,
         tempfile.TemporaryDirectory(prefix="pg-reaper-bench-") as tmp,
     ):
-        info = machine(pg)
-        load_before = load_average()
+        info = common.machine(pg)
+        load_before = common.load_average()
         for n in range(args.runs):
             print(f"run {n + 1}/{args.runs}: {args.settle:g} s ...", file=sys.stderr)
             memory, found = one_run(pg, Path(tmp), args.settle)
@@ -313,16 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes.extend(f"run {n + 1}: {line}" for line in found)
     info.append(
         f"- load average (1/5/15 min) before the first run: {load_before}; "
-        f"after the last: {load_average()}"
+        f"after the last: {common.load_average()}"
     )
     body = table(runs)
     ratios, sentence = verdict(runs)
-    print("\n".join(info))
-    print()
-    print(body)
-    print()
-    print("\n".join(ratios))
-    print(sentence)
+    common.print_report(info, body, ratios, sentence)
     for note in notes:
         print(f"- {note}")
     if not args.no_record:
@@ -333,16 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratios=[*ratios, *(f"- note: {n}" for n in notes)],
             sentence=sentence,
         )
-        print(f"\nappended to {RESULTS}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as exc:
-        print(
-            f"interrupted ({exc or 'SIGINT'}); the processes and the server are stopped",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+    common.run(main, stopped="the processes and the server")

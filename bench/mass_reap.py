@@ -29,9 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
-import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,13 +37,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
+import common
 import psycopg
 import tomli_w
-from reaction_latency import load_average, machine
 
 from reaper.activity import ServerConnection
 from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
@@ -56,7 +52,6 @@ from reaper.sweep import connect, sweep
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from types import FrameType
 
     from psycopg.rows import TupleRow
 
@@ -72,7 +67,6 @@ OBSERVER_PERIOD = 0.01
 GONE_TIMEOUT = 60.0
 OPEN_WORKERS = 8
 METHODS = ("floor", "sweep", "once")
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 FLOOR_SQL = (
     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
     "WHERE backend_type = 'client backend' AND application_name = %(app)s "
@@ -101,17 +95,6 @@ class Run:
 # --------------------------------------------------------------------------- sessions
 
 
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard == resource.RLIM_INFINITY else max(soft, hard)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    if wanted != resource.RLIM_INFINITY and wanted < needed:
-        raise SystemExit(
-            f"the file-descriptor limit is {wanted}, {needed} are needed: raise the hard limit"
-        )
-
-
 def open_sessions(dsn: str, count: int) -> list[psycopg.Connection[TupleRow]]:
     """Open `count` idle sessions, several at a time (the server forks one backend each)."""
 
@@ -123,16 +106,9 @@ def open_sessions(dsn: str, count: int) -> list[psycopg.Connection[TupleRow]]:
         with ThreadPoolExecutor(OPEN_WORKERS) as pool:
             opened.extend(pool.map(one, range(count)))
     except BaseException:
-        close_sessions(opened)
+        common.close_sessions(opened)
         raise
     return opened
-
-
-def close_sessions(sessions: list[psycopg.Connection[TupleRow]]) -> None:
-    for conn in sessions:
-        with contextlib.suppress(psycopg.Error, OSError):
-            conn.close()
-    sessions.clear()
 
 
 def count_left(conn: psycopg.Connection[TupleRow]) -> int:
@@ -276,7 +252,7 @@ def run_once(config: Path, log_path: Path, pg: EmbeddedPostgres, count: int, rnd
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
-            env=clean_env(),
+            env=common.daemon_env(),
             check=False,
             timeout=120,
         )
@@ -307,12 +283,6 @@ def read_events(path: Path) -> list[dict[str, Any]]:
             if isinstance(value, dict):
                 events.append(value)
     return events
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG_REAPER_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def write_config(path: Path, pg: EmbeddedPostgres) -> None:
@@ -352,7 +322,7 @@ def one_round(  # the three methods, each on a fresh set of sessions
             else:
                 run = run_once(config, log_path, pg, count, rnd)
         finally:
-            close_sessions(sessions)
+            common.close_sessions(sessions)
         if not wait_until_gone(watcher, timeout=GONE_TIMEOUT):
             run.notes.append(f"sessions still there {GONE_TIMEOUT:g} s later")
             watcher.execute(FLOOR_SQL, {"app": APPLICATION})
@@ -472,22 +442,14 @@ def verdict(runs: Sequence[Run]) -> tuple[list[str], str]:
     return lines, sentence
 
 
-def _command() -> str:
-    python = os.path.relpath(sys.executable) if sys.executable else "python"
-    return shlex.join([python, *sys.argv])
-
-
 def append_results(
     *, info: list[str], args: argparse.Namespace, body: str, ratios: list[str], sentence: str
-) -> list[str]:
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = [
-        f"## {now}: mass reap, {args.sessions} idle sessions, pg-reaper vs one statement",
-        "",
-        *info,
-        f"- Command: `{_command()}`",
-        (
-            f"- Workload: per run a fresh set of {args.sessions} idle sessions "
+) -> None:
+    common.append_results(
+        title=f"mass reap, {args.sessions} idle sessions, pg-reaper vs one statement",
+        info=info,
+        workload=(
+            f"per run a fresh set of {args.sessions} idle sessions "
             f"(`application_name = '{APPLICATION}'`, {OPEN_WORKERS} threads opening them), "
             f"all idle > {MAX_IDLE:g} s; {args.rounds} round(s), each running floor, sweep and "
             'once in rotated order. Policy `states = ["idle"]`, '
@@ -500,28 +462,13 @@ def append_results(
             "logs to a file. `all gone`: from the start until an observer (10 ms) sees none "
             "of the sessions in pg_stat_activity."
         ),
-        "",
-        body,
-        "",
-        *ratios,
-        "",
-        sentence,
-        "",
-    ]
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in this directory; newest last.\n\n"
-        )
-    with RESULTS.open("a") as out:
-        out.write("\n".join(section) + "\n")
-    return section
+        body=body,
+        ratios=ratios,
+        sentence=sentence,
+    )
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -529,7 +476,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=2000, help="sessions per run (2000)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of floor/sweep/once (5)")
     parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
-    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.rounds < 1:
         parser.error("--sessions and --rounds must be positive")
@@ -538,11 +485,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     for key in [k for k in os.environ if k.startswith("PG_REAPER_")]:
         del os.environ[key]  # the in-process sweep reads overrides from the environment too
-    raise_fd_limit(args.sessions + 200)
+    common.raise_fd_limit(args.sessions + 200)
     runs: list[Run] = []
     print(f"starting PostgreSQL {args.major} ...", file=sys.stderr)
     settings = {"max_connections": str(max(2500, args.sessions + 100))}
@@ -553,23 +498,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         work = Path(tmp)
         write_config(work / "config.toml", pg)
-        info = machine(pg)
-        load_before = load_average()
+        info = common.machine(pg)
+        load_before = common.load_average()
         for rnd in range(args.rounds):
             runs.extend(one_round(pg, work=work, count=args.sessions, rnd=rnd, watcher=watcher))
     info.append(
         f"- load average (1/5/15 min) before the first run: {load_before}; "
-        f"after the last: {load_average()}"
+        f"after the last: {common.load_average()}"
     )
     body = table(runs)
     ratios, sentence = verdict(runs)
     notes = [f"{r.method} round {r.round + 1}: {n}" for r in runs for n in r.notes]
-    print("\n".join(info))
-    print()
-    print(body)
-    print()
-    print("\n".join(ratios))
-    print(sentence)
+    common.print_report(info, body, ratios, sentence)
     for note in notes:
         print(f"- {note}")
     if not args.no_record:
@@ -580,15 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratios=[*ratios, *(f"- note: {n}" for n in notes)],
             sentence=sentence,
         )
-        print(f"\nappended to {RESULTS}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as exc:
-        print(
-            f"interrupted ({exc or 'SIGINT'}); the server and sessions are stopped", file=sys.stderr
-        )
-        sys.exit(130)
+    common.run(main, stopped="the server and sessions")

@@ -38,29 +38,21 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import resource
-import shlex
-import signal
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
+import common
 import psycopg
-from reaction_latency import load_average, machine
 
 from reaper.activity import POLL_BACKEND_ROLES_SQL, POLL_SQL, poll_reads_every_role
 from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from types import FrameType
 
     from psycopg.rows import TupleRow
 
@@ -70,7 +62,6 @@ REAPER_ROLE = "bench_reaper"
 TARGET_RATIO = 1.0
 OPEN_WORKERS = 8
 WARMUP = 5
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PARAMS = {"include_query": False}
 
 BARE_SQL = "SELECT * FROM pg_stat_activity"
@@ -190,17 +181,6 @@ class Step:
 # --------------------------------------------------------------------------- sessions
 
 
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard == resource.RLIM_INFINITY else max(soft, hard)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    if wanted != resource.RLIM_INFINITY and wanted < needed:
-        raise SystemExit(
-            f"the file-descriptor limit is {wanted}, {needed} are needed: raise the hard limit"
-        )
-
-
 def open_sessions(
     pg: EmbeddedPostgres, sessions: list[psycopg.Connection[TupleRow]], target: int
 ) -> str | None:
@@ -220,13 +200,6 @@ def open_sessions(
             except psycopg.Error as exc:
                 error = error or " ".join(str(exc).split())
     return error
-
-
-def close_sessions(sessions: list[psycopg.Connection[TupleRow]]) -> None:
-    for conn in sessions:
-        with contextlib.suppress(psycopg.Error, OSError):
-            conn.close()
-    sessions.clear()
 
 
 def prepare_roles(pg: EmbeddedPostgres, extra: int) -> None:
@@ -366,23 +339,15 @@ def verdict(steps: Sequence[Step], refused: str | None) -> tuple[list[str], str]
     return lines, sentence
 
 
-def _command() -> str:
-    python = os.path.relpath(sys.executable) if sys.executable else "python"
-    return shlex.join([python, *sys.argv])
-
-
 def append_results(
     *, info: list[str], args: argparse.Namespace, body: str, ratios: list[str], sentence: str
 ) -> None:
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     variants = "; ".join(f"{v.name}: {v.description}" for v in VARIANTS)
-    section = [
-        f"## {now}: poll query cost vs SELECT * FROM pg_stat_activity",
-        "",
-        *info,
-        f"- Command: `{_command()}`",
-        (
-            f"- Workload: idle sessions in steps of {args.steps} as {len(ROLES)} ordinary roles "
+    common.append_results(
+        title="poll query cost vs SELECT * FROM pg_stat_activity",
+        info=info,
+        workload=(
+            f"idle sessions in steps of {args.steps} as {len(ROLES)} ordinary roles "
             f"({args.extra_roles} more roles without sessions); "
             f"queries run as prepared statements by a role with pg_read_all_stats and "
             f"pg_signal_backend; {args.repetitions} repetitions per step, order rotated each "
@@ -392,27 +357,13 @@ def append_results(
             "backend, including background processes; poll: sessions, roles, databases and "
             "the clock row)."
         ),
-        "",
-        body,
-        "",
-        *ratios,
-        "",
-        sentence,
-        "",
-    ]
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in this directory; newest last.\n\n"
-        )
-    with RESULTS.open("a") as out:
-        out.write("\n".join(section) + "\n")
+        body=body,
+        ratios=ratios,
+        sentence=sentence,
+    )
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _steps(text: str) -> list[int]:
@@ -437,7 +388,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--extra-roles", type=int, default=0, help="roles without sessions to create first (0)"
     )
-    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     if args.repetitions < 2:
         parser.error("--repetitions must be at least 2")
@@ -446,10 +397,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     top = args.steps[-1]
-    raise_fd_limit(top + 200)
+    common.raise_fd_limit(top + 200)
     steps: list[Step] = []
     sessions: list[psycopg.Connection[TupleRow]] = []
     refused: str | None = None
@@ -458,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with EmbeddedPostgres(major=args.major, settings=settings) as pg:
         try:
             prepare_roles(pg, args.extra_roles)
-            info = machine(pg)
-            load_before = load_average()
+            info = common.machine(pg)
+            load_before = common.load_average()
             with psycopg.connect(
                 pg.dsn(user=REAPER_ROLE), autocommit=True, application_name="bench-poller"
             ) as conn:
@@ -473,30 +422,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if refused:
                         break
         finally:
-            close_sessions(sessions)
+            common.close_sessions(sessions)
     info.append(
         f"- load average (1/5/15 min) before the first step: {load_before}; "
-        f"after the last: {load_average()}"
+        f"after the last: {common.load_average()}"
     )
     body = table(steps)
     ratios, sentence = verdict(steps, refused)
-    print("\n".join(info))
-    print()
-    print(body)
-    print()
-    print("\n".join(ratios))
-    print(sentence)
+    common.print_report(info, body, ratios, sentence)
     if not args.no_record:
         append_results(info=info, args=args, body=body, ratios=ratios, sentence=sentence)
-        print(f"\nappended to {RESULTS}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as exc:
-        print(
-            f"interrupted ({exc or 'SIGINT'}); the server and sessions are stopped", file=sys.stderr
-        )
-        sys.exit(130)
+    common.run(main, stopped="the server and sessions")

