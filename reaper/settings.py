@@ -390,6 +390,10 @@ class ServerConfig(_Section):
         return activity.redact_conninfo(self.dsn.get_secret_value())
 
 
+# A policy's age thresholds, in the order its reasons name them.
+THRESHOLDS = ("max_idle", "max_runtime", "max_transaction_age", "max_connection_age")
+
+
 class PolicyConfig(_Section):
     name: Name
     states: tuple[str, ...] = IDLE_STATES
@@ -429,9 +433,8 @@ class PolicyConfig(_Section):
 
     @model_validator(mode="after")
     def _thresholds(self) -> Self:
-        thresholds = ("max_idle", "max_runtime", "max_transaction_age", "max_connection_age")
-        if all(getattr(self, t) is None for t in thresholds):
-            raise ValueError("needs at least one of " + ", ".join(thresholds))
+        if all(getattr(self, t) is None for t in THRESHOLDS):
+            raise ValueError("needs at least one of " + ", ".join(THRESHOLDS))
         active = [s for s in self.states if s in ACTIVE_STATES]
         if self.max_idle is not None and active:
             raise ValueError(
@@ -460,11 +463,7 @@ class PolicyConfig(_Section):
     # Cached: the policy engine reads them for every session of every poll.
     @cached_property
     def thresholds(self) -> dict[str, timedelta]:
-        return {
-            key: value
-            for key in ("max_idle", "max_runtime", "max_transaction_age", "max_connection_age")
-            if (value := getattr(self, key)) is not None
-        }
+        return {key: value for key in THRESHOLDS if (value := getattr(self, key)) is not None}
 
     @cached_property
     def limits(self) -> tuple[tuple[str, float], ...]:
