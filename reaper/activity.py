@@ -18,11 +18,20 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import Format
 from psycopg.rows import dict_row
 
 from reaper import APPLICATION_NAME, deadlines
-from reaper.policy import Result, RoleConnections, ServerFacts, Session
+from reaper.policy import (
+    CLIENT_BACKEND,
+    DROPPED_ROLE,
+    Result,
+    RoleConnections,
+    ServerFacts,
+    Session,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -41,9 +50,9 @@ __all__ = [
 ]
 
 Action = Literal["terminate", "cancel"]
-_SIGNAL_FUNCTIONS: dict[Action, str] = {
-    "terminate": "pg_terminate_backend",
-    "cancel": "pg_cancel_backend",
+_SIGNAL_FUNCTIONS: dict[Action, sql.Identifier] = {
+    "terminate": sql.Identifier("pg_catalog", "pg_terminate_backend"),
+    "cancel": sql.Identifier("pg_catalog", "pg_cancel_backend"),
 }
 _SIGNALLED: dict[Action, Result] = {"terminate": Result.TERMINATED, "cancel": Result.CANCELLED}
 _SECRET_KEYS = frozenset({"password", "sslpassword"})
@@ -61,6 +70,35 @@ def _query(name: str) -> str:
     return files("reaper.sql").joinpath(f"{name}.sql").read_text(encoding="utf-8")
 
 
+# The reaper's own session, pinned in the startup packet (libpq's `options`): PostgreSQL ranks
+# these above ALTER DATABASE/ROLE ... SET and postgresql.conf, so a database owner, a role
+# setting or an odd server default can neither run code as the reaper (search_path: every
+# function and relation in reaper/sql is schema-qualified too), nor skew how it reads values
+# (DateStyle, IntervalStyle, TimeZone), nor cancel, kill or slow its session (the timeouts,
+# parallel query and JIT), nor make its writes fail (read-only default). Every one of these exists
+# on PostgreSQL 14-18; transaction_timeout (17+) is pinned where the server knows it.
+PINNED_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("search_path", "pg_catalog, pg_temp"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("idle_session_timeout", "0"),
+    ("default_transaction_isolation", "read committed"),
+    ("default_transaction_read_only", "off"),
+    ("default_tablespace", ""),
+    ("max_parallel_workers_per_gather", "0"),
+    ("jit", "off"),
+    ("standard_conforming_strings", "on"),
+)
+PINNED_SETTINGS_17 = (("transaction_timeout", "0"),)
+# Text comes back as the server stores it: no conversion, hence no server error for a name made
+# in a SQL_ASCII database that is not valid in the client's encoding; pg-reaper decodes it.
+CLIENT_ENCODING = "SQL_ASCII"
+# The settings the server reports (GUC_REPORT) that the environment could still change: libpq
+# sends PGDATESTYLE and PGTZ as startup parameters of their own, which outrank `options`.
+_REPORTED = {"DateStyle": "ISO, MDY", "IntervalStyle": "postgres", "TimeZone": "UTC"}
 SESSION_SETTINGS_SQL = _query("session_settings")
 FACTS_SQL = _query("facts")
 # One statement: session, role, database and clock rows (see poll.sql), put together by poll();
@@ -75,7 +113,6 @@ HA_SESSION_SQL = _query("ha_session")
 DOCTOR_SQL = {
     name: _query(f"doctor_{name}") for name in ("server", "connections", "limits", "overrides")
 }
-DOCTOR_RESET_TIMEOUTS_SQL = _query("doctor_reset_timeouts")
 DOCTOR_TIMEOUTS_SQL = _query("doctor_timeouts")
 # `pg-reaper kill --block-connections` and `unblock` (reaper/operate.py): {database} is filled in
 # as an identifier, {allow} as the keyword true or false.
@@ -166,6 +203,47 @@ def _clean_error(exc: BaseException, password: str | None) -> str:
     return message
 
 
+def _options_word(text: str) -> str:
+    """One word of libpq's `options`, which splits at white space and takes a backslash as an
+    escape."""
+    return re.sub(r"([\\\s])", r"\\\1", text)
+
+
+def pinned_options(
+    dsn_options: str | None, *, statement_timeout_ms: int, pin_timeouts: bool, v17: bool
+) -> str:
+    """libpq's `options` for the reaper's session: the DSN's own (or $PGOPTIONS) first, then
+    pg-reaper's pins, which come later and so win. Without `pin_timeouts` the session keeps the
+    timeouts a client of its role and database gets (what `doctor` reports)."""
+    pins = [(k, v) for k, v in PINNED_SETTINGS if pin_timeouts or not k.endswith("_timeout")]
+    if pin_timeouts:
+        pins.append(("statement_timeout", str(statement_timeout_ms)))
+        if v17:
+            pins.extend(PINNED_SETTINGS_17)
+    words = [f"-c {_options_word(f'{name}={value}')}" for name, value in pins]
+    return " ".join([*([dsn_options] if dsn_options else []), *words])
+
+
+class _Utf8Loader(Loader):
+    """Text read as UTF-8 whatever the session's encoding; bytes that are not UTF-8 (a role or
+    database named in a SQL_ASCII database, say) come out as ``\\xNN`` escapes instead of failing
+    the poll."""
+
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode("utf-8", "backslashreplace")
+
+
+class _Utf8BinaryLoader(_Utf8Loader):
+    format = Format.BINARY
+
+
+def _read_text_as_utf8(conn: psycopg.Connection[Any]) -> None:
+    for loader in (_Utf8Loader, _Utf8BinaryLoader):
+        for name in ("text", "varchar", "bpchar", "name", '"char"'):
+            conn.adapters.register_loader(name, loader)
+    conn.adapters.register_loader(0, _Utf8Loader)  # unknown: a literal without a type
+
+
 # --- the poll ----------------------------------------------------------------------------------
 
 
@@ -196,11 +274,14 @@ def _session(
     database = databases.get(row["database_oid"])
     if row["backend_type"] is None and (role is None or database is None):
         return None
+    user = None if role is None else role["name"]
+    if role is None and row["role_oid"] is not None:
+        user = DROPPED_ROLE  # its role was dropped while it stayed connected
     return Session(
         pid=row["pid"],
         backend_type=row["backend_type"] or "unknown",
         database=database,
-        user=None if role is None else role["name"],
+        user=user,
         application=row["application_name"] or "",
         client_addr=row["client_addr"],
         state=row["state"],
@@ -238,7 +319,7 @@ class Leadership:
 class ServerConnection:
     """The reaper's one persistent autocommit session on one server; reconnects when lost."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only settings of one session
         self,
         *,
         dsn: str,
@@ -247,11 +328,17 @@ class ServerConnection:
         statement_timeout: timedelta,
         dbname: str | None = None,
         ha: bool = False,
+        pin_timeouts: bool = True,
     ) -> None:
         self._dsn = dsn
         self._dbname = dbname  # overrides the DSN's: [ha] lock_database
         self._ha = ha  # server-side TCP keepalives, so that a vanished leader frees its lock
+        self._pin_timeouts = pin_timeouts
+        # Whether the server knows the settings of PostgreSQL 17+: tried first, learned from a
+        # refusal (an unknown setting in the startup packet is fatal) or from server_version.
+        self._v17 = True
         self._password_file = password_file
+        self._timeouts = (connect_timeout, statement_timeout)
         self._connect_timeout = max(1, round(connect_timeout.total_seconds()))
         self._statement_timeout_ms = max(1, round(statement_timeout.total_seconds() * 1000))
         self._answer_deadline = statement_timeout.total_seconds() + _ANSWER_GRACE_SECONDS
@@ -270,29 +357,11 @@ class ServerConnection:
             return
         self.close()
         password = self._read_password()
-        kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "row_factory": dict_row,
-            # Forced over whatever the DSN says: other pg-reapers recognise and spare it.
-            "application_name": APPLICATION_NAME,
-            "connect_timeout": self._connect_timeout,
-        }
-        if password is not None:
-            kwargs["password"] = password
-        if self._dbname is not None:
-            kwargs["dbname"] = self._dbname
-        try:
-            conn = psycopg.Connection.connect(self._dsn, **kwargs)
-        except psycopg.Error as exc:
-            message = f"cannot connect to {self.target}: {_clean_error(exc, password)}"
-            raise PostgresError(message) from None
+        conn = self._open(password)
         conn.add_notice_handler(lambda _notice: None)  # "PID n is not a PostgreSQL backend"
+        _read_text_as_utf8(conn)
         try:
-            self._answered(
-                conn, SESSION_SETTINGS_SQL, {"statement_timeout": self._statement_timeout_ms}
-            )
-            if self._ha:
-                self._answered(conn, HA_SESSION_SQL, None)
+            self._settle(conn)
         except psycopg.Error as exc:
             conn.close()
             message = f"cannot set up session on {self.target}: {_clean_error(exc, None)}"
@@ -302,6 +371,60 @@ class ServerConnection:
         self.sessions_opened += 1
         self._roles_seen = None
         self._every_role = True
+
+    def _open(self, password: str | None) -> psycopg.Connection[dict[str, Any]]:
+        """A new session with pg-reaper's settings pinned in its startup packet."""
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "row_factory": dict_row,
+            # Forced over whatever the DSN says: other pg-reapers recognise and spare it.
+            "application_name": APPLICATION_NAME,
+            "connect_timeout": self._connect_timeout,
+            "client_encoding": CLIENT_ENCODING,
+        }
+        if password is not None:
+            kwargs["password"] = password
+        if self._dbname is not None:
+            kwargs["dbname"] = self._dbname
+        dsn_options = parse_conninfo(self._dsn).get("options") or os.environ.get("PGOPTIONS")
+        while True:
+            kwargs["options"] = pinned_options(
+                dsn_options,
+                statement_timeout_ms=self._statement_timeout_ms,
+                pin_timeouts=self._pin_timeouts,
+                v17=self._v17,
+            )
+            try:
+                return psycopg.Connection.connect(self._dsn, **kwargs)
+            except psycopg.Error as exc:
+                # PostgreSQL 14-16 refuse a setting they do not know: try once without it.
+                if self._v17 and self._pin_timeouts and '"transaction_timeout"' in str(exc):
+                    self._v17 = False
+                    continue
+                message = f"cannot connect to {self.target}: {_clean_error(exc, password)}"
+                raise PostgresError(message) from None
+
+    def _settle(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        """What the startup packet could not settle: a setting the environment overrode
+        (PGDATESTYLE, PGTZ), transaction_timeout on a server upgraded to 17+ since the first
+        session, and [ha]'s keepalives."""
+        settings = {
+            name: value
+            for name, value in _REPORTED.items()
+            if conn.info.parameter_status(name) != value
+        }
+        v17 = conn.info.server_version >= 170000
+        if v17 and not self._v17 and self._pin_timeouts:
+            self._v17 = True
+            settings.update(PINNED_SETTINGS_17)
+        if settings:
+            self._answered(
+                conn,
+                SESSION_SETTINGS_SQL,
+                {"names": list(settings), "values": list(settings.values())},
+            )
+        if self._ha:
+            self._answered(conn, HA_SESSION_SQL, None)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -345,9 +468,12 @@ class ServerConnection:
     ) -> list[dict[str, Any]]:
         """Run one statement, severing the connection if no answer comes in time."""
         self._severed = False
+        # The session's encoding is SQL_ASCII (CLIENT_ENCODING): identifiers and the statement go
+        # as UTF-8, as psycopg sends parameters.
+        text = query.as_bytes(None) if isinstance(query, sql.Composable) else query.encode()
         deadline = deadlines.arm(self._answer_deadline, partial(self._sever, conn))
         try:
-            cursor = conn.execute(query, params)
+            cursor = conn.execute(text, params)
             return cursor.fetchall() if cursor.description is not None else []  # DDL, INSERT
         finally:
             deadline.cancel()
@@ -410,9 +536,13 @@ class ServerConnection:
             if (session := _session(row, roles, databases, now)) is not None
         )
         # How full the server is, for connection pressure: counted in the poll's own rows (the
-        # reaper's session included), so that the counts and the sessions agree. Only roles with
-        # sessions (whichever role rows the poll read): a role without is below any share.
-        per_role = Counter(s.user for s in sessions)
+        # reaper's session included), so that the counts and the sessions agree. Client backends
+        # only: a hidden row (no pg_read_all_stats) may be a parallel worker, a background worker
+        # or a walsender, and pressure policies do not act on such counts (ServerFacts). Only
+        # roles with sessions (whichever role rows the poll read): a role without is below any
+        # share.
+        clients = [s for s in sessions if s.backend_type == CLIENT_BACKEND]
+        per_role = Counter(s.user for s in clients)
         limited = tuple(
             RoleConnections(
                 role=role["name"],
@@ -422,7 +552,7 @@ class ServerConnection:
             for role in roles.values()
             if role["connection_limit"] is not None and per_role[role["name"]]
         )
-        facts = replace(facts, client_sessions=len(sessions), roles=limited)
+        facts = replace(facts, client_sessions=len(clients), roles=limited)
         return Snapshot(facts=facts, sessions=sessions)
 
     def lead(self, lock_key: int, *, acquire: bool) -> Leadership:
@@ -440,19 +570,37 @@ class ServerConnection:
         assert self._conn is not None  # noqa: S101 - connect() either sets it or raises
         conn = self._conn
         try:
-            # One transaction: one pg_stat_activity snapshot for every query, and the local
-            # reset of the timeouts below ends with it (rolled back: nothing is written).
+            # One transaction: one pg_stat_activity snapshot for every query (rolled back:
+            # nothing is written).
             with conn.transaction(force_rollback=True):
                 rows = {name: self._answered(conn, sql_, None) for name, sql_ in DOCTOR_SQL.items()}
-                # Last: from here on the server's own statement_timeout applies, not ours.
-                self._answered(conn, DOCTOR_RESET_TIMEOUTS_SQL, None)
-                rows["timeouts"] = self._answered(conn, DOCTOR_TIMEOUTS_SQL, None)
         except psycopg.OperationalError as exc:
             self.close()
             raise PostgresError(self._lost(exc)) from None
         except psycopg.Error as exc:
             raise PostgresError(f"{self.target}: {_clean_error(exc, None)}") from None
+        rows["timeouts"] = self._client_timeouts()
         return rows
+
+    def _client_timeouts(self) -> list[dict[str, Any]]:
+        """doctor_timeouts.sql in a session of its own that pins everything but the timeouts:
+        the timeouts a client of the reaper's role and database gets, and where each comes
+        from (the reaper's own session shows its pins). None readable (a tiny per-role
+        idle_session_timeout, say): no rows, and doctor says what it could read."""
+        connect_timeout, statement_timeout = self._timeouts
+        probe = ServerConnection(
+            dsn=self._dsn,
+            password_file=self._password_file,
+            connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout,
+            dbname=self._dbname,
+            pin_timeouts=False,
+        )
+        with probe:
+            try:
+                return probe._execute(DOCTOR_TIMEOUTS_SQL)
+            except (PostgresError, psycopg.Error):
+                return []
 
     def connection_limits(self) -> dict[str, list[dict[str, Any]]]:
         """The doctor's `connections` and `limits` rows, for `pg-reaper sessions`. Read-only."""
@@ -520,7 +668,7 @@ class ServerConnection:
     def _signal_batch(
         self, victims: Sequence[Session], *, action: Action, lock_key: int | None
     ) -> dict[int, tuple[Result, str | None]]:
-        query = sql.SQL(SIGNAL_SQL).format(signal=sql.Identifier(_SIGNAL_FUNCTIONS[action]))
+        query = sql.SQL(SIGNAL_SQL).format(signal=_SIGNAL_FUNCTIONS[action])
         params = {
             "lock_key": lock_key,
             "pids": [v.pid for v in victims],
@@ -555,7 +703,7 @@ class AuditConnection(ServerConnection):
         self,
         *,
         dsn: str,
-        table: Sequence[str],
+        table: tuple[str, str],
         password_file: Path | None = None,
         connect_timeout: timedelta,
         statement_timeout: timedelta,
@@ -567,6 +715,7 @@ class AuditConnection(ServerConnection):
             statement_timeout=statement_timeout,
         )
         self._table = sql.Identifier(*table)
+        self._schema = table[0]
         self._index = sql.Identifier(_index_name(table[-1]))
         self._checked: object = None  # the connection on which the table was found or made
         self._insert_sql = _audit_insert(self._table, with_instance=True)
@@ -592,8 +741,19 @@ class AuditConnection(ServerConnection):
         conn = self._conn
         if conn is None or conn is self._checked:
             return
-        qualified = self._table.as_string(conn)
-        found = self._run(AUDIT_EXISTS_SQL, {"table": qualified})[0]
+        qualified = self._table.as_string(None)  # UTF-8, as _answered sends it
+        rows = self._run(AUDIT_EXISTS_SQL, {"table": qualified, "schema": self._schema})
+        if not rows:
+            raise PostgresError(f"{self.target}: schema {self._schema!r} does not exist")
+        found = rows[0]
+        for kind in ("schema", "table"):
+            if not found[f"{kind}_trusted"]:
+                raise PostgresError(
+                    f"{self.target}: the audit table's {kind} is owned by role "
+                    f"{found[f'{kind}_owner']!r}, neither the reaper's role nor a superuser: "
+                    "its owner could make the reaper's INSERT run code (triggers, defaults), "
+                    "so no rows are written there (docs/audit.md)"
+                )
         self._insert_sql = _audit_insert(self._table, with_instance=True)
         self.outdated = None
         if not found["present"]:
@@ -627,7 +787,8 @@ def _audit_insert(table: sql.Identifier, *, with_instance: bool) -> sql.Composed
         table=table,
         columns=sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns),
         arrays=sql.SQL(", ").join(
-            sql.SQL("{}::{}[]").format(sql.Placeholder(c), sql.SQL(t)) for c, t in columns
+            sql.SQL("pg_catalog.unnest({}::{}[])").format(sql.Placeholder(c), sql.SQL(t))
+            for c, t in columns
         ),
     )
 

@@ -194,7 +194,7 @@ class AuditWriter:
         self,
         *,
         dsn: str,
-        table: tuple[str, ...],
+        table: tuple[str, str],
         password_file: Path | None = None,
         connect_timeout: timedelta,
         statement_timeout: timedelta,

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLIENT_BACKEND",
+    "DROPPED_ROLE",
+    "PRESSURE_UNKNOWN",
     "Decision",
     "Plan",
     "Result",
@@ -37,7 +39,14 @@ __all__ = [
 ]
 
 CLIENT_BACKEND = "client backend"
+# The user of a session whose role was dropped while it was connected (pg_stat_activity shows
+# NULL): policies, protect_users and the audit name it so.
+DROPPED_ROLE = "(dropped)"
 _RUNNING_STATES = frozenset({"active", "fastpath function call"})
+PRESSURE_UNKNOWN = (
+    "connections cannot be counted: the reaper's role lacks pg_read_all_stats, so other roles' "
+    "parallel workers, background workers and walsenders are indistinguishable from clients"
+)
 
 
 class Result(StrEnum):
@@ -120,6 +129,13 @@ class ServerFacts:
     # Measured at every poll, for connection pressure (the fields above are read once):
     client_sessions: int = 0  # client backends, the reaper's own session included
     roles: tuple[RoleConnections, ...] = ()
+
+    @property
+    def sees_every_backend(self) -> bool:
+        """Whether the reaper's role sees the backend type of every session: without it other
+        roles' parallel workers, background workers and walsenders look like client sessions,
+        and connections cannot be counted."""
+        return self.superuser or self.read_all_stats
 
     @property
     def usable_connections(self) -> int:
@@ -295,6 +311,8 @@ def pressure_held(policy: PolicyConfig, facts: ServerFacts) -> bool | None:
     """
     if not policy.pressure:
         return None
+    if not facts.sees_every_backend:
+        return False
     percent = policy.when_connections_above
     usable = facts.usable_connections
     if percent is not None and not (usable > 0 and facts.client_sessions > _level(usable, percent)):
@@ -318,8 +336,12 @@ def _role(facts: ServerFacts, name: str | None) -> RoleConnections | None:
     return next((r for r in facts.roles if r.role == name), None)
 
 
-def _pressure(session: Session, policy: PolicyConfig, facts: ServerFacts) -> tuple[bool, str]:
+def _pressure(  # noqa: PLR0911 - one return per condition reads best
+    session: Session, policy: PolicyConfig, facts: ServerFacts
+) -> tuple[bool, str]:
     """Whether every pressure condition of `policy` holds for `session` at the poll, and why."""
+    if not facts.sees_every_backend:
+        return False, PRESSURE_UNKNOWN
     said = []
     percent = policy.when_connections_above
     if percent is not None:

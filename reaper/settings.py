@@ -303,7 +303,9 @@ class AuditSection(_Section):
     """The audit table (reaper/audit.py); disabled while `dsn` is empty."""
 
     dsn: SecretStr = SecretStr("")
-    table: str = "pg_reaper_audit"
+    # The reaper's session has search_path pinned to pg_catalog: a name without a schema is
+    # read as in schema public (docs/audit.md).
+    table: str = "public.pg_reaper_audit"
     password_file: Path | None = None
 
     @field_validator("dsn")
@@ -326,9 +328,10 @@ class AuditSection(_Section):
         return bool(self.dsn.get_secret_value())
 
     @property
-    def table_name(self) -> tuple[str, ...]:
-        """(schema, table) or (table,), as PostgreSQL reads `table`."""
-        return audit.parse_table_name(self.table)
+    def table_name(self) -> tuple[str, str]:
+        """(schema, table), as PostgreSQL reads `table`; schema public when it names none."""
+        parts = audit.parse_table_name(self.table)
+        return (parts[0], parts[1]) if len(parts) == 2 else ("public", parts[0])
 
     @property
     def redacted_dsn(self) -> str:

@@ -410,7 +410,8 @@ def visibility_warnings(facts: ServerFacts, sessions: tuple[Session, ...]) -> tu
         hidden = sum(s.state is None and s.user != facts.role for s in sessions)
         warnings.append(
             f"role {facts.role!r} lacks pg_read_all_stats: it cannot see the state of other "
-            f"roles' sessions ({hidden} hidden now) and will never reap them; "
+            f"roles' sessions ({hidden} hidden now) and will never reap them, nor count "
+            "connections for pressure policies; "
             f"GRANT pg_read_all_stats TO {quote_identifier(facts.role)}"
         )
     if not facts.superuser and not facts.signal_backend:

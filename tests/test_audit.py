@@ -318,7 +318,7 @@ def test_an_unreachable_database_is_logged_once_counted_retried_and_never_waited
     failed = [e for e in logged() if e["event"] == "audit_failed"]
     assert [e["level"] for e in failed] == ["error"], "retries are at debug level"
     assert "cannot connect" in failed[0]["error"]
-    assert failed[0]["table"] == "pg_reaper_audit"
+    assert failed[0]["table"] == "public.pg_reaper_audit"
 
 
 def test_submit_without_a_writer_does_nothing() -> None:
@@ -340,7 +340,7 @@ def test_a_reload_that_changes_the_table_hands_the_queued_rows_to_the_new_writer
         replacement = audit.reconfigure(second, timeout=0.5)
         assert replacement is not None
         assert replacement is not writer
-        assert replacement.table == "two"
+        assert replacement.table == "public.two"
         assert replacement.queued == 3
         audit.submit("session_reaped", server="s", dry_run=False, fields={"pid": 9})
         assert replacement.queued == 4
@@ -357,7 +357,7 @@ def _without_audit(settings: Settings) -> Settings:
 def _writer(dsn: str, **kwargs: Any) -> AuditWriter:
     return AuditWriter(
         dsn=dsn,
-        table=("pg_reaper_audit",),
+        table=("public", "pg_reaper_audit"),
         connect_timeout=timedelta(seconds=2),
         statement_timeout=timedelta(seconds=5),
         **kwargs,
@@ -556,7 +556,7 @@ def test_the_daemon_reaps_on_time_while_the_audit_database_is_down_and_catches_u
 ) -> None:
     port = free_port()
     server = f"pg{pg.major}"
-    table = ("tb_audit",)
+    table = ("public", "tb_audit")
     config = daemon_config(
         tmp_path / "config.toml",
         servers={server: pg.dsn()},
@@ -567,7 +567,7 @@ def test_the_daemon_reaps_on_time_while_the_audit_database_is_down_and_catches_u
     daemon = RunningDaemon(config, port=port)
     try:
         daemon.wait_ready()
-        assert daemon.wait_event("audit_started")["table"] == "tb_audit"
+        assert daemon.wait_event("audit_started")["table"] == "public.tb_audit"
         first = sessions.idle(application="tb-before")
         assert pg.wait_gone(first.info.backend_pid, timeout=10)
         wait_for(lambda: len(rows_of(audit_db, table)) == 1, timeout=5, what="the first row")
@@ -693,7 +693,7 @@ def test_sighup_with_a_new_table_moves_the_audit_to_it(
         write("ts_after")
         daemon.send(signal.SIGHUP)
         daemon.wait_event("config_reloaded")
-        assert daemon.wait_event("audit_started", table="ts_after")
+        assert daemon.wait_event("audit_started", table="public.ts_after")
         after = sessions.idle(application="ts-after")
         assert pg.wait_gone(after.info.backend_pid, timeout=15)
         wait_for(lambda: bool(rows_of(audit_db, ("ts_after",))), timeout=5, what="a row")
@@ -738,7 +738,7 @@ def test_a_table_made_by_an_earlier_pg_reaper_gets_the_instance_column_or_still_
     configure(LogSection(format="json"), stream=sys.stderr)
     writer = AuditWriter(
         dsn=audit_db.dsn(user="audit_writer"),
-        table=(table,),
+        table=("public", table),
         connect_timeout=timedelta(seconds=2),
         statement_timeout=timedelta(seconds=5),
     )
@@ -766,4 +766,4 @@ def test_a_table_made_by_an_earlier_pg_reaper_gets_the_instance_column_or_still_
         assert "instance" not in written
         (warning,) = warnings
         assert "must be owner" in warning["error"]
-        assert f"ALTER TABLE {table} ADD COLUMN instance text" in warning["detail"]
+        assert f"ALTER TABLE public.{table} ADD COLUMN instance text" in warning["detail"]

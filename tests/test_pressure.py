@@ -656,3 +656,67 @@ def test_reserved_connections_are_not_usable_on_16_and_later(pg_major: int, tmp_
     assert (facts.max_connections, facts.superuser_reserved_connections) == (20, 3)
     assert facts.reserved_connections == 2
     assert facts.usable_connections == 15
+
+
+def parallel_query(crowd: Sessions, major: int) -> None:
+    """A superuser's query run by a parallel worker (a backend of its own, no client slot)."""
+    forced = "debug_parallel_query" if major >= 16 else "force_parallel_mode"
+    crowd.active(
+        seconds=30,
+        application="parallel",
+        extra=f"options='-c {forced}=on -c parallel_setup_cost=0 -c parallel_tuple_cost=0'",
+    )
+    wait_for(
+        lambda: bool(
+            crowd.server.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'parallel worker'"
+            )
+        ),
+        what="a parallel worker",
+    )
+
+
+@pytest.mark.integration
+def test_a_parallel_worker_is_not_counted_as_a_client_session(
+    pg_major: int, small: TestServer, crowd: Sessions, tmp_path: Path
+) -> None:
+    parallel_query(crowd, pg_major)
+    open_in_order(crowd, 3, application="filler")
+    settings = load_settings(write_config(tmp_path, small, ""))
+    with connect(settings.servers[0], settings) as conn:
+        snapshot = conn.poll()
+        on_server = client_backends(small)
+    # 3 fillers, the parallel query's leader, the admin session and the reaper's own.
+    assert snapshot.facts.client_sessions == on_server == 6
+
+
+@pytest.mark.integration
+def test_without_pg_read_all_stats_pressure_policies_do_not_act(
+    pg_major: int,
+    small: TestServer,
+    crowd: Sessions,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    small.execute("DROP ROLE IF EXISTS blind_reaper")
+    small.execute("CREATE ROLE blind_reaper LOGIN")
+    small.execute("GRANT pg_signal_backend TO blind_reaper")
+    parallel_query(crowd, pg_major)  # another role's: hidden from the reaper, like its worker
+    own = open_in_order(crowd, 14, user="blind_reaper")  # its own role's: visible to it
+    time.sleep(1.1)
+    config = write_config(tmp_path, small, 'when_connections_above = "80%"')
+    config.write_text(
+        config.read_text(encoding="utf-8").replace(
+            small.admin_conninfo, small.dsn(user="blind_reaper")
+        ),
+        encoding="utf-8",
+    )
+
+    # 14 + the parallel query + admin + reaper: 17 clients of 17 usable, and a hidden worker.
+    code = main(["once", "-c", str(config), "--json"])
+
+    captured = capsys.readouterr()
+    assert code == 0
+    assert json.loads(captured.out)["servers"][0]["decisions"] == []
+    assert all(small.is_alive(pid) for pid in own)
+    assert "nor count connections for pressure policies" in captured.err

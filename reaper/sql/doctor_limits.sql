@@ -6,11 +6,11 @@
 SELECT 'role' AS kind,
        r.rolname AS name,
        r.rolconnlimit AS connection_limit,
-       (SELECT count(*)
-        FROM pg_stat_activity a
+       (SELECT pg_catalog.count(*)
+        FROM pg_catalog.pg_stat_activity a
         WHERE a.usesysid = r.oid
           AND coalesce(a.backend_type, 'client backend') = 'client backend') AS sessions
-FROM pg_roles r
+FROM pg_catalog.pg_roles r
 WHERE r.rolconnlimit >= 0
   AND r.rolcanlogin
   AND NOT r.rolsuper
@@ -18,12 +18,12 @@ UNION ALL
 SELECT 'database',
        d.datname,
        d.datconnlimit,
-       (SELECT count(*)
-        FROM pg_stat_activity a
+       (SELECT pg_catalog.count(*)
+        FROM pg_catalog.pg_stat_activity a
         WHERE a.datid = d.oid
           AND a.usesysid IS NOT NULL
           AND coalesce(a.backend_type, 'client backend') = 'client backend')
-FROM pg_database d
+FROM pg_catalog.pg_database d
 WHERE d.datconnlimit >= 0
   AND d.datallowconn
 ORDER BY 1, 2

@@ -6,12 +6,12 @@
 SELECT coalesce(a.backend_type, 'unknown') AS kind,
        a.pid,
        NULL::text AS gid
-FROM pg_stat_activity a
+FROM pg_catalog.pg_stat_activity a
 WHERE a.datname = %(database)s
-  AND a.pid <> pg_backend_pid()
+  AND a.pid <> pg_catalog.pg_backend_pid()
   AND a.backend_type IS DISTINCT FROM 'autovacuum worker'
 UNION ALL
 SELECT 'prepared transaction', NULL, p.gid
-FROM pg_prepared_xacts p
+FROM pg_catalog.pg_prepared_xacts p
 WHERE p.database = %(database)s
 ORDER BY 1, 2, 3

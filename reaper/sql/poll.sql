@@ -30,7 +30,7 @@ SELECT a.pid,
        a.datid AS database_oid,
        a.usesysid AS role_oid,
        a.application_name,
-       host(a.client_addr) AS client_addr,
+       pg_catalog.host(a.client_addr) AS client_addr,
        a.state,
        a.backend_start,
        a.state_change,
@@ -42,26 +42,26 @@ SELECT a.pid,
        NULL::boolean AS member,
        NULL::int4 AS connection_limit,
        NULL::timestamptz AS now
-FROM pg_stat_get_activity(NULL) AS a
+FROM pg_catalog.pg_stat_get_activity(NULL) AS a
 WHERE a.backend_type = 'client backend'
    OR (a.backend_type IS NULL AND a.datid IS NOT NULL AND a.usesysid IS NOT NULL)
 UNION ALL
 SELECT NULL, NULL, NULL, r.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        r.rolname,
        r.rolsuper,
-       pg_has_role(r.oid, 'USAGE'),
+       pg_catalog.pg_has_role(r.oid, 'USAGE'),
        CASE WHEN r.rolconnlimit >= 0 AND r.rolcanlogin AND NOT r.rolsuper THEN r.rolconnlimit END,
        NULL
-FROM pg_roles AS r
+FROM pg_catalog.pg_roles AS r
 -- One row per role costs about what one backend costs through pg_stat_get_backend_idset(), so the
 -- reaper reads every role unless the server has more roles than sessions (activity.py decides).
 -- Both read the same snapshot as pg_stat_get_activity (one per transaction).
 WHERE {every_role}
-   OR r.oid IN (SELECT pg_stat_get_backend_userid(b) FROM pg_stat_get_backend_idset() AS b)
+   OR r.oid IN (SELECT pg_catalog.pg_stat_get_backend_userid(b) FROM pg_catalog.pg_stat_get_backend_idset() AS b)
 UNION ALL
 SELECT NULL, NULL, d.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        d.datname, NULL, NULL, NULL, NULL
-FROM pg_database AS d
+FROM pg_catalog.pg_database AS d
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, now()
+       NULL, NULL, NULL, NULL, pg_catalog.now()

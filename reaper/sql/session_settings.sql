@@ -1,9 +1,6 @@
--- The reaper's own session: never killed by the server's idle/transaction timeouts (a persistent
--- connection must survive to reap when the server is full), and bounded by its own
--- statement_timeout. transaction_timeout exists from PostgreSQL 17 on, hence pg_settings.
-SELECT set_config(name,
-                  CASE name WHEN 'statement_timeout' THEN %(statement_timeout)s::text ELSE '0' END,
-                  false)
-FROM pg_settings
-WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_session_timeout',
-               'idle_in_transaction_session_timeout', 'transaction_timeout')
+-- The reaper's own session: what its startup packet could not pin (reaper/activity.py). libpq
+-- sends $PGDATESTYLE and $PGTZ as startup parameters that outrank `options`, and a session opened
+-- before the server was upgraded to 17 did not know transaction_timeout. Session-level SETs.
+SELECT pg_catalog.set_config(s.name, s.value, false)
+FROM ROWS FROM (pg_catalog.unnest(%(names)s::text[]), pg_catalog.unnest(%(values)s::text[]))
+     AS s(name, value)

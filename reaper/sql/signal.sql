@@ -4,7 +4,9 @@
 -- is left alone. Every victim gets its own result row.
 -- The permission rule of pg_signal_backend() (signalfuncs.c) is checked before the call: a
 -- permission ERROR would abort the statement after earlier victims were already signalled
--- (signals are not transactional), leaving their results unknown.
+-- (signals are not transactional), leaving their results unknown. Only a superuser signals a
+-- superuser's backend or one that advertises no role; a backend whose role was dropped while it
+-- was connected still has that role's oid, is no superuser's, and pg_signal_backend may signal it.
 -- High availability (docs/ha.md): with %(lock_key)s set, nothing is signalled unless this very
 -- backend holds that advisory lock (see ha_lead.sql): a leader whose session was lost and
 -- reopened reports 'not_leader' for every victim. NULL: no [ha], no check. Checked once per
@@ -21,17 +23,20 @@
 -- A victim can still run a statement between its own re-read and its signal: microseconds, the
 -- window pg_terminate_backend() has for any single session.
 SELECT v.pid, x.result
-FROM unnest(%(pids)s::int4[], %(backend_starts)s::timestamptz[],
-            %(state_changes)s::timestamptz[], %(states)s::text[])
+-- ROWS FROM: only the bare name unnest takes several arrays.
+FROM ROWS FROM (pg_catalog.unnest(%(pids)s::int4[]),
+                pg_catalog.unnest(%(backend_starts)s::timestamptz[]),
+                pg_catalog.unnest(%(state_changes)s::timestamptz[]),
+                pg_catalog.unnest(%(states)s::text[]))
      WITH ORDINALITY AS v(pid, backend_start, state_change, state, ord)
 CROSS JOIN (SELECT %(lock_key)s::int8 IS NULL
                    OR EXISTS (SELECT 1
-                              FROM pg_locks l
+                              FROM pg_catalog.pg_locks l
                               WHERE l.locktype = 'advisory'
                                 AND l.granted
-                                AND l.pid = pg_backend_pid()
-                                AND l.database = (SELECT oid FROM pg_database
-                                                  WHERE datname = current_database())
+                                AND l.pid = pg_catalog.pg_backend_pid()
+                                AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                                  WHERE datname = pg_catalog.current_database())
                                 AND l.classid = ((%(lock_key)s::int8 >> 32) & 4294967295)::oid
                                 AND l.objid = (%(lock_key)s::int8 & 4294967295)::oid
                                 AND l.objsubid = 1) AS leader) AS ha
@@ -43,17 +48,19 @@ CROSS JOIN LATERAL (
                  OR s.state_change IS DISTINCT FROM v.state_change
                  OR s.state IS DISTINCT FROM v.state THEN 'changed'
                WHEN NOT (me.rolsuper
-                         OR (NOT coalesce(r.rolsuper, true)
-                             AND (pg_has_role(r.oid, 'USAGE')
-                                  OR pg_has_role('pg_signal_backend', 'USAGE')))) THEN 'denied'
+                         OR (coalesce(s.usesysid, 0::oid) <> 0::oid
+                             AND NOT coalesce(r.rolsuper, false)
+                             AND (pg_catalog.pg_has_role('pg_signal_backend', 'USAGE')
+                                  OR coalesce(pg_catalog.pg_has_role(r.oid, 'USAGE'), false))))
+                    THEN 'denied'
                WHEN {signal}(v.pid) THEN 'signalled'
                ELSE 'gone'
            END AS result
-    FROM (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS me
-    LEFT JOIN pg_stat_get_activity(
-        CASE WHEN pg_stat_clear_snapshot() IS NOT NULL THEN v.pid END) AS s
+    FROM (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) AS me
+    LEFT JOIN pg_catalog.pg_stat_get_activity(
+        CASE WHEN pg_catalog.pg_stat_clear_snapshot() IS NOT NULL THEN v.pid END) AS s
            ON s.pid = v.pid
-    LEFT JOIN pg_roles AS r ON r.oid = s.usesysid
+    LEFT JOIN pg_catalog.pg_roles AS r ON r.oid = s.usesysid
     OFFSET 0
 ) AS x
 ORDER BY v.ord
