@@ -313,7 +313,10 @@ def test_a_failing_connection_raises_an_error_without_the_password(
         conn.poll()
     with (
         AuditConnection(
-            dsn=dsn, table=("public", AUDIT_TABLE), connect_timeout=timeout, statement_timeout=timeout
+            dsn=dsn,
+            table=("public", AUDIT_TABLE),
+            connect_timeout=timeout,
+            statement_timeout=timeout,
         ) as audit,
         pytest.raises(PostgresError) as raised_audit,
     ):
