@@ -703,3 +703,21 @@ def test_the_locks_holder_is_a_pg_reaper_instance_only_with_its_application_and_
 
         seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
         assert (seen.leader, seen.other) == (True, None)
+
+
+def test_a_lock_database_closed_to_public_keeps_other_roles_off_the_lock(
+    fleet: list[EmbeddedPostgres], clients: Clients
+) -> None:
+    """docs/ha.md, "Lock squatting": what the operator must do, as written there."""
+    server = fleet[5]
+    squat(clients, server, application="squatter")  # the role exists; the lock in `postgres`
+    admin(server, "DROP DATABASE IF EXISTS pg_reaper_lock")
+    admin(server, "CREATE DATABASE pg_reaper_lock")
+    admin(server, "REVOKE ALL ON DATABASE pg_reaper_lock FROM PUBLIC")
+    admin(server, "GRANT CONNECT ON DATABASE pg_reaper_lock TO CURRENT_USER")  # the reaper's role
+
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(server.dsn(user=SQUATTER, dbname="pg_reaper_lock"), connect_timeout=5)
+    with _connection(server, dbname="pg_reaper_lock") as conn:
+        seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+    assert (seen.leader, seen.other) == (True, None)  # the squatter's lock is another database's
