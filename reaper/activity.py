@@ -24,6 +24,7 @@ from psycopg.pq import Format
 from psycopg.rows import dict_row
 
 from reaper import APPLICATION_NAME, deadlines
+from reaper.ha import LockHolder
 from reaper.policy import (
     CLIENT_BACKEND,
     DROPPED_ROLE,
@@ -314,6 +315,7 @@ class Leadership:
 
     leader: bool
     holder: int | None  # the pid of the backend holding the lock, None when it is free
+    other: LockHolder | None = None  # a holder that is not a pg-reaper instance (squatting)
 
 
 class ServerConnection:
@@ -559,8 +561,14 @@ class ServerConnection:
         """Whether this session holds the advisory lock `lock_key` (checked in pg_locks), taking
         it first if it is free and `acquire`. A lost connection loses the lock with it: the
         session reopened by the next call holds nothing until it takes the lock again."""
-        rows = self._execute(HA_LEAD_SQL, {"lock_key": lock_key, "acquire": acquire})
-        return Leadership(leader=bool(rows[0]["leader"]), holder=rows[0]["holder"])
+        params = {"lock_key": lock_key, "acquire": acquire, "application": APPLICATION_NAME}
+        (row,) = self._execute(HA_LEAD_SQL, params)
+        other = None
+        if row["held_by_other"]:
+            other = LockHolder(
+                pid=row["other_pid"], application=row["other_application"], role=row["other_role"]
+            )
+        return Leadership(leader=bool(row["leader"]), holder=row["holder"], other=other)
 
     def doctor_rows(self) -> dict[str, list[dict[str, Any]]]:
         """The rows of every doctor query, by name (`server`, `connections`, `limits`,

@@ -137,6 +137,13 @@ class Metrics:
             ["server"],
             registry=r,
         )
+        self.lock_held_by_other = Gauge(
+            "pg_reaper_lock_held_by_other",
+            "[ha]: 1 while a backend that is not a pg-reaper instance holds the server's advisory "
+            "lock (lock squatting: no instance can reap the server), else 0.",
+            ["server"],
+            registry=r,
+        )
         self.dry_run = Gauge("pg_reaper_dry_run", "1 when no signal is sent (dry run).", registry=r)
         self.config_reload_ok = Gauge(
             "pg_reaper_config_last_reload_successful",
@@ -164,8 +171,10 @@ class Metrics:
             self.server_up.labels(server=server.name)
             if not settings.ha.enabled:
                 self.leader.labels(server=server.name).set(1)
+                _remove(self.lock_held_by_other, server.name)  # [ha] may have been turned off
             else:
                 self.leader.labels(server=server.name)
+                self.lock_held_by_other.labels(server=server.name)
             self.poll_errors.labels(server=server.name)
             self.deferred.labels(server=server.name)
             for policy in settings.policies_for(server):
@@ -191,6 +200,7 @@ class Metrics:
         for metric in (
             self.server_up,
             self.leader,
+            self.lock_held_by_other,
             self.poll_errors,
             self.deferred,
             self.max_connections,

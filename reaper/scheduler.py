@@ -32,6 +32,7 @@ from reaper.sweep import Cancels, Lock, SweepReport, connect, sweep
 
 if TYPE_CHECKING:
     from reaper.activity import ServerConnection
+    from reaper.ha import LockHolder
     from reaper.metrics import Metrics
     from reaper.settings import ServerConfig, Settings
 
@@ -86,6 +87,7 @@ class _Worker:
     leader: bool | None = None
     leader_session: int | None = None  # the connection's session that holds the lock
     lock_retry_at: float = 0.0
+    lock_other: LockHolder | None = None  # the lock's holder that is not a pg-reaper instance
     # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate).
     cancels: Cancels = field(default_factory=Cancels)
 
@@ -350,9 +352,11 @@ class Scheduler:
         or the server went away) leaves it to the others for two intervals, so that leadership
         moves rather than returning to where it failed."""
         if not settings.ha.enabled:
-            worker.leader = None
+            worker.leader, worker.lock_other = None, None
             self._metrics.leader.labels(server=worker.name).set(1)
             return
+        if report.ok:  # while the server cannot be polled, who holds its lock is not known
+            self._lock_squatting(worker, report.lock_held_by_other)
         leader = report.ok and report.leader
         self._metrics.leader.labels(server=worker.name).set(1 if leader else 0)
         was = worker.leader
@@ -370,6 +374,27 @@ class Scheduler:
             self._log.info("leadership_standby", **fields, holder_pid=report.lock_holder)
         worker.leader = leader if report.ok or leader else None
         worker.leader_session = report.session if leader else None
+
+    def _lock_squatting(self, worker: _Worker, other: LockHolder | None) -> None:
+        """pg_reaper_lock_held_by_other, and one log line per change of the backend that holds
+        the server's lock without being a pg-reaper instance ([ha], docs/ha.md), not per cycle.
+        Its application and role are the server's data, chosen by whoever holds the lock: they
+        are logged as fields (escaped by the renderer), never matched against anything."""
+        self._metrics.lock_held_by_other.labels(server=worker.name).set(0 if other is None else 1)
+        was, worker.lock_other = worker.lock_other, other
+        if other == was:
+            return
+        fields = {"server": worker.name, "instance": audit.instance()}
+        if other is not None:
+            self._log.warning(
+                "lock_held_by_other",
+                **fields,
+                holder_pid=other.pid,
+                application=other.application,
+                role=other.role,
+            )
+        elif was is not None:
+            self._log.info("lock_held_by_other_ended", **fields, holder_pid=was.pid)
 
     # for tests and benchmarks
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from datetime import datetime
 
+    from reaper.ha import LockHolder
     from reaper.settings import PolicyConfig, ServerConfig, Settings
 
 __all__ = [
@@ -149,6 +150,8 @@ class SweepReport:
     # without [ha]), and the pid of the backend that holds it.
     leader: bool = True
     lock_holder: int | None = None
+    # [ha]: the holder of the lock when it is not a pg-reaper instance (lock squatting).
+    lock_held_by_other: LockHolder | None = None
     session: int = 0  # the ServerConnection session of the cycle (sessions_opened)
 
     @property
@@ -263,6 +266,7 @@ def sweep(
         ),
         leader=leader,
         lock_holder=None if leadership is None else leadership.holder,
+        lock_held_by_other=None if leadership is None else leadership.other,
         session=conn.sessions_opened,
     )
     if mode == "reap":

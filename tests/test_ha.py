@@ -16,7 +16,7 @@ import pytest
 
 from reaper.activity import PostgresError, ServerConnection
 from reaper.embedded import EmbeddedPostgres
-from reaper.ha import DEFAULT_LOCK_KEY, lock_key_halves
+from reaper.ha import DEFAULT_LOCK_KEY, LockHolder, lock_key_halves
 from reaper.policy import Result
 from reaper.settings import Settings
 from reaper.sweep import Lock, connect, sweep
@@ -33,6 +33,7 @@ __all__ = ["start_daemon"]  # the fixture, shared with test_daemon.py
 
 INTERVAL = 2.0  # [reaper] interval of every daemon here, in seconds
 REAPER = "pg-reaper"
+SQUATTER = "squatter"  # a role of its own, not the reaper's, that takes pg-reaper's lock
 
 
 # --- servers and sessions -----------------------------------------------------------------------
@@ -45,7 +46,12 @@ def fleet(pg_major: int) -> Iterator[list[EmbeddedPostgres]]:
         servers = [
             stack.enter_context(
                 EmbeddedPostgres(
-                    major=pg_major, settings={"max_connections": "40", "shared_buffers": "16MB"}
+                    major=pg_major,
+                    settings={
+                        "max_connections": "40",
+                        "shared_buffers": "16MB",
+                        "max_prepared_transactions": "2",  # a lock that outlives its session
+                    },
                 )
             )
             for _ in range(6)
@@ -99,9 +105,11 @@ class Clients:
         self.conns.append(conn)
         return int(conn.info.backend_pid)
 
-    def running(self, server: EmbeddedPostgres, application: str, query: str) -> int:
+    def running(
+        self, server: EmbeddedPostgres, application: str, query: str, *, user: str | None = None
+    ) -> int:
         """A session running `query` in a thread until it ends or is killed."""
-        conn = psycopg.connect(server.dsn(), autocommit=True, application_name=application)
+        conn = psycopg.connect(server.dsn(user=user), autocommit=True, application_name=application)
         self.conns.append(conn)
         pid = int(conn.info.backend_pid)
 
@@ -134,6 +142,32 @@ class Clients:
             thread.join(timeout=10)
         for conn in self.conns:
             conn.close()
+
+
+def squat(
+    clients: Clients,
+    server: EmbeddedPostgres,
+    *,
+    application: str,
+    role: str = SQUATTER,
+    shared: bool = False,
+) -> psycopg.Connection[Any]:
+    """A plain session of `role` in the lock database that takes pg-reaper's lock and keeps it."""
+    admin(
+        server,
+        f"DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    conn = psycopg.connect(
+        server.dsn(user=role), autocommit=True, application_name=application, connect_timeout=5
+    )
+    clients.conns.append(conn)
+    take = "pg_advisory_lock_shared" if shared else "pg_advisory_lock"
+    conn.execute(f"SELECT {take}(%s)", [DEFAULT_LOCK_KEY])
+    return conn
+
+
+def release(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SELECT pg_advisory_unlock_all()")
 
 
 @pytest.fixture
@@ -259,6 +293,10 @@ def test_two_daemons_on_two_servers_signal_every_eligible_session_exactly_once(
         # Followers log their state once, not every cycle.
         assert len(follower.events("leadership_standby", server=name)) == 1
         assert follower.events("leadership_acquired", server=name) == []
+        # The leader is another pg-reaper instance, not a squatter.
+        for daemon in daemons:
+            assert daemon.value("pg_reaper_lock_held_by_other", server=name) == 0
+            assert daemon.events("lock_held_by_other") == []
     for server in servers:
         # One lock per server, held by a pg-reaper session; every pg-reaper session (two per
         # server: leader and follower) survived an idle policy that matches any idle session.
@@ -358,6 +396,58 @@ def test_three_daemons_and_six_servers_each_server_has_exactly_one_leader(
         acquired = daemon.events("leadership_acquired")
         assert len(acquired) == len({e["server"] for e in acquired}), "no flapping"
         assert daemon.events("leadership_lost") == []
+
+
+def test_a_squatter_on_the_lock_is_reported_once_and_reaping_resumes_when_it_lets_go(
+    fleet: list[EmbeddedPostgres],
+    clients: Clients,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+) -> None:
+    server = fleet[3]
+    squatter = squat(clients, server, application="squatter")
+    victim = clients.idle(server, "ha-squatted")
+    (daemon,) = start_ha(start_daemon, tmp_path, [server], ["q1"])
+
+    event = daemon.wait_event("lock_held_by_other", server="s0", timeout=4 * INTERVAL)
+    assert event["level"] == "warning"
+    assert event["holder_pid"] == squatter.info.backend_pid
+    assert (event["application"], event["role"]) == ("squatter", SQUATTER)
+    assert event["instance"] == "q1"
+    polls = len(daemon.events("poll_completed", server="s0"))
+    daemon.wait_until(
+        lambda: len(daemon.events("poll_completed", server="s0")) >= polls + 3,
+        timeout=5 * INTERVAL,
+        what="three more cycles",
+    )
+    assert len(daemon.events("lock_held_by_other")) == 1, "once per change, not per cycle"
+    assert daemon.value("pg_reaper_lock_held_by_other", server="s0") == 1
+    assert daemon.value("pg_reaper_leader", server="s0") == 0
+    assert is_alive(server, victim)  # idle far past max_idle, but nobody may reap
+    assert reaped(daemon, "s0") == []
+
+    release(squatter)
+    daemon.wait_value("pg_reaper_leader", lambda v: v == 1, timeout=4 * INTERVAL, server="s0")
+    assert daemon.value("pg_reaper_lock_held_by_other", server="s0") == 0
+    ended = daemon.wait_event("lock_held_by_other_ended", server="s0")
+    assert ended["holder_pid"] == squatter.info.backend_pid
+    wait_for(lambda: not is_alive(server, victim), timeout=10, what="victim reaped")
+    assert victim in {e["pid"] for e in reaped(daemon, "s0")}
+
+    # An impostor of the reaper (its application_name, another role) waits for the lock, and
+    # gets it when a DBA terminates the leader's session: reported, as a squatter.
+    impostor = clients.running(
+        server, REAPER, f"SELECT pg_advisory_lock({DEFAULT_LOCK_KEY})", user=SQUATTER
+    )
+    ((holder, _),) = lock_holders(server)
+    admin(server, "SELECT pg_terminate_backend(%s)", [holder])
+    event = daemon.wait_event(
+        "lock_held_by_other", server="s0", holder_pid=impostor, timeout=4 * INTERVAL
+    )
+    assert (event["application"], event["role"]) == (REAPER, SQUATTER)
+    assert daemon.value("pg_reaper_lock_held_by_other", server="s0") == 1
+    assert daemon.value("pg_reaper_leader", server="s0") == 0
+    assert len(daemon.events("lock_held_by_other")) == 2
 
 
 # --- cancel-then-terminate ------------------------------------------------------------------------
@@ -572,3 +662,62 @@ def test_the_ha_session_has_the_server_probe_its_tcp_connection(
     with _connection(server, tcp=True) as conn:
         plain = {row["name"]: row["setting"] for row in conn._execute(query)}
     assert plain["tcp_keepalives_idle"] != "10"  # without [ha]: the server's own
+
+
+def test_the_locks_holder_is_a_pg_reaper_instance_only_with_its_application_and_its_role(
+    fleet: list[EmbeddedPostgres], clients: Clients
+) -> None:
+    server = fleet[5]
+    with _connection(server) as conn:
+        # Another instance: pg-reaper's application_name and the reaper's role.
+        with _connection(server) as instance:
+            assert instance.lead(DEFAULT_LOCK_KEY, acquire=True).leader
+            seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+            assert (seen.leader, seen.holder, seen.other) == (
+                False,
+                instance.facts().own_pid,
+                None,
+            )
+        wait_for(lambda: lock_holders(server) == [], timeout=5, what="the instance's lock freed")
+
+        for application, shared in [("squatter", False), (REAPER, False), ("reader", True)]:
+            squatter = squat(clients, server, application=application, shared=shared)
+            seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+            assert not seen.leader, application
+            assert seen.holder == squatter.info.backend_pid
+            assert seen.other == LockHolder(
+                pid=squatter.info.backend_pid, application=application, role=SQUATTER
+            )
+            release(squatter)
+
+        # A prepared transaction holds its locks with no backend at all, across restarts.
+        with psycopg.connect(server.dsn(user=SQUATTER), application_name="prepared") as prepared:
+            prepared.execute("SELECT pg_advisory_xact_lock(%s)", [DEFAULT_LOCK_KEY])
+            prepared.execute("PREPARE TRANSACTION 'squat'")
+        try:
+            seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+        finally:
+            admin(server, "ROLLBACK PREPARED 'squat'")
+        assert (seen.leader, seen.holder) == (False, None)
+        assert seen.other == LockHolder(pid=None, application=None, role=None)
+
+        seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+        assert (seen.leader, seen.other) == (True, None)
+
+
+def test_a_lock_database_closed_to_public_keeps_other_roles_off_the_lock(
+    fleet: list[EmbeddedPostgres], clients: Clients
+) -> None:
+    """docs/ha.md, "Lock squatting": what the operator must do, as written there."""
+    server = fleet[5]
+    squat(clients, server, application="squatter")  # the role exists; the lock in `postgres`
+    admin(server, "DROP DATABASE IF EXISTS pg_reaper_lock")
+    admin(server, "CREATE DATABASE pg_reaper_lock")
+    admin(server, "REVOKE ALL ON DATABASE pg_reaper_lock FROM PUBLIC")
+    admin(server, "GRANT CONNECT ON DATABASE pg_reaper_lock TO CURRENT_USER")  # the reaper's role
+
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(server.dsn(user=SQUATTER, dbname="pg_reaper_lock"), connect_timeout=5)
+    with _connection(server, dbname="pg_reaper_lock") as conn:
+        seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+    assert (seen.leader, seen.other) == (True, None)  # the squatter's lock is another database's

@@ -5,22 +5,59 @@
 -- advisory locks are per database, hence the database column.
 -- holder: the backend that holds it (this one, another instance's, or NULL when nobody does).
 -- MATERIALIZED: pg_try_advisory_lock runs exactly once.
-WITH lock AS (
-    SELECT l.pid
-    FROM pg_locks l
+--
+-- other_*: a holder that is not a pg-reaper instance (lock squatting, docs/ha.md). A pg-reaper
+-- instance is a backend whose application_name is pg-reaper's AND whose role (usesysid, the
+-- role it logged in as) is this session's own: anyone may set an application_name, only the
+-- reaper's credentials give its role. A lock row without a pid is held by a prepared
+-- transaction, which pg-reaper never makes. A holder missing from pg_stat_activity exited
+-- between the two reads (each is its own snapshot): not judged, the next cycle sees.
+-- Shared holders (pg_advisory_lock_shared) block the lock as well: every granted row counts.
+WITH me AS MATERIALIZED (
+    SELECT a.usesysid
+    FROM pg_catalog.pg_stat_activity a
+    WHERE a.pid = pg_catalog.pg_backend_pid()
+), lock AS (
+    SELECT l.pid,
+           a.application_name,
+           a.usename,
+           CASE
+               WHEN l.pid IS NULL THEN true
+               WHEN a.pid IS NULL THEN false
+               ELSE NOT coalesce(a.application_name = %(application)s
+                                 AND a.usesysid = (SELECT usesysid FROM me), false)
+           END AS other
+    FROM pg_catalog.pg_locks l
+    LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
     WHERE l.locktype = 'advisory'
       AND l.granted
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND l.classid = ((%(lock_key)s::int8 >> 32) & 4294967295)::oid
-      AND l.objid = (%(lock_key)s::int8 & 4294967295)::oid
+      AND l.database = (SELECT d.oid
+                        FROM pg_catalog.pg_database d
+                        WHERE d.datname = pg_catalog.current_database())
+      AND l.classid = ((%(lock_key)s::pg_catalog.int8 >> 32) & 4294967295)::pg_catalog.oid
+      AND l.objid = (%(lock_key)s::pg_catalog.int8 & 4294967295)::pg_catalog.oid
       AND l.objsubid = 1
 ), attempt AS MATERIALIZED (
     SELECT CASE
-               WHEN EXISTS (SELECT 1 FROM lock WHERE pid = pg_backend_pid()) THEN true
-               WHEN %(acquire)s THEN pg_try_advisory_lock(%(lock_key)s::int8)
+               WHEN EXISTS (SELECT 1 FROM lock WHERE pid = pg_catalog.pg_backend_pid()) THEN true
+               WHEN %(acquire)s THEN pg_catalog.pg_try_advisory_lock(%(lock_key)s::pg_catalog.int8)
                ELSE false
            END AS leader
 )
-SELECT leader,
-       CASE WHEN leader THEN pg_backend_pid() ELSE (SELECT min(pid) FROM lock) END AS holder
+SELECT attempt.leader,
+       CASE
+           WHEN attempt.leader THEN pg_catalog.pg_backend_pid()
+           ELSE (SELECT pg_catalog.min(pid) FROM lock)
+       END AS holder,
+       squatter.other IS NOT NULL AS held_by_other,
+       squatter.pid AS other_pid,
+       squatter.application_name AS other_application,
+       squatter.usename AS other_role
 FROM attempt
+LEFT JOIN LATERAL (
+    SELECT lock.*
+    FROM lock
+    WHERE lock.other AND NOT attempt.leader
+    ORDER BY lock.pid NULLS LAST
+    LIMIT 1
+) squatter ON true
