@@ -663,7 +663,8 @@ class _Origin:
             return True
         if self.variable_text is not None and _SECRET_TEXT.search(self.variable_text):
             return True  # a JSON table or list that holds a DSN: nothing of it is shown
-        return isinstance(self.value, str) and _SECRET_TEXT.search(self.value) is not None
+        values = self.value if isinstance(self.value, list | tuple) else [self.value]
+        return any(isinstance(v, str) and _SECRET_TEXT.search(v) for v in values)
 
     def shows(self, loc: tuple[int | str, ...]) -> bool:
         """Whether the value may be echoed: a scalar that is not secret."""
@@ -724,7 +725,8 @@ def _without_value(message: str, value: object) -> str:
     the value they refuse."""
     cuts = [i for i in (message.find("'"), message.find('"')) if i >= 0]
     if isinstance(value, str) and value.strip():
-        cuts.extend(i for i in (message.find(value), message.find(value.strip())) if i >= 0)
+        unquoted = re.search(rf"(?<!\w){re.escape(value.strip())}(?!\w)", message)
+        cuts.extend([unquoted.start()] if unquoted else [])
     if not cuts:
         return message
     kept = message[: min(cuts)].rstrip(" :,(")
