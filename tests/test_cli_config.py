@@ -295,26 +295,29 @@ def test_a_password_put_in_the_wrong_key_of_the_file_is_not_shown(
     assert PASSWORD not in out + err
 
 
+def _check_dsn(
+    dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    """check-config of the minimal config with `dsn` as its server's DSN."""
+    path = tmp_path / "config.toml"
+    path.write_text(MINIMAL.replace('"host=/tmp dbname=postgres"', f'"{dsn}"'), encoding="utf-8")
+    return _check_config(path, capsys)
+
+
 @pytest.mark.parametrize("password", ["%%-!", "%%", "!@%%", "%%%%"])
 def test_a_dsn_error_never_echoes_a_password_of_punctuation(
     password: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "config.toml"
-    dsn = f"postgresql://u:{password}@h/db"
-    path.write_text(MINIMAL.replace('"host=/tmp dbname=postgres"', f'"{dsn}"'), encoding="utf-8")
-    code, _, err = _check_config(path, capsys)
+    code, _, err = _check_dsn(f"postgresql://u:{password}@h/db", tmp_path, capsys)
     assert code == 2
     assert "servers[0].dsn: invalid connection string: invalid percent-encoded token" in err
-    assert password not in err.replace("(%20)", "")
+    assert password not in err
 
 
 def test_a_nul_in_a_dsn_is_refused_rather_than_cutting_the_dsn_short(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "config.toml"
-    dsn = f"host=db\\u0000 password={PASSWORD}"
-    path.write_text(MINIMAL.replace('"host=/tmp dbname=postgres"', f'"{dsn}"'), encoding="utf-8")
-    code, _, err = _check_config(path, capsys)
+    code, _, err = _check_dsn(f"host=db\\u0000 password={PASSWORD}", tmp_path, capsys)
     assert code == 2
     assert "servers[0].dsn: invalid connection string: it contains a NUL character" in err
     assert PASSWORD not in err
@@ -323,10 +326,8 @@ def test_a_nul_in_a_dsn_is_refused_rather_than_cutting_the_dsn_short(
 def test_check_config_hides_every_secret_keyword_libpq_hides(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "config.toml"
     dsn = f"host=db password={PASSWORD}1 sslpassword={PASSWORD}2"
-    path.write_text(MINIMAL.replace('"host=/tmp dbname=postgres"', f'"{dsn}"'), encoding="utf-8")
-    code, out, err = _check_config(path, capsys)
+    code, out, err = _check_dsn(dsn, tmp_path, capsys)
     assert code == 0, err
     assert PASSWORD not in out + err
     assert "sslpassword=********" in out
