@@ -168,6 +168,8 @@ class PostgresError(Exception):
 
 def parse_conninfo(dsn: str) -> dict[str, str]:
     """Parse a libpq conninfo string or URI; `ValueError` (secret-free) when it is malformed."""
+    if "\x00" in dsn:  # libpq would silently stop reading there, dropping what follows
+        raise ValueError("invalid connection string: it contains a NUL character")
     try:
         return {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
     except psycopg.ProgrammingError as exc:
@@ -175,11 +177,30 @@ def parse_conninfo(dsn: str) -> dict[str, str]:
             raise ValueError(
                 "invalid connection string: not key=value pairs or a postgresql:// URI"
             ) from None
-        # libpq quotes the offending word, which may be a password: drop quoted words.
-        message = re.sub(
-            r'"([^"]*)"', lambda m: '"…"' if re.search(r"\w", m[1]) else m[0], str(exc).strip()
-        )
+        # libpq quotes the offending word (a password, a whole URI, a punctuation-only
+        # password such as %%-!): drop every quoted word, keeping only libpq's own words.
+        message = " ".join(str(exc).split())
+        for literal, plain in _CONNINFO_LITERALS:
+            message = message.replace(literal, plain)
+        message = re.sub(r'"[^"]*"', "…", message)
         raise ValueError(f"invalid connection string: {message}") from None
+
+
+# The quoted punctuation of libpq's own conninfo messages (fe-connect.c), not the caller's.
+_CONNINFO_LITERALS = (
+    ('missing "=" after', "missing = after"),
+    ('matching "]" in', "matching ] in"),
+    ('key/value separator "=" in', "key/value separator = in"),
+    ('(expected ":" or "/")', "(expected : or /)"),
+)
+
+
+def _secret_keywords() -> frozenset[str]:
+    """The conninfo keywords libpq itself hides (dispchar "*": password, sslpassword,
+    oauth_client_secret in libpq 18, ...), and the ones known whatever libpq this is."""
+    defaults = psycopg.pq.Conninfo.get_defaults()
+    hidden = {o.keyword.decode() for o in defaults if o.dispchar == b"*"}
+    return frozenset(hidden | _SECRET_KEYS | {"oauth_client_secret"})
 
 
 def redact_conninfo(dsn: str) -> str:
@@ -188,7 +209,8 @@ def redact_conninfo(dsn: str) -> str:
         params = parse_conninfo(dsn)
     except ValueError:
         return "<invalid connection string>"
-    return make_conninfo(**{k: "********" if k in _SECRET_KEYS else v for k, v in params.items()})
+    secret = _secret_keywords()
+    return make_conninfo(**{k: "********" if k in secret else v for k, v in params.items()})
 
 
 def _describe(params: dict[str, str]) -> str:
@@ -198,9 +220,12 @@ def _describe(params: dict[str, str]) -> str:
 
 
 def _clean_error(exc: BaseException, password: str | None) -> str:
+    """A driver error on one line, without the password read from a password_file nor the one
+    libpq may take from PGPASSWORD (libpq does not echo them; this makes sure)."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    if password:
-        message = message.replace(password, "********")
+    for secret in (password, os.environ.get("PGPASSWORD")):
+        if secret:
+            message = message.replace(secret, "********")
     return message
 
 

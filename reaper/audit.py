@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from reaper.activity import AUDIT_COLUMNS, AuditConnection, PostgresError
 from reaper.ha import default_instance_id
+from reaper.identifiers import quote_identifier
 from reaper.log import get_logger
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ class AuditWriter:
             connect_timeout=connect_timeout,
             statement_timeout=statement_timeout,
         )
-        self.table = ".".join(table)
+        self.table = ".".join(quote_identifier(part) for part in table)  # as SQL writes it
         self._metrics = metrics
         self._queue = _RowQueue(capacity)
         self._batch_size = batch_size

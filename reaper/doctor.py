@@ -8,6 +8,7 @@ server's policies into problems (exit 1), warnings and notes, with the threshold
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -418,7 +419,8 @@ def _limit(limit: Limit, problems: list[Finding], warnings: list[Finding]) -> No
         return
     usage = f"{limit.sessions} of {limit.connection_limit} sessions ({limit.percent:.0f}%)"
     kill = "--user" if limit.kind == "role" else "--database"
-    fix = f"end its idle sessions (pg-reaper kill {kill} {_text(limit.name)}), or {alter} <higher>"
+    command = shlex.join(["pg-reaper", "kill", kill, limit.name])
+    fix = f"end its idle sessions ({_text(command)}), or {alter} <higher>"
     if _at_least(limit.sessions, limit.connection_limit, PROBLEM_PERCENT):
         problems.append(Finding(message=f"{what} near its connection limit: {usage}", fix=fix))
     elif _at_least(limit.sessions, limit.connection_limit, WARNING_PERCENT):

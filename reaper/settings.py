@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -237,7 +238,8 @@ def _readable_password_file(value: Path | None) -> Path | None:
     """A password file must exist and be readable now (its contents are read at each connect)."""
     if value is not None and not os.access(value, os.R_OK):
         why = "does not exist" if not value.exists() else "is not readable"
-        raise ValueError(f"password file '{value}' {why}")
+        # The path is not shown: it may be a password put there by mistake.
+        raise ValueError(f"password file (path not shown) {why}")
     return value
 
 
@@ -599,19 +601,29 @@ def load_settings(path: Path) -> Settings:
 _ECHO_VALUE = frozenset(
     {"literal_error", "bool_parsing", "bool_type", "int_parsing", "int_type", "string_type"}
 )
-_SECRET_PATH_PARTS = frozenset({"dsn", "password_file"})
+# Keys whose values are never shown: a password_file may be a password put there by mistake.
+_SECRET_KEYS = frozenset({"dsn", "password", "password_file", "sslpassword"})
+# Text that may hold a connection string or a password: keyword=value, a URI, a "dsn" key.
+_SECRET_TEXT = re.compile(r"(?i)pass|dsn|://|postgres(ql)?:|[a-z_]\s*=")
+_MISSING = object()
 
 
 def _explain(error: ValidationError, data: dict[str, Any]) -> list[str]:  # noqa: C901 - one branch per kind of error
-    problems = []
-    errors = error.errors(include_url=False, include_input=False)
+    """One line per problem, naming its key path (and the environment variable that set it).
+
+    A value is shown only when it is the scalar at the failing key, not under a secret key, not
+    itself secret-looking, and not from an environment variable whose text holds a DSN: the
+    messages of the validators quote the value, so a message that may not show it is cut there.
+    """
+    problems: list[str] = []
+    errors = error.errors(include_url=False)
     for item in errors:
         loc = item["loc"]
         if item["type"] == "too_short" and any(len(e["loc"]) > len(loc) for e in errors):
             continue  # a list whose every entry failed is "too short" only as a consequence
         path = _key_path(loc)
         message = str(item["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        env_name, env_value = _env_source(loc)
+        origin = _origin(loc, data)
         if item["type"] == "extra_forbidden":
             key = str(loc[-1])
             message = f"unknown key {key!r}{_did_you_mean(key, _known_keys(loc[:-1]))}"
@@ -625,35 +637,121 @@ def _explain(error: ValidationError, data: dict[str, Any]) -> list[str]:  # noqa
                 message = f"must be an array of tables: write [[{loc[0]}]]"
         elif item["type"] == "model_type":
             message = f"must be a table ([{path}])" if len(loc) == 1 else "must be a table"
-        elif item["type"] in _ECHO_VALUE and not _SECRET_PATH_PARTS.intersection(map(str, loc)):
-            value = env_value if env_name else _lookup(data, loc)
-            message = f"{message}, got {_toml_repr(value)}"
-        if env_name:
-            message = f"{message} (from the environment variable {env_name})"
-        lines = message.splitlines()
-        if not path and len(lines) > 1:
-            problems.extend(lines)  # the model-wide check names each key itself
-        else:
-            problems.append(f"{path}: {message}" if path else message)
+        elif origin.secret(loc):  # a validator's message, which may quote the value
+            message = _without_value(message, item.get("input"))
+        elif item["type"] in _ECHO_VALUE and origin.shows(loc):
+            message = f"{message}, got {_toml_repr(origin.value)}"
+        if not path:  # the model-wide check names each key itself, one line each
+            problems.extend(_line_problem(line, data) for line in message.splitlines())
+            continue
+        if origin.variable:
+            message = f"{message} (from the environment variable {origin.variable})"
+        problems.append(f"{path}: {message}" if path else message)
     return problems
 
 
-def _env_source(loc: tuple[int | str, ...]) -> tuple[str | None, str | None]:
-    """The environment variable that set the value at `loc`, if one did."""
-    names = [str(p) for p in loc if isinstance(p, str)]
-    for depth in range(len(names), 0, -1):
-        wanted = ("PG_REAPER_" + "__".join(names[:depth])).upper()
-        for key, value in os.environ.items():
-            if key.upper() == wanted:
-                return key, value
-    return None, None
+class _Origin:
+    """Where the value at a key path came from: the file, or an environment variable."""
+
+    __slots__ = ("value", "variable", "variable_text")
+
+    def __init__(self, value: object, variable: str | None, variable_text: str | None) -> None:
+        self.value = value  # the value at the key path as given; _MISSING when unknown
+        self.variable = variable
+        self.variable_text = variable_text
+
+    def secret(self, loc: tuple[int | str, ...]) -> bool:
+        """Whether nothing of the value may show in an error message."""
+        if _SECRET_KEYS.intersection(str(part).lower() for part in loc):
+            return True
+        if self.variable_text is not None and _SECRET_TEXT.search(self.variable_text):
+            return True  # a JSON table or list that holds a DSN: nothing of it is shown
+        values = self.value if isinstance(self.value, list | tuple) else [self.value]
+        return any(isinstance(v, str) and _SECRET_TEXT.search(v) for v in values)
+
+    def shows(self, loc: tuple[int | str, ...]) -> bool:
+        """Whether the value may be echoed: a scalar that is not secret."""
+        return isinstance(self.value, str | bool | int | float) and not self.secret(loc)
+
+
+def _origin(loc: tuple[int | str, ...], data: dict[str, Any]) -> _Origin:
+    variable = _env_source(loc)
+    if variable is None:
+        return _Origin(_lookup(data, loc), None, None)
+    return _Origin(*variable)
+
+
+def _env_source(loc: tuple[int | str, ...]) -> tuple[object, str, str] | None:
+    """The environment variable that set the value at `loc`, if one did: the value at `loc`
+    in it (a table or list variable is JSON), its name, and its whole text."""
+    # PG_REAPER_REAPER__DRY_RUN for ("reaper", "dry_run"); PG_REAPER_SERVERS for
+    # ("servers", 0, "dsn"), whose rest (0, "dsn") is looked up in the JSON.
+    prefixes = [i + 1 for i, part in enumerate(loc) if isinstance(part, str)]
+    for end in reversed(prefixes):
+        names = [str(p) for p in loc[:end] if isinstance(p, str)]
+        wanted = ("PG_REAPER_" + "__".join(names)).upper()
+        for key, text in os.environ.items():
+            if key.upper() != wanted:
+                continue
+            rest = loc[end:]
+            if not rest:
+                return text, key, text
+            try:
+                value = _lookup(json.loads(text), rest)
+            except ValueError:
+                return _MISSING, key, text
+            if value is not _MISSING:
+                return value, key, text
+            # Set, but without this key: the value came from the file (a partial update).
+    return None
+
+
+def _line_problem(line: str, data: dict[str, Any]) -> str:
+    """One line of the model-wide check, ``key.path: message``, as `_explain` writes a field's
+    problem: its value hidden when it may not be shown, its environment variable named."""
+    path, sep, message = line.partition(": ")
+    if not sep:
+        return line
+    loc = tuple(
+        int(index) if index else key for key, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path)
+    )
+    origin = _origin(loc, data)
+    if origin.secret(loc):
+        message = _without_value(message, origin.value)
+    if origin.variable:
+        message = f"{message} (from the environment variable {origin.variable})"
+    return f"{path}: {message}"
+
+
+def _without_value(message: str, value: object) -> str:
+    """`message` cut before the first quoted word or the value itself, where the validators put
+    the value they refuse."""
+    cuts = [i for i in (message.find("'"), message.find('"')) if i >= 0]
+    if isinstance(value, str) and value.strip():
+        unquoted = re.search(rf"(?<!\w){re.escape(value.strip())}(?!\w)", message)
+        cuts.extend([unquoted.start()] if unquoted else [])
+    if not cuts:
+        return message
+    kept = message[: min(cuts)].rstrip(" :,(")
+    return f"{kept or 'invalid value'} (value not shown)"
 
 
 def _env_problem(error: SettingsError) -> str:
+    """An environment variable for a table or list that is not JSON, named exactly."""
     match = re.search(r'field "(\w+)"', str(error))
     field = match[1] if match else "?"
     name = f"PG_REAPER_{field.upper()}"
-    return f"{field}: the environment variable {name} must be JSON for a table or list"
+    why = "must be JSON for a table or list"
+    for key, text in sorted(os.environ.items()):
+        upper = key.upper()
+        if upper != name and not upper.startswith(name + "__"):
+            continue
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:  # its reason and position, never the text
+            where = f"{exc.msg}: line {exc.lineno} column {exc.colno}"
+            return f"{field}: the environment variable {key} {why} ({where})"
+    return f"{field}: the environment variable {name} {why}"
 
 
 def _toml_repr(value: object) -> str:
@@ -678,11 +776,12 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
 
 
 def _lookup(data: object, loc: tuple[int | str, ...]) -> object:
+    """The value at `loc` in `data`; `_MISSING` when there is none."""
     for part in loc:
         try:
             data = data[part]  # type: ignore[index]
         except (KeyError, IndexError, TypeError):
-            return None
+            return _MISSING
     return data
 
 

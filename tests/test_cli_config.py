@@ -3,6 +3,7 @@ one prints an effective config that loads back to the same settings, and no pass
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -131,6 +132,205 @@ def test_password_not_in_dsn_type_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 2
     assert "servers[0].dsn: Input should be a valid string" in err
     assert PASSWORD not in err
+
+
+# --- a sentinel password in every place a config value comes from -------------------------------
+
+_DSN = f"host=db password={PASSWORD}"
+# (environment, the problem as reported, the variable it names): the password must never show,
+# however the value is wrong.
+ENV_CASES: dict[str, tuple[dict[str, object], str, str]] = {
+    "servers-table-wrong-type": (
+        {"PG_REAPER_SERVERS": [{"name": 5, "dsn": _DSN}]},
+        "servers[0].name: Input should be a valid string",
+        "PG_REAPER_SERVERS",
+    ),
+    "audit-table-wrong-type": (
+        {"PG_REAPER_AUDIT": {"dsn": _DSN, "table": 5}},
+        "audit.table: Input should be a valid string",
+        "PG_REAPER_AUDIT",
+    ),
+    "audit-table-invalid": (
+        {"PG_REAPER_AUDIT": {"dsn": _DSN, "table": f"a b {PASSWORD}"}},
+        "audit.table: invalid table name (value not shown)",
+        "PG_REAPER_AUDIT",
+    ),
+    "servers-table-bad-duration": (
+        {"PG_REAPER_SERVERS": [{"name": "a", "dsn": _DSN, "interval": PASSWORD}]},
+        "servers[0].interval: invalid duration (value not shown)",
+        "PG_REAPER_SERVERS",
+    ),
+    "servers-table-password-file": (
+        {"PG_REAPER_SERVERS": [{"name": "a", "dsn": "host=db", "password_file": PASSWORD}]},
+        "servers[0].password_file: password file (path not shown) does not exist",
+        "PG_REAPER_SERVERS",
+    ),
+    "servers-table-unknown-password-key": (
+        {"PG_REAPER_SERVERS": [{"name": "a", "dsn": "host=db", "password": PASSWORD}]},
+        "servers[0].password: unknown key 'password'",
+        "PG_REAPER_SERVERS",
+    ),
+    "servers-table-duplicate-names": (
+        {"PG_REAPER_SERVERS": [{"name": "a", "dsn": _DSN}, {"name": "a", "dsn": _DSN}]},
+        "servers[1].name: duplicate name (value not shown)",
+        "PG_REAPER_SERVERS",
+    ),
+    "servers-table-bad-dsn": (
+        {"PG_REAPER_SERVERS": [{"name": "a", "dsn": f"{_DSN} port"}]},
+        "servers[0].dsn: invalid connection string: missing = after … in connection info",
+        "PG_REAPER_SERVERS",
+    ),
+    "servers-table-not-json": (
+        {"PG_REAPER_SERVERS": f'[{{"name": "a", "dsn": "{_DSN}"'},
+        "servers: the environment variable PG_REAPER_SERVERS must be JSON for a table or list",
+        "PG_REAPER_SERVERS",
+    ),
+    "nested-list-not-json": (
+        {"PG_REAPER_REAPER__PROTECT_USERS": f'["{PASSWORD}'},
+        "reaper: the environment variable PG_REAPER_REAPER__PROTECT_USERS must be JSON",
+        "PG_REAPER_REAPER__PROTECT_USERS",
+    ),
+    "nested-list-entry-like-a-dsn": (
+        {"PG_REAPER_REAPER__PROTECT_APPLICATIONS": [f"(host=db password={PASSWORD}"]},
+        "reaper.protect_applications[0]: invalid regex (value not shown)",
+        "PG_REAPER_REAPER__PROTECT_APPLICATIONS",
+    ),
+    "nested-dsn": (
+        {"PG_REAPER_AUDIT__DSN": f"{_DSN} port"},
+        "audit.dsn: invalid connection string",
+        "PG_REAPER_AUDIT__DSN",
+    ),
+    "nested-password-file": (
+        {"PG_REAPER_AUDIT__PASSWORD_FILE": PASSWORD},
+        "audit.password_file: password file (path not shown) does not exist",
+        "PG_REAPER_AUDIT__PASSWORD_FILE",
+    ),
+}
+
+
+def _env_text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@pytest.mark.parametrize("case", ENV_CASES)
+def test_a_wrong_environment_value_never_shows_the_password(
+    case: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env, problem, variable = ENV_CASES[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, _env_text(value))
+    code, out, err = _check_config(CONFIGS / "good" / "minimal.toml", capsys)
+    assert code == 2, out
+    assert PASSWORD not in out + err
+    assert problem in err
+    assert variable in err
+    assert "Traceback" not in err
+
+
+def test_a_wrong_environment_value_never_shows_the_password_in_a_real_process() -> None:
+    env = _clean_env() | {"PG_REAPER_SERVERS": json.dumps([{"name": 5, "dsn": _DSN}])}
+    result = subprocess.run(
+        [sys.executable, "-m", "reaper", "check-config", "-c", str(CONFIGS / "good" / "full.toml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    assert "servers[0].name: Input should be a valid string (from the environment variable " in (
+        result.stderr
+    )
+
+
+def test_a_scalar_from_an_environment_table_without_a_dsn_is_still_shown(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PG_REAPER_LOG", json.dumps({"level": "loud", "format": "json"}))
+    code, _, err = _check_config(CONFIGS / "good" / "minimal.toml", capsys)
+    assert code == 2
+    assert "log.level: Input should be 'debug', 'info', 'warning' or 'error', got 'loud' " in err
+    assert '"format"' not in err  # the key's own value, not the whole variable
+    assert "PG_REAPER_LOG" in err
+
+
+def test_a_table_variable_without_the_failing_key_leaves_the_blame_on_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PG_REAPER_REAPER", json.dumps({"interval": "1m"}))
+    path = tmp_path / "config.toml"
+    path.write_text('[reaper]\ndry_run = "perhaps"\n' + MINIMAL, encoding="utf-8")
+    code, _, err = _check_config(path, capsys)
+    assert code == 2
+    assert "reaper.dry_run: Input should be a valid boolean" in err
+    assert "got 'perhaps'" in err
+    assert "PG_REAPER_REAPER" not in err
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (
+            f'password_file = "{PASSWORD}"',
+            "servers[0].password_file: password file (path not shown) does not exist",
+        ),
+        (f'interval = "postgresql://u:{PASSWORD}@h/db"', "servers[0].interval: invalid duration"),
+        (f'policies = ["{_DSN}"]', "servers[0].policies: undefined policy (value not shown)"),
+        (f'name = "{_DSN} {"x" * 50}"', "servers[0].name: invalid name (value not shown)"),
+    ],
+)
+def test_a_password_put_in_the_wrong_key_of_the_file_is_not_shown(
+    line: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.toml"
+    text = MINIMAL.replace('dsn = "host=/tmp dbname=postgres"', f'dsn = "host=/tmp"\n{line}')
+    if line.startswith("name"):
+        text = text.replace('name = "primary"\n', "", 1)
+    path.write_text(text, encoding="utf-8")
+    code, out, err = _check_config(path, capsys)
+    assert code == 2, out
+    assert problem in err
+    assert PASSWORD not in out + err
+
+
+def _check_dsn(
+    dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    """check-config of the minimal config with `dsn` as its server's DSN."""
+    path = tmp_path / "config.toml"
+    path.write_text(MINIMAL.replace('"host=/tmp dbname=postgres"', f'"{dsn}"'), encoding="utf-8")
+    return _check_config(path, capsys)
+
+
+@pytest.mark.parametrize("password", ["%%-!", "%%", "!@%%", "%%%%"])
+def test_a_dsn_error_never_echoes_a_password_of_punctuation(
+    password: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _check_dsn(f"postgresql://u:{password}@h/db", tmp_path, capsys)
+    assert code == 2
+    assert "servers[0].dsn: invalid connection string: invalid percent-encoded token" in err
+    assert password not in err
+
+
+def test_a_nul_in_a_dsn_is_refused_rather_than_cutting_the_dsn_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _check_dsn(f"host=db\\u0000 password={PASSWORD}", tmp_path, capsys)
+    assert code == 2
+    assert "servers[0].dsn: invalid connection string: it contains a NUL character" in err
+    assert PASSWORD not in err
+
+
+def test_check_config_hides_every_secret_keyword_libpq_hides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn = f"host=db password={PASSWORD}1 sslpassword={PASSWORD}2"
+    code, out, err = _check_dsn(dsn, tmp_path, capsys)
+    assert code == 0, err
+    assert PASSWORD not in out + err
+    assert "sslpassword=********" in out
 
 
 def test_huge_duration_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

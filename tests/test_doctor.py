@@ -5,6 +5,7 @@ command against real servers, including one small enough to fill.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import textwrap
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from reaper.activity import ServerConnection
 from reaper.cli import main
@@ -152,6 +154,23 @@ def test_missing_pg_signal_backend_is_a_problem() -> None:
 def test_the_fix_quotes_a_role_name_that_sql_would_not_read_bare() -> None:
     (problem,) = diagnose(make_state(role="pg-Reaper", read_all_stats=False)).problems
     assert problem.fix == 'GRANT pg_read_all_stats TO "pg-Reaper"'
+
+
+@pytest.mark.parametrize(
+    ("role", "quoted"), [("user", '"user"'), ("current_user", '"current_user"')]
+)
+def test_the_fix_quotes_a_role_named_like_a_keyword(role: str, quoted: str) -> None:
+    (problem,) = diagnose(make_state(role=role, signal_backend=False)).problems
+    assert problem.fix == f"GRANT pg_signal_backend TO {quoted}"
+
+
+def test_a_limit_fix_quotes_the_name_for_sql_and_for_the_shell() -> None:
+    limits = (Limit(kind="role", name="Ops Team", connection_limit=2, sessions=2),)
+    (problem,) = diagnose(make_state(limits=limits)).problems
+    assert problem.fix == (
+        "end its idle sessions (pg-reaper kill --user 'Ops Team'), "
+        'or ALTER ROLE "Ops Team" CONNECTION LIMIT <higher>'
+    )
 
 
 def test_a_superuser_reaper_is_a_warning_not_a_problem() -> None:
@@ -641,3 +660,110 @@ def test_an_unreachable_server_is_a_problem_naming_it_without_its_password(
     assert f"127.0.0.1:{port}" in server["error"]
     for output in (text.out, text.err, as_json.out, as_json.err):
         assert PASSWORD not in output
+
+
+# --- the fixes doctor prints run as printed -----------------------------------------------------
+
+# Roles whose names SQL would read as something else when bare: a syntax error (user) or the
+# role running the statement (current_user, i.e. the superuser pasting the fix).
+KEYWORD_ROLES = ("user", "current_user")
+KEYWORD_DATABASE = "table"
+# A statement doctor prints for a person to run: a fix, or the GRANT inside a note.
+_PRINTED_STATEMENT = re.compile(r'(?:GRANT|ALTER) (?:[^;"—]|"(?:[^"]|"")*")*?(?=$| and set |; )')
+
+
+@pytest.fixture
+def keyword_roles(pg: TestServer) -> Iterator[None]:
+    """LOGIN roles named `user` and `current_user`, without privileges, and a database `table`,
+    each with track_activities off in that database (the reaper connects to another)."""
+
+    def drop() -> None:
+        pg.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(KEYWORD_DATABASE)))
+        for role in KEYWORD_ROLES:
+            pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+    drop()
+    pg.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(KEYWORD_DATABASE)))
+    for role in KEYWORD_ROLES:
+        pg.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(role)
+            )
+        )
+        pg.execute(
+            sql.SQL("ALTER ROLE {} IN DATABASE {} SET track_activities = off").format(
+                sql.Identifier(role), sql.Identifier(KEYWORD_DATABASE)
+            )
+        )
+    pg.execute(
+        sql.SQL("ALTER DATABASE {} SET track_activities = off").format(
+            sql.Identifier(KEYWORD_DATABASE)
+        )
+    )
+    yield
+    drop()
+
+
+def _memberships(pg: TestServer, role: str) -> set[str]:
+    """The roles `role` was granted, read from the catalog (pg_has_role is true for a superuser
+    whatever was granted)."""
+    rows = pg.execute(
+        "SELECT g.rolname FROM pg_catalog.pg_auth_members AS m"
+        " JOIN pg_catalog.pg_roles AS r ON r.oid = m.member"
+        " JOIN pg_catalog.pg_roles AS g ON g.oid = m.roleid WHERE r.rolname = %s",
+        [role],
+    )
+    return {name for (name,) in rows}
+
+
+def _track_activities_overrides(pg: TestServer) -> set[tuple[str | None, str | None]]:
+    """(role, database) of every ALTER ROLE/DATABASE ... SET track_activities left."""
+    rows = pg.execute(
+        "SELECT r.rolname, d.datname FROM pg_catalog.pg_db_role_setting AS s"
+        " LEFT JOIN pg_catalog.pg_roles AS r ON r.oid = s.setrole"
+        " LEFT JOIN pg_catalog.pg_database AS d ON d.oid = s.setdatabase"
+        " WHERE pg_catalog.array_to_string(s.setconfig, ',') LIKE '%%track_activities%%'"
+    )
+    return {(role, database) for role, database in rows}
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("keyword_roles")
+@pytest.mark.parametrize("role", KEYWORD_ROLES)
+def test_every_fix_doctor_prints_for_a_keyword_named_role_runs_as_printed(
+    role: str,
+    pg: TestServer,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = write_config(IDLE_POLICY, dsn=pg.dsn(user=role, password=role))
+    superuser = pg.execute("SELECT current_user")[0][0]
+    before = _memberships(pg, superuser)
+
+    code, text = run_doctor_text(capsys, config)
+
+    assert code == 1, text
+    statements = [m[0] for line in text.splitlines() for m in _PRINTED_STATEMENT.finditer(line)]
+    grants = [s for s in statements if s.startswith("GRANT")]
+    expected = {"pg_read_all_stats", "pg_signal_backend"}
+    if pg.major >= 16:
+        expected.add("pg_use_reserved_connections")  # the note's GRANT
+    assert {s.split()[1] for s in grants} == expected, text
+    assert all(s.endswith(f' TO "{role}"') for s in grants), grants
+    resets = [s for s in statements if s.startswith("ALTER")]
+    assert sorted(resets) == [
+        f'ALTER DATABASE "{KEYWORD_DATABASE}" RESET track_activities',
+        f'ALTER ROLE "current_user" IN DATABASE "{KEYWORD_DATABASE}" RESET track_activities',
+        f'ALTER ROLE "user" IN DATABASE "{KEYWORD_DATABASE}" RESET track_activities',
+    ], text
+
+    for statement in statements:
+        pg.execute(statement)  # exactly as printed
+
+    assert _memberships(pg, role) == expected
+    for granted in expected:
+        assert pg.execute("SELECT pg_catalog.pg_has_role(%s, %s, 'MEMBER')", [role, granted])[0][0]
+    assert _memberships(pg, superuser) == before  # not granted to whoever ran it
+    assert _track_activities_overrides(pg) == set()
+    code, document = run_doctor(capsys, config)
+    assert only_server(document)["problems"] == [], document

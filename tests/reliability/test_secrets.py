@@ -2,11 +2,12 @@
 everywhere pg-reaper writes.
 
 The sentinel is the password of a role that logs in over TCP (scram), given in a keyword DSN, in
-a URI, in a `password_file`, in `PGPASSWORD`, in `PG_REAPER_SERVERS` / `PG_REAPER_AUDIT__DSN`,
-and in the `[audit]` DSN; it is also the wrong password of another role and the password of a
-server that cannot be reached. It must never show in the daemon's log lines or /metrics, nor in
-what `once`, `preview`, `check-config`, `doctor`, `sessions` and `kill` print, nor in the text of
-the exception a failing connection raises.
+a URI, in a `password_file`, in `PGPASSWORD`, in a `.pgpass` file (`PGPASSFILE`), in a service
+file (`PGSERVICEFILE`), in `PG_REAPER_SERVERS` / `PG_REAPER_AUDIT__DSN`, and in the `[audit]`
+DSN; it is also the wrong password of another role and the password of a server that cannot be
+reached. It must never show in the daemon's log lines or /metrics, nor in what `once`,
+`preview`, `check-config`, `doctor`, `sessions` and `kill` print, nor in the text of the
+exception a failing connection raises. (Config errors: tests/test_cli_config.py.)
 """
 
 from __future__ import annotations
@@ -92,6 +93,25 @@ def _uri(pg: TestServer) -> str:
     return f"postgresql://{ROLE}:{SENTINEL}@127.0.0.1:{pg.embedded.port}/postgres"
 
 
+SERVICE = "pg_reaper_secret"
+
+
+def _libpq_files(pg: TestServer, tmp_path: Path) -> dict[str, str]:
+    """A .pgpass file and a service file that hold the sentinel, as libpq's variables name them."""
+    assert pg.embedded is not None
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{pg.embedded.port}:*:{ROLE}:{SENTINEL}\n", encoding="utf-8")
+    pgpass.chmod(0o600)
+    service = tmp_path / "pg_service.conf"
+    service.write_text(
+        f"[{SERVICE}]\nhost=127.0.0.1\nport={pg.embedded.port}\nuser={ROLE}\n"
+        f"dbname=postgres\npassword={SENTINEL}\n",
+        encoding="utf-8",
+    )
+    service.chmod(0o600)
+    return {"PGPASSFILE": str(pgpass), "PGSERVICEFILE": str(service)}
+
+
 def _servers(pg: TestServer, tmp_path: Path) -> dict[str, dict[str, Any]]:
     """Every way to give the sentinel to a server, as [[servers]] tables (name -> table)."""
     password_file = tmp_path / "password"
@@ -102,6 +122,8 @@ def _servers(pg: TestServer, tmp_path: Path) -> dict[str, dict[str, Any]]:
         "uri": {"dsn": _uri(pg)},
         "file": {"dsn": _tcp(pg), "password_file": str(password_file)},
         "environment": {"dsn": _tcp(pg)},  # PGPASSWORD
+        "pgpass": {"dsn": _tcp(pg)},  # PGPASSFILE
+        "service": {"dsn": f"service={SERVICE}"},  # PGSERVICEFILE
         "wrong": {"dsn": _tcp(pg, user=WRONG_ROLE, password=SENTINEL)},
         "unreachable": {
             "dsn": f"host=127.0.0.1 port={free_port()} user={ROLE} password={SENTINEL} "
@@ -110,7 +132,7 @@ def _servers(pg: TestServer, tmp_path: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-WORKING = ("keyword", "uri", "file", "environment")
+WORKING = ("keyword", "uri", "file", "environment", "pgpass", "service")
 
 
 def _config(
@@ -188,6 +210,9 @@ def test_no_command_prints_the_password_however_it_is_given(
     else:
         if form == "environment":
             monkeypatch.setenv("PGPASSWORD", SENTINEL)
+        if form in {"pgpass", "service"}:
+            variable = "PGPASSFILE" if form == "pgpass" else "PGSERVICEFILE"
+            monkeypatch.setenv(variable, _libpq_files(pg, tmp_path)[variable])
         config = _config(tmp_path / "config.toml", {form: servers[form]}, audit_dsn=audit_dsn)
     _victims(sessions, 2)
     time.sleep(1.3)
@@ -239,7 +264,8 @@ def test_the_daemon_never_logs_or_exports_the_password(
         interval="5s",
     )
     victims = _victims(sessions, 3)
-    with running_daemon(config, port=port, env={"PGPASSWORD": SENTINEL}) as daemon:
+    env = {"PGPASSWORD": SENTINEL, **_libpq_files(pg, tmp_path)}
+    with running_daemon(config, port=port, env=env) as daemon:
         daemon.wait_ready()
         for name in WORKING:
             daemon.wait_value("pg_reaper_server_up", lambda v: v == 1, server=name)
