@@ -16,17 +16,17 @@ import pytest
 from reaper.activity import ServerConnection
 from reaper.cli import main
 from reaper.clusters import ClusterIdentity, duplicates, identify
-from reaper.embedded import EmbeddedPostgres
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer
-from tests.test_daemon import RunningDaemon, start_daemon
+from tests.test_daemon import RunningDaemon, second_embedded, second_server, start_daemon
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from reaper.settings import ServerConfig
 
-__all__ = ["start_daemon"]  # a fixture of test_daemon.py, used here too
+# Fixtures of test_daemon.py, used here too.
+__all__ = ["second_embedded", "second_server", "start_daemon"]
 
 START = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -157,36 +157,21 @@ def test_two_entries_on_one_cluster_are_refused_with_exit_2_before_anything_is_s
     assert pg.is_alive(victim.info.backend_pid)
 
 
-@pytest.fixture(scope="module")
-def other_cluster(pg: TestServer) -> Iterator[TestServer]:
-    """Another throwaway server of the same major: another cluster."""
-    if pg.embedded is None:
-        pytest.skip("needs embedded servers (a second cluster of its own)")
-    with EmbeddedPostgres(major=pg.major) as embedded:
-        server = TestServer(
-            major=pg.major, admin_conninfo=embedded.dsn(), has_socket=True, embedded=embedded
-        )
-        try:
-            yield server
-        finally:
-            server.close()
-
-
 @pytest.mark.integration
 def test_entries_on_two_clusters_are_each_reaped(
     pg: TestServer,
-    other_cluster: TestServer,
+    second_server: TestServer,
     sessions: Sessions,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    on_other = Sessions(other_cluster)
+    on_other = Sessions(second_server)
     try:
         here = sessions.idle(application="two-here")
         there = on_other.idle(application="two-there")
         config = write(
             tmp_path / "config.toml",
-            config_text({"a": (pg.dsn(), "two-here"), "b": (other_cluster.dsn(), "two-there")}),
+            config_text({"a": (pg.dsn(), "two-here"), "b": (second_server.dsn(), "two-there")}),
         )
         time.sleep(1.3)
 

@@ -126,6 +126,13 @@ def check_servers(document: Any) -> dict[str, Any]:
     return by_name
 
 
+def check_text_order(text: str, marker: str = "{}") -> None:
+    """Human output: every server named (as `marker` writes it), in config order."""
+    positions = [text.find(marker.format(name)) for name in ORDER]
+    assert -1 not in positions, text
+    assert positions == sorted(positions), text
+
+
 def test_once_reaps_the_live_server_and_reports_each_dead_one_in_config_order(
     pg: TestServer,
     sessions: Sessions,
@@ -158,9 +165,7 @@ def test_once_reaps_the_live_server_and_reports_each_dead_one_in_config_order(
 
     code, text, _ = run(capsys, "once", "-c", str(fresh_config), "--dry-run")
     assert code == 1
-    positions = [text.find(name) for name in ORDER]
-    assert -1 not in positions, text
-    assert positions == sorted(positions), text
+    check_text_order(text)
 
 
 def test_preview_lists_the_live_servers_victims_and_each_dead_servers_error_in_order(
@@ -194,9 +199,7 @@ def test_doctor_examines_the_live_server_and_reports_each_dead_one_in_order(
 
     code, text, _ = run(capsys, "doctor", "-c", str(path))
     assert code == 1
-    positions = [text.find(f"{name} (") for name in ORDER]
-    assert -1 not in positions, text
-    assert positions == sorted(positions), text
+    check_text_order(text, "{} (")
     assert text.count("server could not be examined") == 2, text
 
 
@@ -218,9 +221,7 @@ def test_sessions_counts_the_live_server_and_reports_each_dead_one_in_order(
 
     code, text, _ = run(capsys, "sessions", "-c", str(path))
     assert code == 1
-    positions = [text.find(f"{name} (") for name in ORDER]
-    assert -1 not in positions, text
-    assert positions == sorted(positions), text
+    check_text_order(text, "{} (")
 
 
 def test_a_single_live_server_still_exits_0(
