@@ -110,6 +110,8 @@ POLL_BACKEND_ROLES_SQL = _POLL_TEMPLATE.replace("{every_role}", "false")
 SIGNAL_SQL = _query("signal")
 HA_LEAD_SQL = _query("ha_lead")
 HA_SESSION_SQL = _query("ha_session")
+# Which cluster (and which run of it) a session is on: reaper/clusters.py.
+CLUSTER_IDENTITY_SQL = _query("cluster_identity")
 # `pg-reaper doctor`: read-only, run in one transaction (reaper/doctor.py reads the rows).
 DOCTOR_SQL = {
     name: _query(f"doctor_{name}") for name in ("server", "connections", "limits", "overrides")
@@ -725,6 +727,17 @@ class ServerConnection:
             else (Result(row["result"]), _DETAILS.get(row["result"]))
             for row in rows
         }
+
+    def cluster_identity(self) -> dict[str, Any]:
+        """The cluster this session is on: its `system_identifier` and the postmaster's start
+        time (`started`), read on the current session (connecting first if needed); see
+        reaper/clusters.py. Read-only."""
+        try:
+            return self._execute(CLUSTER_IDENTITY_SQL)[0]
+        except psycopg.Error as exc:  # refused: a superuser revoked EXECUTE from PUBLIC
+            raise PostgresError(
+                f"{self.target}: cannot read the cluster's identity: {_clean_error(exc, None)}"
+            ) from None
 
 
 class AuditConnection(ServerConnection):

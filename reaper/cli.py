@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import tomli_w
 
-from reaper import __version__, audit, doctor, operate
+from reaper import __version__, audit, clusters, doctor, operate
+from reaper.activity import PostgresError
 from reaper.embedded import SUPPORTED_MAJORS
 from reaper.log import configure, get_logger
 from reaper.output import render_json, render_table
@@ -26,7 +30,9 @@ from reaper.settings import (
 from reaper.sweep import Mode, SweepReport, connect, sweep
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
+
+    from reaper.activity import ServerConnection
 
 __all__ = ["main"]
 
@@ -35,6 +41,12 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
+# The one-shot commands reach this many servers at once at most, each on its own connection with
+# its own timeouts: a dead or hung server costs one connect_timeout (or statement_timeout + 2 s)
+# in parallel with the others, not in series. Bounded so that a fleet is not dialled all at once.
+_MAX_PARALLEL = 16
+
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,14 +187,85 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_all(settings: Settings, *, mode: Mode, only: str | None = None) -> list[SweepReport]:
-    reports = []
-    for server in _selected(settings, only):
-        with connect(server, settings) as conn:
-            report = sweep(conn, server=server, settings=settings, mode=mode)
-        if report.error is not None and mode == "reap":
-            get_logger().error("poll_failed", server=server.name, error=report.error)
-        reports.append(report)
+@dataclass(frozen=True, slots=True)
+class _Unreached:
+    """A server whose session could not be opened (or its identity read)."""
+
+    error: str
+    seconds: float
+
+
+def _reach(
+    conn: ServerConnection, *, identify: bool
+) -> clusters.ClusterIdentity | _Unreached | None:
+    """Open `conn`'s session; with `identify`, read which cluster it is on."""
+    started = time.perf_counter()
+    try:
+        conn.connect()
+        return clusters.identify(conn) if identify else None
+    except PostgresError as exc:
+        return _Unreached(str(exc), time.perf_counter() - started)
+
+
+def _on_every_server(
+    settings: Settings,
+    servers: Sequence[ServerConfig],
+    *,
+    work: Callable[[ServerConfig, ServerConnection], T],
+    unreached: Callable[[ServerConfig, ServerConnection, _Unreached], T],
+) -> list[T] | None:
+    """`work` on every server at once (`_MAX_PARALLEL` at most), each on its own connection; the
+    results in config order. A server that could not be reached gets `unreached` instead of a
+    second wait. None, said on stderr, when two of them are one cluster: then nothing was done.
+    """
+    conns = [connect(server, settings) for server in servers]
+    identify = len(servers) > 1  # one entry is one cluster: nothing to compare
+    try:
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(_MAX_PARALLEL, len(servers))),
+            thread_name_prefix="pg-reaper-server",
+        ) as pool:
+            reached = list(pool.map(lambda conn: _reach(conn, identify=identify), conns))
+            identities = {
+                server.name: found
+                for server, found in zip(servers, reached, strict=True)
+                if isinstance(found, clusters.ClusterIdentity)
+            }
+            if duplicates := clusters.duplicates(servers, identities):
+                for duplicate in duplicates:
+                    print(f"pg-reaper: {duplicate.message}", file=sys.stderr)
+                return None
+
+            def run(server: ServerConfig, conn: ServerConnection, found: object) -> T:
+                if isinstance(found, _Unreached):
+                    return unreached(server, conn, found)
+                return work(server, conn)
+
+            return list(pool.map(run, servers, conns, reached))
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _run_all(
+    settings: Settings, *, mode: Mode, only: str | None = None
+) -> list[SweepReport] | None:
+    dry_run = settings.reaper.dry_run or mode == "preview"
+
+    def run(server: ServerConfig, conn: ServerConnection) -> SweepReport:
+        return sweep(conn, server=server, settings=settings, mode=mode)
+
+    def unreached(server: ServerConfig, _conn: ServerConnection, why: _Unreached) -> SweepReport:
+        duration_ms = round(why.seconds * 1000, 1)
+        return SweepReport(
+            server=server.name, dry_run=dry_run, duration_ms=duration_ms, error=why.error
+        )
+
+    reports = _on_every_server(settings, _selected(settings, only), work=run, unreached=unreached)
+    if reports is not None and mode == "reap":
+        for report in reports:
+            if report.error is not None:
+                get_logger().error("poll_failed", server=report.server, error=report.error)
     return reports
 
 
@@ -217,6 +300,8 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
     audit.start(settings)
     try:
         reports = _run_all(settings, mode="reap")
+        if reports is None:
+            return EXIT_USAGE
         return _print_reports(reports, settings=settings, as_json=args.json)
     finally:
         audit.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
@@ -243,17 +328,34 @@ def _preview(settings: Settings, args: argparse.Namespace) -> int:
     if _unknown_server(settings, args.server):
         return EXIT_USAGE
     reports = _run_all(settings, mode="preview", only=args.server)
+    if reports is None:
+        return EXIT_USAGE
     return _print_reports(reports, settings=settings, as_json=args.json)
 
 
 def _doctor(settings: Settings, args: argparse.Namespace) -> int:
     if _unknown_server(settings, args.server):
         return EXIT_USAGE
-    reports = []
-    for server in _selected(settings, args.server):
-        with connect(server, settings) as conn:
-            policies = settings.policies_for(server)
-            reports.append(doctor.examine(conn, server=server.name, policies=policies))
+
+    def run(server: ServerConfig, conn: ServerConnection) -> doctor.ServerReport:
+        policies = settings.policies_for(server)
+        return doctor.examine(conn, server=server.name, policies=policies)
+
+    def unreached(
+        server: ServerConfig, conn: ServerConnection, why: _Unreached
+    ) -> doctor.ServerReport:
+        return doctor.ServerReport(
+            server=server.name,
+            target=conn.target,
+            state=None,
+            error=why.error,
+            diagnosis=doctor.failed(why.error),
+        )
+
+    servers = _selected(settings, args.server)
+    reports = _on_every_server(settings, servers, work=run, unreached=unreached)
+    if reports is None:
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(doctor.render_json(reports), indent=2, ensure_ascii=False))
     else:
@@ -264,10 +366,21 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> int:
 def _sessions(settings: Settings, args: argparse.Namespace) -> int:
     if _unknown_server(settings, args.server):
         return EXIT_USAGE
-    reports = []
-    for server in _selected(settings, args.server):
-        with connect(server, settings) as conn:
-            reports.append(operate.census(conn, server=server.name, by=args.by))
+
+    def run(server: ServerConfig, conn: ServerConnection) -> operate.SessionCounts:
+        return operate.census(conn, server=server.name, by=args.by)
+
+    def unreached(
+        server: ServerConfig, conn: ServerConnection, why: _Unreached
+    ) -> operate.SessionCounts:
+        return operate.SessionCounts(
+            server=server.name, target=conn.target, by=args.by, error=why.error
+        )
+
+    servers = _selected(settings, args.server)
+    reports = _on_every_server(settings, servers, work=run, unreached=unreached)
+    if reports is None:
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(operate.render_counts_json(reports), indent=2, ensure_ascii=False))
     else:

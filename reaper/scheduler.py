@@ -26,7 +26,8 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from reaper import audit
+from reaper import audit, clusters
+from reaper.activity import PostgresError
 from reaper.log import get_logger
 from reaper.sweep import Cancels, Lock, SweepReport, connect, sweep
 
@@ -90,6 +91,14 @@ class _Worker:
     lock_other: LockHolder | None = None  # the lock's holder that is not a pg-reaper instance
     # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate).
     cancels: Cancels = field(default_factory=Cancels)
+    # One entry per cluster: the cluster its session is on, read on each new session (the
+    # connection and its session count); why it is refused, if it is, and whether this cycle was.
+    cluster: clusters.ClusterIdentity | None = None
+    identified: tuple[object, int] | None = None
+    refused: str | None = None
+    refused_this_cycle: bool = False
+    # Set once its first session's identity has been read (or could not be): see _identified.
+    first_identity: threading.Event = field(default_factory=threading.Event)
 
     @property
     def server(self) -> ServerConfig:
@@ -104,6 +113,8 @@ class Scheduler:
         self._metrics = metrics
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
+        # The one entry that acts on each cluster (see _one_per_cluster); under self._lock.
+        self._acting: dict[clusters.ClusterIdentity, _Worker] = {}
         workers = max(_MIN_WORKERS, 2 * len(settings.servers))
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
@@ -237,6 +248,7 @@ class Scheduler:
                 return  # removed by a reload while this run was queued
             server = worker.server
             report = self._sweep(worker, server=server, settings=settings)
+            self._cluster_cycle_ended(worker, report)
             worker.tried = True
             worker.polls += 1
         policies = settings.policies_for(server)
@@ -310,6 +322,8 @@ class Scheduler:
             _close(worker)
             worker.conn, worker.conn_key = connect(server, settings, ha=True), key
             worker.leader_session = None  # sessions are counted per connection object
+        if (refused := self._one_per_cluster(worker, settings=settings)) is not None:
+            return refused
         lock = None
         if ha.enabled:
             lock = Lock(
@@ -329,6 +343,131 @@ class Scheduler:
                 duration_ms=0.0,
                 error=f"internal error: {type(exc).__name__}: {exc}",
             )
+
+    # one entry per cluster
+
+    def _one_per_cluster(self, worker: _Worker, *, settings: Settings) -> SweepReport | None:
+        """None when `worker` may act on its cluster this cycle; else its failed poll.
+
+        Only one entry acts on a cluster (docs/configuration.md): the first in config order
+        among the entries whose session is on it. An entry that acts keeps acting until its
+        own next cycle, when it hands the cluster to an earlier entry that has come up on it
+        meanwhile; an entry whose poll fails lets the cluster go. At start a later entry lets
+        the earlier ones read their identity first. So two entries never act on one cluster in
+        the same cycle, however their cycles overlap. The identity is read on every new
+        session: at start, after a reconnection, and after a reload.
+        """
+        worker.refused_this_cycle = False
+        if len(settings.servers) < 2:  # one entry is one cluster
+            self._say_refused(worker, None, acting=worker.name)
+            return None
+        conn = worker.conn
+        assert conn is not None  # noqa: S101 - _sweep opens it first
+        started = time.perf_counter()
+        identity = worker.cluster
+        try:
+            conn.connect()
+            if worker.identified != (conn, conn.sessions_opened) or identity is None:
+                identity = clusters.identify(conn)
+                worker.identified = (conn, conn.sessions_opened)
+        except PostgresError as exc:
+            worker.first_identity.set()
+            return self._refusal(worker, settings=settings, started=started, error=str(exc))
+        order = {server.name: index for index, server in enumerate(settings.servers)}
+        with self._lock:
+            worker.cluster = identity
+        worker.first_identity.set()
+        self._wait_for_earlier_entries(worker, settings=settings)
+        with self._lock:
+            for key in [k for k, w in self._acting.items() if w is worker and k != identity]:
+                del self._acting[key]  # its session is now on another cluster
+            acting = self._acting.get(identity)
+            if acting is None or acting is worker or self._workers.get(acting.name) is not acting:
+                # Free, or this entry's to keep or to hand to an earlier one on the cluster.
+                acting = min(
+                    (
+                        w
+                        for w in self._workers.values()
+                        if w.cluster == identity and w.name in order
+                    ),
+                    key=lambda w: order[w.name],
+                    default=worker,
+                )
+                self._acting[identity] = acting
+        if acting is worker:
+            self._say_refused(worker, None, acting=worker.name)
+            return None
+        first, second = sorted((worker.name, acting.name), key=order.__getitem__)
+        duplicate = clusters.Duplicate(
+            first=first,
+            first_index=order[first],
+            second=second,
+            second_index=order[second],
+            identity=identity,
+        )
+        self._say_refused(worker, duplicate, acting=acting.name)
+        worker.refused_this_cycle = True
+        error = f"{duplicate.message}; only {acting.name!r} acts on it"
+        return self._refusal(worker, settings=settings, started=started, error=error)
+
+    def _wait_for_earlier_entries(self, worker: _Worker, *, settings: Settings) -> None:
+        """At start (or when a reload adds several entries), all first cycles run at once: let
+        the entries before this one read their identity first (bounded by the time a dead or
+        hung server takes), so that a later entry never acts on a cluster before an earlier
+        one could say it is on it too."""
+        reaper = settings.reaper
+        deadline = time.monotonic() + (
+            reaper.connect_timeout.total_seconds() + reaper.statement_timeout.total_seconds() + 3
+        )
+        with self._lock:
+            earlier = [
+                w
+                for s in settings.servers[: [s.name for s in settings.servers].index(worker.name)]
+                if (w := self._workers.get(s.name)) is not None
+            ]
+        for other in earlier:
+            other.first_identity.wait(max(0.0, deadline - time.monotonic()))
+
+    def _refusal(
+        self, worker: _Worker, *, settings: Settings, started: float, error: str
+    ) -> SweepReport:
+        """A failed poll that polled and signalled nothing."""
+        return SweepReport(
+            server=worker.name,
+            dry_run=settings.reaper.dry_run,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            error=error,
+            leader=not settings.ha.enabled,
+        )
+
+    def _say_refused(
+        self, worker: _Worker, duplicate: clusters.Duplicate | None, *, acting: str
+    ) -> None:
+        """One log line when an entry starts or stops being refused, not one per cycle."""
+        message = None if duplicate is None else duplicate.message
+        if message == worker.refused:
+            return
+        if duplicate is not None:
+            self._log.error(
+                "duplicate_cluster",
+                server=worker.name,
+                acting=acting,
+                system_identifier=duplicate.identity.system_identifier,
+                error=f"{message}; only {acting!r} acts on it, {worker.name!r} signals nothing",
+            )
+        elif worker.refused is not None:
+            self._log.info("duplicate_cluster_resolved", server=worker.name)
+        worker.refused = message
+
+    def _cluster_cycle_ended(self, worker: _Worker, report: SweepReport) -> None:
+        """An entry whose poll failed (not for being refused) lets its cluster go: the next
+        entry on it takes over, and this one's identity is read again on its next session."""
+        if report.ok or worker.refused_this_cycle:
+            return
+        with self._lock:
+            for key in [k for k, w in self._acting.items() if w is worker]:
+                del self._acting[key]
+            worker.cluster = worker.identified = worker.refused = None
 
     def _transition(self, worker: _Worker, report: SweepReport) -> None:
         """One log line per change of a server's state, not one per failed cycle: the retries
