@@ -114,7 +114,7 @@ def _listener(address: str, port: int, family: int, *, dualstack: bool = False) 
     )
 
 
-def make_app(
+def _make_app(
     registry: CollectorRegistry, *, healthy: Callable[[], bool], ready: Callable[[], bool]
 ) -> WSGIApplication:
     metrics_app = make_wsgi_app(registry)
@@ -148,7 +148,7 @@ class HttpServer:
     ) -> None:
         self._sockets = bind(listen)
         self.port: int = self._sockets[0].getsockname()[1]
-        self._context = _Context(make_app(registry, healthy=healthy, ready=ready), self.port)
+        self._context = _Context(_make_app(registry, healthy=healthy, ready=ready), self.port)
         self._timeout = request_timeout
         self._max_connections = max_connections
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pg-reaper-http")
