@@ -81,8 +81,10 @@ def run_demo(*, major: int = 18, duration: float | None = None) -> int:
         _Clients(pg) as clients,
     ):
         say(f"PostgreSQL {pg.version} is listening on {pg.socket_dir} and 127.0.0.1:{pg.port}.")
-        say(f"Its files are in {pg.base_dir}.\n")
-        # Over the Unix socket, where the throwaway server trusts local sessions: no password.
+        say(f"Its files are in {pg.base_dir}.")
+        say("Only its own account and root can reach them; TCP needs a secret made for this run.\n")
+        # Over the Unix socket, where the throwaway server trusts local sessions: no password. The
+        # socket directory is mode 0700, so no other local account gets that trust.
         dsn = f"host={pg.socket_dir} port={pg.port} dbname=postgres user={pg.superuser}"
         port = _free_port()
         config = Path(tmp) / "config.toml"

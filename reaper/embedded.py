@@ -11,6 +11,7 @@ import contextlib
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -409,9 +410,11 @@ def _emergency_cleanup(
 class EmbeddedPostgres:
     """A private PostgreSQL cluster in a temporary directory.
 
-    Unix-socket connections are trusted; TCP connections (127.0.0.1 only) need the superuser's
-    password (scram-sha-256). When the current user is root the cluster is owned and run by
-    ``nobody``, because initdb and postgres refuse to run as root.
+    Unix-socket connections are trusted, but the temporary directory and the socket directory in
+    it are mode 0700: only the account that runs the server (and root) can reach the socket.
+    TCP connections (127.0.0.1 only) need the superuser's password (scram-sha-256), random for
+    each server unless one is given. When the current user is root the cluster is owned and run
+    by ``nobody``, because initdb and postgres refuse to run as root.
     """
 
     host: str = "127.0.0.1"
@@ -423,13 +426,14 @@ class EmbeddedPostgres:
         major: int = 18,
         port: int | None = None,
         settings: Mapping[str, str] | None = None,
-        password: str = "postgres",  # noqa: S107 - a throwaway server's documented default
+        password: str | None = None,
     ) -> None:
         self.major = major
         self.bin_dir = binaries(major)
         self.version = self.bin_dir.parent.name
         self.port = _free_port() if port is None else port
-        self.password = password
+        # Anyone on the host can reach 127.0.0.1: a fixed password would make them superuser.
+        self.password = secrets.token_urlsafe(24) if password is None else password
         self._settings = self._merge_settings(settings or {})
         self._account = _server_account()
         if self._account is not None:
@@ -449,9 +453,11 @@ class EmbeddedPostgres:
             self._account,
             self._env,
         )
-        self.socket_dir.mkdir(mode=0o755)
-        # Readable by everyone so that the socket directory and the log can be reached.
-        self.base_dir.chmod(0o755)
+        # The socket is trusted: only the server's account (and root) may reach it. The log and
+        # the configuration stay private too.
+        self.socket_dir.mkdir(mode=0o700)
+        self.socket_dir.chmod(0o700)  # whatever the umask
+        self.base_dir.chmod(0o700)
         self._chown(self.base_dir, self.socket_dir)
 
     # ------------------------------------------------------------------ state
@@ -480,8 +486,9 @@ class EmbeddedPostgres:
     ) -> str:
         """A libpq keyword/value connection string for this server.
 
-        Without `tcp` it connects over the Unix socket (trusted); with it over 127.0.0.1, where a
-        password is required.
+        Without `tcp` it connects over the Unix socket (trusted, reachable only by the server's
+        account and root); with it over 127.0.0.1, where a password is required. The
+        superuser's password is filled in.
         """
         user = self.superuser if user is None else user
         if password is None and user == self.superuser:
@@ -658,8 +665,10 @@ class EmbeddedPostgres:
 
     def _initdb(self) -> None:
         password_file = self.base_dir / "pwfile"
-        password_file.write_text(self.password + "\n")
-        password_file.chmod(0o600)
+        # Created 0600, never readable by others even for a moment.
+        descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as sink:
+            sink.write(self.password + "\n")
         self._chown(password_file)
         try:
             _run(

@@ -273,6 +273,8 @@ class ReaperSection(_Section):
 
 
 class MetricsSection(_Section):
+    # "127.0.0.1:9188", "[::1]:9188", "[::]:9188" (dual-stack), ":9188" (every address), or a host
+    # name resolved at start (every address it resolves to); reaper/http.py binds it.
     listen: str = "127.0.0.1:9188"
 
     @field_validator("listen")
@@ -283,10 +285,18 @@ class MetricsSection(_Section):
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"invalid listen address {value!r}: use 'host:port' or '' to disable")
-        if host.startswith("[") != host.endswith("]"):
+        bracketed = host.startswith("[") and host.endswith("]")
+        if host.startswith("[") != host.endswith("]") or (":" in host and not bracketed):
             raise ValueError(
                 f"invalid listen address {value!r}: bracket an IPv6 host, as in '[::1]:9188'"
             )
+        if bracketed:
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise ValueError(
+                    f"invalid listen address {value!r}: {host[1:-1]!r} is not an IPv6 address"
+                ) from None
         return value
 
 

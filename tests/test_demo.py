@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -95,3 +98,46 @@ def test_ctrl_c_stops_the_demo_cleanly(pg_major: int) -> None:
     output = "".join(lines)
     assert "daemon_stopped" in output
     assert _nothing_left_running(_base_dir(output))
+
+
+def test_while_the_demo_runs_no_other_account_can_reach_its_socket_or_log_in_over_tcp(
+    pg_major: int,
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reaper", "demo", "--major", str(pg_major), "--duration", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        listening = None
+        for line in proc.stdout:  # bounded: the demo ends after --duration
+            lines.append(line)
+            listening = re.search(r"is listening on (\S+) and 127\.0\.0\.1:(\d+)\.", line)
+            if listening:
+                break
+        assert listening is not None, "".join(lines)
+        socket_dir, port = Path(listening[1]), int(listening[2])
+
+        assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE(socket_dir.parent.stat().st_mode) == 0o700
+        # The fixed password of old no longer logs in as superuser over TCP.
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(
+                host="127.0.0.1",
+                port=port,
+                user="postgres",
+                password="postgres",
+                dbname="postgres",
+                connect_timeout=10,
+            ).close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=30)  # reads what is left, so the demo never blocks on it
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)

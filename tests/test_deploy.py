@@ -324,7 +324,8 @@ def test_reaper_config_matches_the_pod(manifest: Path) -> None:
     """listen reachable from the kubelet and Prometheus; every password_file in a mounted Secret."""
     _, template, reaper = _reaper_pod(manifest)
     config = tomllib.loads(_config_text(manifest))
-    assert config["metrics"]["listen"] == f"0.0.0.0:{METRICS_PORT}"
+    # Every address, IPv4 and IPv6 (the pod IP); the NetworkPolicy limits who gets there.
+    assert config["metrics"]["listen"] == f":{METRICS_PORT}"
     mounts = {m["mountPath"]: m["name"] for m in reaper["volumeMounts"]}
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     secrets = _by_name("Secret", manifest)
@@ -332,6 +333,79 @@ def test_reaper_config_matches_the_pod(manifest: Path) -> None:
         path = Path(server["password_file"])
         secret = volumes[mounts[str(path.parent)]]["secret"]["secretName"]
         assert path.name in secrets[secret]["stringData"], (server["name"], secret)
+
+
+# Where Prometheus runs, as the manifests' NetworkPolicies expect it (their comments say so).
+PROMETHEUS_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
+PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus"}
+# Where the manifests are applied (they name no namespace of their own).
+REAPER_NAMESPACE = {"kubernetes.io/metadata.name": "databases"}
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # what _admits understands
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def _admits(manifest: Path, *, namespace: dict[str, str], pod: dict[str, str], port: int) -> bool:
+    """Whether the manifest's NetworkPolicies let a pod in this namespace reach the reaper's pod
+    on `port` (Kubernetes' rules: policies add up; a peer's two selectors must both match; a
+    peer without a namespaceSelector means the policy's own namespace, REAPER_NAMESPACE)."""
+    _, template, _ = _reaper_pod(manifest)
+    policies = [
+        p
+        for p in _objects("NetworkPolicy", manifest)
+        if _selects(p["spec"]["podSelector"], template["metadata"]["labels"])
+        and "Ingress" in p["spec"]["policyTypes"]
+    ]
+    if not policies:
+        return True  # an isolated pod only once a policy selects it
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(
+                p["port"] == port and p.get("protocol", "TCP") == "TCP" for p in ports
+            ):
+                continue
+            peers = rule.get("from")
+            if peers is None:
+                return True
+            for peer in peers:
+                assert set(peer) <= {"namespaceSelector", "podSelector"}, peer
+                in_namespace = (
+                    _selects(peer["namespaceSelector"], namespace)
+                    if "namespaceSelector" in peer
+                    else namespace == REAPER_NAMESPACE
+                )
+                if in_namespace and _selects(peer.get("podSelector", {}), pod):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_only_prometheus_reaches_the_metrics_port(manifest: Path) -> None:
+    def admits(namespace: dict[str, str], pod: dict[str, str]) -> bool:
+        return _admits(manifest, namespace=namespace, pod=pod, port=METRICS_PORT)
+
+    assert admits(PROMETHEUS_NAMESPACE, PROMETHEUS_POD)
+    assert admits(PROMETHEUS_NAMESPACE, {**PROMETHEUS_POD, "other": "label"})
+    # Another pod of the monitoring namespace, a "Prometheus" elsewhere, anything else: no.
+    assert not admits(PROMETHEUS_NAMESPACE, {"app.kubernetes.io/name": "grafana"})
+    assert not admits({"kubernetes.io/metadata.name": "default"}, PROMETHEUS_POD)
+    assert not admits({"kubernetes.io/metadata.name": "apps"}, {"app": "web"})
+    assert not admits(REAPER_NAMESPACE, {"app": "web"})
+    assert not admits(REAPER_NAMESPACE, PROMETHEUS_POD)
+    # Every other port the pod serves stays reachable: the policy only closes the metrics port.
+    _, template, _ = _reaper_pod(manifest)
+    for container in template["spec"]["containers"]:
+        for port in container["ports"]:
+            if port["containerPort"] != METRICS_PORT:
+                assert _admits(
+                    manifest,
+                    namespace={"kubernetes.io/metadata.name": "apps"},
+                    pod={"app": "web"},
+                    port=port["containerPort"],
+                ), (container["name"], port)
 
 
 def test_sidecar_shares_the_socket_directory() -> None:
@@ -415,7 +489,7 @@ def test_configmap_config_passes_check_config(
     assert main(["check-config", "-c", str(config)]) == 0
 
     effective = tomllib.loads(capsys.readouterr().out)
-    assert effective["metrics"]["listen"] == f"0.0.0.0:{METRICS_PORT}"
+    assert effective["metrics"]["listen"] == f":{METRICS_PORT}"
     assert "Sentinel-Pa55" not in json.dumps(effective)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
+import stat
+import subprocess
 
 import psycopg
 import pytest
@@ -70,3 +73,63 @@ def test_context_manager_and_owner_commands() -> None:
     # cleanup copes with a stopped postmaster
     assert pg.pid is None
     assert not pg.base_dir.exists()
+
+
+def _other_account() -> pwd.struct_passwd | None:
+    """A local account that is neither root nor the one that runs the servers."""
+    for name in ("daemon", "bin", "sys", "games", "mail"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("major", MAJORS)
+def test_only_the_servers_account_reaches_the_socket_and_tcp_needs_a_random_password(
+    major: int,
+) -> None:
+    with EmbeddedPostgres(major=major) as pg:
+        owner = pg.data_dir.stat().st_uid  # the account that runs the server
+        for directory in (pg.base_dir, pg.socket_dir):
+            mode = directory.stat()
+            assert stat.S_IMODE(mode.st_mode) == 0o700, directory
+            assert mode.st_uid == owner, directory
+        # The suite's own connections and the owner's subprocesses still get in.
+        assert _server_version_num(pg.dsn()).startswith(str(major))
+        result = pg.run_as_owner(["psql", "-XAtc", "SELECT 1", pg.dsn()])
+        assert result.stdout.strip() == "1"
+
+        assert pg.password != "postgres"
+        assert len(pg.password) >= 32
+        assert _server_version_num(pg.dsn(tcp=True)).startswith(str(major))
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(pg.dsn(tcp=True, password="postgres"), connect_timeout=10).close()
+
+        other = _other_account()
+        if os.geteuid() == 0 and other is not None:
+            # Another local account: the socket's trust is out of its reach.
+            attempt = subprocess.run(
+                [str(pg.bin_dir / "psql"), "-XAtc", "SELECT 1", pg.dsn(password="")],
+                user=other.pw_uid,
+                group=other.pw_gid,
+                extra_groups=[],
+                env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+                cwd="/",
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert attempt.returncode != 0
+            assert "Permission denied" in attempt.stderr, attempt.stderr
+
+
+def test_every_server_gets_its_own_password() -> None:
+    first, second = EmbeddedPostgres(major=MAJORS[-1]), EmbeddedPostgres(major=MAJORS[-1])
+    try:
+        assert first.password != second.password
+        assert "postgres" not in {first.password, second.password}
+    finally:
+        first.cleanup()
+        second.cleanup()
