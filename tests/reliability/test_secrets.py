@@ -267,8 +267,14 @@ def test_the_daemon_never_logs_or_exports_the_password(
     env = {"PGPASSWORD": SENTINEL, **_libpq_files(pg, tmp_path)}
     with running_daemon(config, port=port, env=env) as daemon:
         daemon.wait_ready()
-        for name in WORKING:
-            daemon.wait_value("pg_reaper_server_up", lambda v: v == 1, server=name)
+        # Every working form logs in; all are on one cluster, so the first entry acts and the
+        # others are refused as duplicates, which they can only be once connected.
+        daemon.wait_value("pg_reaper_server_up", lambda v: v == 1, server=WORKING[0])
+        daemon.wait_until(
+            lambda: {e["server"] for e in daemon.events("duplicate_cluster")} >= set(WORKING[1:]),
+            timeout=15,
+            what="every other working form connected (and refused as the same cluster)",
+        )
         # Two failures each: the first is logged at error level, the retries at debug level
         # (with debug on, psycopg's and libpq's own words about them too).
         for name in ("wrong", "unreachable"):
