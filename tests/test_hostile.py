@@ -213,9 +213,21 @@ def _arm_check(pg: TestServer, db: str) -> None:
 
 
 def _config(
-    tmp_path: Path, pg: TestServer, *, db: str, log: str = 'format = "json"', extra: str = ""
+    tmp_path: Path,
+    pg: TestServer,
+    *,
+    db: str,
+    log: str = 'format = "json"',
+    extra: str = "",
+    audit_db: str | None = None,
 ) -> Path:
+    """The reaper's role on database `db`, an idle policy for the test's own sessions; with
+    `audit_db`, the audit table in that database."""
     dsn = pg.dsn(user=REAPER, password=REAPER, dbname=db)
+    audit = ""
+    if audit_db is not None:
+        audit_dsn = pg.dsn(user=REAPER, password=REAPER, dbname=audit_db)
+        audit = f"[audit]\ndsn = {json.dumps(audit_dsn)}\n"
     path = tmp_path / f"{db}.toml"
     path.write_text(
         f"""
@@ -236,7 +248,8 @@ states = ["idle"]
 max_idle = "{MAX_IDLE:g}s"
 applications = ["^victim$", "^fresh$", "^hostile-"]
 {extra}
-""",
+
+{audit}""",
         encoding="utf-8",
     )
     return path
@@ -406,12 +419,7 @@ def test_an_audit_table_someone_else_owns_is_refused_and_runs_none_of_their_code
         owner.execute("GRANT INSERT ON public.pg_reaper_audit TO PUBLIC")
     victim = sessions.idle(application="victim", user=VICTIM_ROLE, password=VICTIM_ROLE)
     time.sleep(MAX_IDLE + 0.5)
-    audit_dsn = pg.dsn(user=REAPER, password=REAPER, dbname=db)
-    config = _config(tmp_path, pg, db="postgres")
-    config.write_text(
-        config.read_text(encoding="utf-8") + f"\n[audit]\ndsn = {json.dumps(audit_dsn)}\n",
-        encoding="utf-8",
-    )
+    config = _config(tmp_path, pg, db="postgres", audit_db=db)
 
     code, document, err = _run(capsys, "once", "-c", str(config), "--json")
 
@@ -438,12 +446,7 @@ def test_audit_rows_are_written_under_a_read_only_default(
     pg.execute(f"ALTER ROLE {REAPER} IN DATABASE {db} SET statement_timeout = '1ms'")
     victim = sessions.idle(application="victim", user=VICTIM_ROLE, password=VICTIM_ROLE)
     time.sleep(MAX_IDLE + 0.5)
-    audit_dsn = pg.dsn(user=REAPER, password=REAPER, dbname=db)
-    config = _config(tmp_path, pg, db="postgres")
-    config.write_text(
-        config.read_text(encoding="utf-8") + f"\n[audit]\ndsn = {json.dumps(audit_dsn)}\n",
-        encoding="utf-8",
-    )
+    config = _config(tmp_path, pg, db="postgres", audit_db=db)
 
     code, _, _ = _run(capsys, "once", "-c", str(config), "--json")
 
