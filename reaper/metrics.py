@@ -248,7 +248,7 @@ class Metrics:
                 deferred += 1
             elif (reason := _FAILURE_REASONS.get(outcome.result)) is not None:
                 self.reap_failures.labels(server=server, policy=policy, reason=reason).inc()
-            elif (action := _REAPED_ACTIONS.get(outcome.result)) is not None:
+            elif not report.dry_run and (action := _REAPED_ACTIONS.get(outcome.result)):
                 self.sessions_reaped.labels(server=server, policy=policy, action=action).inc()
         for policy, count in matched.items():
             self.candidates.labels(server=server, policy=policy).set(count)

@@ -526,6 +526,49 @@ def test_dry_run_signals_nothing_but_audits_and_counts_candidates(
         assert pg.is_alive(conn.info.backend_pid)
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["live", "dry-run"])
+def test_a_log_policy_reports_each_idle_episode_once_not_every_poll(
+    pg: TestServer,
+    sessions: Sessions,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+    port: int,
+    dry_run: bool,  # noqa: FBT001 - a parameter
+) -> None:
+    watched = sessions.idle(application="t3-log-watched")
+    server = server_name(pg)
+    config = daemon_config(
+        tmp_path / "config.toml",
+        servers={server: pg.dsn()},
+        policies=policy("watch", "^t3-log-", extra='action = "log"'),
+        port=port,
+        interval="1s",
+    )
+    daemon = start_daemon(config, port=port, args=["--dry-run"] if dry_run else [])
+    pid = watched.info.backend_pid
+
+    daemon.wait_event("session_reaped", pid=pid)
+    polls = len(daemon.events("poll_completed"))
+    daemon.wait_until(
+        lambda: len(daemon.events("poll_completed")) >= polls + 3, timeout=10, what="3 polls"
+    )
+    # One event for the episode, whatever the polls in between; still a candidate each poll.
+    (event,) = daemon.events("session_reaped", pid=pid)
+    assert (event["result"], event["action"], event["dry_run"]) == ("logged", "log", dry_run)
+    assert daemon.value("pg_reaper_candidates", server=server, policy="watch") == 1
+    counted = daemon.value("pg_reaper_sessions_reaped_total", server=server, policy="watch")
+    assert (counted or 0) == (0 if dry_run else 1)  # counted once, never in dry run
+    assert pg.is_alive(pid)
+
+    # A new episode (the session ran a statement and is idle again) is reported again.
+    watched.execute("SELECT 1")
+    daemon.wait_until(
+        lambda: len(daemon.events("session_reaped", pid=pid)) == 2,
+        timeout=10,
+        what="the second episode's event",
+    )
+
+
 # --- 4. a server that goes away and comes back -------------------------------------------------
 
 
