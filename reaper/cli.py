@@ -39,6 +39,8 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# The commands that write audit rows: the audit table is checked before they start.
+_AUDITED = frozenset({"run", "once", "kill"})
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
 # The one-shot commands reach this many servers at once at most, each on its own connection with
@@ -66,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "dry_run", False):
         settings = settings.with_dry_run()
     configure(settings.log)
+    if args.command in _AUDITED and (unusable := audit.preflight(settings)) is not None:
+        # A table that cannot be written is said now, not found out by rows dropped later.
+        print(f"pg-reaper: audit: {unusable}", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "run":
         return _run(settings, args)
     handler = {
