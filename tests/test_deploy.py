@@ -55,6 +55,9 @@ METRICS = frozenset(
         "pg_reaper_deferred_total",
         "pg_reaper_sessions",
         "pg_reaper_max_connections",
+        "pg_reaper_connections_used",
+        "pg_reaper_connections_usable",
+        "pg_reaper_pressure",
         "pg_reaper_poll_duration_seconds_bucket",  # the histogram's series
         "pg_reaper_poll_duration_seconds_sum",
         "pg_reaper_poll_duration_seconds_count",
@@ -66,13 +69,20 @@ METRICS = frozenset(
         "pg_reaper_dry_run",
         "pg_reaper_config_last_reload_successful",
         "pg_reaper_build_info",
+        "pg_reaper_audit_errors_total",
     }
 )
 
 
 # Metrics of the whole process, without a server label (and Prometheus' own up).
 PER_INSTANCE = frozenset(
-    {"pg_reaper_dry_run", "pg_reaper_config_last_reload_successful", "pg_reaper_build_info", "up"}
+    {
+        "pg_reaper_dry_run",
+        "pg_reaper_config_last_reload_successful",
+        "pg_reaper_build_info",
+        "pg_reaper_audit_errors_total",
+        "up",
+    }
 )
 
 
@@ -536,6 +546,9 @@ def test_alerts_are_labelled_annotated_and_use_only_real_metrics() -> None:
         "PgReaperLockHeldByOther",
         "PgReaperPollErrors",
         "PgReaperPollsStale",
+        "PgReaperCannotSeeSessions",
+        "PgReaperConnectionsNearLimit",
+        "PgReaperAuditErrors",
         "PgReaperConfigReloadFailed",
         "PgReaperDryRunLeftOn",
         "PgReaperSessionsDeferred",
