@@ -151,7 +151,9 @@ def check_config(
 ) -> tuple[int, str]:
     (directory / "config.toml").write_text(_runnable(block, directory), encoding="utf-8")
     code = main(["check-config", "-c", "config.toml"])
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "Stand-in-Pa55" not in captured.out + captured.err  # a password file stays secret
+    return code, captured.err
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.where)
