@@ -108,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="decide and report, signal nothing")
 
     once = command("once", "one sweep of every server, then exit")
+    once.add_argument("--server", metavar="NAME", help="only this server")
     once.add_argument("--dry-run", action="store_true", help="decide and report, signal nothing")
     once.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
@@ -155,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         "--block-connections",
         action="store_true",
         help="with --database: ALTER DATABASE ... WITH ALLOW_CONNECTIONS false first, then wait "
-        "until nothing uses the database",
+        "until nothing uses the database (needs the database's owner or a superuser)",
     )
     kill_command.add_argument(
         "--wait",
@@ -276,12 +277,21 @@ def _run_all(
 
 
 def _print_reports(reports: list[SweepReport], *, settings: Settings, as_json: bool) -> int:
+    failed = any(_failed(r) for r in reports)
     if as_json:
         document = render_json(reports, include_query=settings.log.include_query)
+        document["ok"] = not failed  # what the exit code says
         print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         print(render_table(reports))
-    return EXIT_FAILED if any(r.failed for r in reports) else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _failed(report: SweepReport) -> bool:
+    """Exit 1 for a server that could not be polled, or a signal that failed. A dry run (and
+    `preview`) sends no signal, so none can fail: a victim it predicts `denied` (a superuser's
+    session) is shown and audited as such, but only an unreachable server fails the command."""
+    return not report.ok if report.dry_run else report.failed
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -303,9 +313,11 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _once(settings: Settings, args: argparse.Namespace) -> int:
+    if _unknown_server(settings, args.server):
+        return EXIT_USAGE
     audit.start(settings)
     try:
-        reports = _run_all(settings, mode="reap")
+        reports = _run_all(settings, mode="reap", only=args.server)
         if reports is None:
             return EXIT_USAGE
         return _print_reports(reports, settings=settings, as_json=args.json)
