@@ -261,6 +261,9 @@ class ReaperSection(_Section):
     # poll stuck behind a catalog lock (the server-side idle timeouts are switched off for it).
     connect_timeout: PositiveDuration = timedelta(seconds=5)
     statement_timeout: PositiveDuration = timedelta(seconds=10)
+    # `pg-reaper run` reloads the config file by itself when its contents change (checked every
+    # 5 s), as SIGHUP does: a Kubernetes ConfigMap is updated in place, on every replica.
+    watch_config: bool = True
 
     @model_validator(mode="after")
     def _intervals(self) -> Self:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from reaper.daemon import WATCH_INTERVAL
 from reaper.embedded import EmbeddedPostgres
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer, usable, wait_for
 
@@ -701,7 +702,14 @@ def test_sighup_applies_a_valid_file_and_keeps_the_running_rules_when_the_file_i
     path = tmp_path / "config.toml"
 
     def write(policies: str) -> None:
-        daemon_config(path, servers={server: pg.dsn()}, policies=policies, port=port)
+        # Only SIGHUP reloads here: the events are counted exactly.
+        daemon_config(
+            path,
+            servers={server: pg.dsn()},
+            policies=policies,
+            port=port,
+            reaper="watch_config = false",
+        )
 
     write(policy("a", "^t5-a$"))
     daemon = start_daemon(path, port=port)
@@ -742,6 +750,55 @@ def test_sighup_applies_a_valid_file_and_keeps_the_running_rules_when_the_file_i
     again = sessions.idle(application="t5-b")
     assert pg.wait_gone(again.info.backend_pid)
     daemon.wait_event("session_reaped", pid=again.info.backend_pid, policy="b", timeout=5)
+    assert daemon.process.poll() is None
+
+
+def test_a_changed_config_file_is_reloaded_without_sighup_and_a_broken_one_is_kept_out(
+    pg: TestServer,
+    sessions: Sessions,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+    port: int,
+) -> None:
+    # Laid out as the kubelet mounts a ConfigMap: config.toml -> ..data/config.toml, and an
+    # update swaps the ..data link to a new directory in one rename.
+    server = server_name(pg)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    path = mount / "config.toml"
+    path.symlink_to("..data/config.toml")
+
+    def publish(version: int, policies: str) -> None:
+        directory = mount / f"..v{version}"
+        directory.mkdir()
+        daemon_config(
+            directory / "config.toml", servers={server: pg.dsn()}, policies=policies, port=port
+        )
+        link = mount / "..data_tmp"
+        link.symlink_to(directory.name)
+        link.replace(mount / "..data")
+
+    publish(1, policy("a", "^t6-a$"))
+    daemon = start_daemon(path, port=port)
+    daemon.wait_ready()
+    spared = sessions.idle(application="t6-b")
+
+    publish(2, policy("a", "^t6-a$") + policy("b", "^t6-b$"))
+
+    daemon.wait_event("config_changed", timeout=15)
+    assert daemon.wait_event("config_reloaded")["policies"] == ["a", "b"]
+    assert pg.wait_gone(spared.info.backend_pid)
+    assert daemon.value("pg_reaper_config_last_reload_successful") == 1
+
+    # A broken edit is refused once, not at every look, and the running rules stay.
+    publish(3, "[[policies]\nname = 'a'\n")
+    daemon.wait_event("config_reload_failed", timeout=15)
+    assert daemon.value("pg_reaper_config_last_reload_successful") == 0
+    looks = WATCH_INTERVAL * 2 + 1
+    time.sleep(looks)
+    assert len(daemon.events("config_reload_failed")) == 1
+    again = sessions.idle(application="t6-b")
+    assert pg.wait_gone(again.info.backend_pid)
     assert daemon.process.poll() is None
 
 
