@@ -277,21 +277,13 @@ def _run_all(
 
 
 def _print_reports(reports: list[SweepReport], *, settings: Settings, as_json: bool) -> int:
-    failed = any(_failed(r) for r in reports)
+    failed = any(r.failed for r in reports)
     if as_json:
         document = render_json(reports, include_query=settings.log.include_query)
-        document["ok"] = not failed  # what the exit code says
         print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         print(render_table(reports))
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def _failed(report: SweepReport) -> bool:
-    """Exit 1 for a server that could not be polled, or a signal that failed. A dry run (and
-    `preview`) sends no signal, so none can fail: a victim it predicts `denied` (a superuser's
-    session) is shown and audited as such, but only an unreachable server fails the command."""
-    return not report.ok if report.dry_run else report.failed
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:

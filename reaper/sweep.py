@@ -205,7 +205,11 @@ class SweepReport:
 
     @property
     def failed(self) -> bool:
-        """A poll failed or a signal failed: the exit code 1 of `once`."""
+        """A poll failed or a signal failed: the exit code 1 of `once`. A dry run (and
+        `preview`) sends no signal, so none can fail: a victim it predicts `denied` (a
+        superuser's session) is shown and audited as such, but fails nothing."""
+        if self.dry_run:
+            return not self.ok
         return not self.ok or any(o.result.is_failure for o in self.outcomes)
 
     @property
