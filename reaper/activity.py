@@ -25,6 +25,7 @@ from psycopg.rows import dict_row
 
 from reaper import APPLICATION_NAME, deadlines
 from reaper.ha import LockHolder
+from reaper.identifiers import quote_identifier
 from reaper.policy import (
     CLIENT_BACKEND,
     DROPPED_ROLE,
@@ -761,7 +762,7 @@ class AuditConnection(ServerConnection):
             statement_timeout=statement_timeout,
         )
         self._table = sql.Identifier(*table)
-        self._schema = table[0]
+        self._schema, self._name = table
         self._index = sql.Identifier(_index_name(table[-1]))
         self._checked: object = None  # the connection on which the table was found or made
         self._insert_sql = _audit_insert(self._table, with_instance=True)
@@ -787,8 +788,7 @@ class AuditConnection(ServerConnection):
         conn = self._conn
         if conn is None or conn is self._checked:
             return
-        qualified = self._table.as_string(None)  # UTF-8, as _answered sends it
-        rows = self._run(AUDIT_EXISTS_SQL, {"table": qualified, "schema": self._schema})
+        rows = self._run(AUDIT_EXISTS_SQL, {"schema": self._schema, "name": self._name})
         if not rows:
             raise PostgresError(f"{self.target}: schema {self._schema!r} does not exist")
         found = rows[0]
@@ -800,6 +800,7 @@ class AuditConnection(ServerConnection):
                     "its owner could make the reaper's INSERT run code (triggers, defaults), "
                     "so no rows are written there (docs/audit.md)"
                 )
+        self._check_privileges(found)
         self._insert_sql = _audit_insert(self._table, with_instance=True)
         self.outdated = None
         if not found["present"]:
@@ -815,6 +816,34 @@ class AuditConnection(ServerConnection):
                 self._insert_sql = _audit_insert(self._table, with_instance=False)
                 self.outdated = str(exc)
         self._checked = conn
+
+    def _check_privileges(self, found: Mapping[str, Any]) -> None:
+        """Say which privilege the reaper's role lacks on the audit table, and how to fix it."""
+        schema = quote_identifier(self._schema)
+        table = f"{schema}.{quote_identifier(self._name)}"
+        role = "the reaper's role"
+        if not found["schema_usage"]:
+            missing = f"USAGE on schema {schema}: GRANT USAGE ON SCHEMA {schema} TO <{role}>"
+        elif found["present"] and not found["table_insert"]:
+            missing = f"INSERT on table {table}: GRANT INSERT ON {table} TO <{role}>"
+        elif not found["present"] and not found["schema_create"]:
+            missing = (
+                f"CREATE on schema {schema} to make the table {table}: make it beforehand with "
+                "deploy/sql/pg_reaper_audit.sql (then only INSERT is needed), or "
+                f"GRANT CREATE ON SCHEMA {schema} TO <{role}>"
+            )
+        else:
+            return
+        raise PostgresError(f"{self.target}: {role} lacks {missing} (docs/audit.md)")
+
+    def preflight(self) -> str | None:
+        """Why the audit table cannot be written, checked at start; None when it can, or when
+        the audit database does not answer (the writer keeps rows and retries meanwhile)."""
+        try:
+            self._ensure_table()
+        except PostgresError as exc:
+            return None if self._conn is None else str(exc)
+        return None
 
     def _run(
         self, query: str | sql.Composed, params: dict[str, Any] | None = None

@@ -37,6 +37,7 @@ __all__ = [
     "AuditWriter",
     "instance",
     "parse_table_name",
+    "preflight",
     "reconfigure",
     "start",
     "stop",
@@ -372,6 +373,23 @@ def submit(event: str, *, server: str, dry_run: bool, fields: Mapping[str, Any])
         # That writer was stopped by a reload just now: its successor takes the row.
         if _current is writer:
             return
+
+
+def preflight(settings: Settings) -> str | None:
+    """Why the configured audit table cannot be written (a missing privilege, an untrusted
+    owner), asked of the audit database before the first cycle; None when it can be, when there
+    is no [audit] table, or when the database does not answer now (rows wait and are retried)."""
+    section = settings.audit
+    if not section.enabled:
+        return None
+    with AuditConnection(
+        dsn=section.dsn.get_secret_value(),
+        table=section.table_name,
+        password_file=section.password_file,
+        connect_timeout=settings.reaper.connect_timeout,
+        statement_timeout=settings.reaper.statement_timeout,
+    ) as conn:
+        return conn.preflight()
 
 
 def start(settings: Settings, *, metrics: Metrics | None = None) -> AuditWriter | None:

@@ -39,6 +39,8 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# The commands that write audit rows: the audit table is checked before they start.
+_AUDITED = frozenset({"run", "once", "kill"})
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
 # The one-shot commands reach this many servers at once at most, each on its own connection with
@@ -66,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "dry_run", False):
         settings = settings.with_dry_run()
     configure(settings.log)
+    if args.command in _AUDITED and (unusable := audit.preflight(settings)) is not None:
+        # A table that cannot be written is said now, not found out by rows dropped later.
+        print(f"pg-reaper: audit: {unusable}", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "run":
         return _run(settings, args)
     handler = {
@@ -102,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="decide and report, signal nothing")
 
     once = command("once", "one sweep of every server, then exit")
+    once.add_argument("--server", metavar="NAME", help="only this server")
     once.add_argument("--dry-run", action="store_true", help="decide and report, signal nothing")
     once.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
@@ -149,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         "--block-connections",
         action="store_true",
         help="with --database: ALTER DATABASE ... WITH ALLOW_CONNECTIONS false first, then wait "
-        "until nothing uses the database",
+        "until nothing uses the database (needs the database's owner or a superuser)",
     )
     kill_command.add_argument(
         "--wait",
@@ -270,12 +277,13 @@ def _run_all(
 
 
 def _print_reports(reports: list[SweepReport], *, settings: Settings, as_json: bool) -> int:
+    failed = any(r.failed for r in reports)
     if as_json:
         document = render_json(reports, include_query=settings.log.include_query)
         print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         print(render_table(reports))
-    return EXIT_FAILED if any(r.failed for r in reports) else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -297,9 +305,11 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _once(settings: Settings, args: argparse.Namespace) -> int:
+    if _unknown_server(settings, args.server):
+        return EXIT_USAGE
     audit.start(settings)
     try:
-        reports = _run_all(settings, mode="reap")
+        reports = _run_all(settings, mode="reap", only=args.server)
         if reports is None:
             return EXIT_USAGE
         return _print_reports(reports, settings=settings, as_json=args.json)

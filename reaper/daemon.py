@@ -6,6 +6,7 @@ watchdog). A reload builds and validates the whole new configuration before swap
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -34,6 +35,18 @@ _STOP_TIMEOUT = 8.0
 # holds; it gets 2 s as well when a reload replaces it.
 _AUDIT_FLUSH_TIMEOUT = 2.0
 _SHUTDOWN_BUDGET = 9.5
+# With [reaper] watch_config, how often the config file is read to see whether it changed (a
+# mounted Kubernetes ConfigMap is updated in place, and nobody sends SIGHUP).
+WATCH_INTERVAL = 5.0
+
+
+def _fingerprint(path: Path) -> str | None:
+    """What the config file holds now (None: it cannot be read right now, as for a moment while
+    a ConfigMap's files are swapped)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 class Daemon:
@@ -49,6 +62,8 @@ class Daemon:
         self._stop_requested: str | None = None
         self._log = get_logger()
         self._http: HttpServer | None = None
+        # The config file as last loaded (or tried): a change to it reloads, as SIGHUP does.
+        self._loaded = _fingerprint(config_path)
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; 0 on a clean stop."""
@@ -98,12 +113,18 @@ class Daemon:
     def _loop(self) -> None:
         watchdog = self._notifier.watchdog_interval
         next_ping = time.monotonic()
+        next_look = time.monotonic() + WATCH_INTERVAL
         while self._stop_requested is None:
-            timeout = max(0.0, next_ping - time.monotonic()) if watchdog else None
-            self._wake.wait(timeout)
+            due = [next_look] if self._settings.reaper.watch_config else []
+            if watchdog:
+                due.append(next_ping)
+            self._wake.wait(max(0.0, min(due) - time.monotonic()) if due else None)
             self._wake.clear()
             if self._stop_requested is not None:
                 break
+            if self._settings.reaper.watch_config and time.monotonic() >= next_look:
+                next_look = time.monotonic() + WATCH_INTERVAL
+                self._reload_requested |= self._changed()
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload()
@@ -112,8 +133,18 @@ class Daemon:
                     self._notifier.watchdog()
                 next_ping = time.monotonic() + watchdog
 
+    def _changed(self) -> bool:
+        """Whether the config file holds something else than what was last loaded (or tried:
+        a broken edit is reported once, not every WATCH_INTERVAL)."""
+        now = _fingerprint(self._path)
+        if now is None or now == self._loaded:
+            return False
+        self._log.info("config_changed", path=str(self._path))
+        return True
+
     def _reload(self) -> None:
         self._notifier.reloading()
+        self._loaded = _fingerprint(self._path)
         self._log.info("config_reloading", path=str(self._path))
         try:
             settings = load_settings(self._path)

@@ -246,9 +246,11 @@ class Metrics:
             matched[policy] = matched.get(policy, 0) + 1
             if outcome.result is Result.DEFERRED:
                 deferred += 1
+            elif report.dry_run:
+                continue  # nothing was signalled: no reap and no failure (a `denied` is predicted)
             elif (reason := _FAILURE_REASONS.get(outcome.result)) is not None:
                 self.reap_failures.labels(server=server, policy=policy, reason=reason).inc()
-            elif (action := _REAPED_ACTIONS.get(outcome.result)) is not None:
+            elif action := _REAPED_ACTIONS.get(outcome.result):
                 self.sessions_reaped.labels(server=server, policy=policy, action=action).inc()
         for policy, count in matched.items():
             self.candidates.labels(server=server, policy=policy).set(count)

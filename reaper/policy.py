@@ -67,6 +67,9 @@ class Result(StrEnum):
     # Cancelled by a policy with escalate_after, still running that query: it is terminated
     # once escalate_after has passed; until then it is not signalled again, nor audited.
     ESCALATION_PENDING = "escalation_pending"
+    # Matched by a `log` policy that the daemon already reported for this episode (same backend,
+    # same state since the same state_change, same policy): reported once, not every poll.
+    ALREADY_LOGGED = "already_logged"
 
     @property
     def is_failure(self) -> bool:

@@ -29,7 +29,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from reaper import audit, clusters
 from reaper.activity import PostgresError
 from reaper.log import get_logger
-from reaper.sweep import Cancels, Lock, SweepReport, connect, sweep
+from reaper.sweep import Lock, Memory, SweepReport, connect, sweep
 
 if TYPE_CHECKING:
     from reaper.activity import ServerConnection
@@ -89,8 +89,9 @@ class _Worker:
     leader_session: int | None = None  # the connection's session that holds the lock
     lock_retry_at: float = 0.0
     lock_other: LockHolder | None = None  # the lock's holder that is not a pg-reaper instance
-    # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate).
-    cancels: Cancels = field(default_factory=Cancels)
+    # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate), and the
+    # episodes its `log` policies reported (each once, not at every poll).
+    memory: Memory = field(default_factory=Memory)
     # One entry per cluster: the cluster its session is on, read on each new session (the
     # connection and its session count); why it is refused, if it is, and whether this cycle was.
     cluster: clusters.ClusterIdentity | None = None
@@ -333,7 +334,11 @@ class Scheduler:
             )
         try:
             return sweep(
-                worker.conn, server=server, settings=settings, lock=lock, cancels=worker.cancels
+                worker.conn,
+                server=server,
+                settings=settings,
+                lock=lock,
+                memory=worker.memory,
             )
         except Exception as exc:  # noqa: BLE001 - a bug must not stop this server's schedule
             self._log.exception("cycle_crashed", server=worker.name)

@@ -261,6 +261,9 @@ class ReaperSection(_Section):
     # poll stuck behind a catalog lock (the server-side idle timeouts are switched off for it).
     connect_timeout: PositiveDuration = timedelta(seconds=5)
     statement_timeout: PositiveDuration = timedelta(seconds=10)
+    # `pg-reaper run` reloads the config file by itself when its contents change (checked every
+    # 5 s), as SIGHUP does: a Kubernetes ConfigMap is updated in place, on every replica.
+    watch_config: bool = True
 
     @model_validator(mode="after")
     def _intervals(self) -> Self:
@@ -642,9 +645,7 @@ def _explain(error: ValidationError, data: dict[str, Any]) -> list[str]:  # noqa
         elif item["type"] == "too_short" and loc in {("servers",), ("policies",)}:
             message = f"at least one [[{loc[0]}]] table is required"
         elif item["type"] == "tuple_type":
-            message = 'must be a list (a TOML array such as ["a", "b"])'
-            if loc in {("servers",), ("policies",)}:
-                message = f"must be an array of tables: write [[{loc[0]}]]"
+            message = _not_a_list(loc)
         elif item["type"] == "model_type":
             message = f"must be a table ([{path}])" if len(loc) == 1 else "must be a table"
         elif origin.secret(loc):  # a validator's message, which may quote the value
@@ -689,6 +690,25 @@ def _origin(loc: tuple[int | str, ...], data: dict[str, Any]) -> _Origin:
     if variable is None:
         return _Origin(_lookup(data, loc), None, None)
     return _Origin(*variable)
+
+
+def _not_a_list(loc: tuple[int | str, ...]) -> str:
+    if loc not in {("servers",), ("policies",)}:
+        return 'must be a list (a TOML array such as ["a", "b"])'
+    key = str(loc[0])
+    if variables := _item_variables(key):
+        return (
+            f"{', '.join(variables)} cannot set one entry of a list: set the whole list as "
+            f"JSON in PG_REAPER_{key.upper()}, or edit the file"
+        )
+    return f"must be an array of tables: write [[{key}]]"
+
+
+def _item_variables(key: str) -> list[str]:
+    """The environment variables that try to set one entry of the list `key`
+    (``PG_REAPER_POLICIES__0__MAX_IDLE``): pydantic-settings reads them as a table."""
+    prefix = f"PG_REAPER_{key.upper()}__"
+    return sorted(name for name in os.environ if name.upper().startswith(prefix))
 
 
 def _env_source(loc: tuple[int | str, ...]) -> tuple[object, str, str] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from reaper import audit
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Cancels",
     "Lock",
+    "LoggedEpisodes",
+    "Memory",
     "Outcome",
     "SweepReport",
     "audit_event",
@@ -131,6 +133,49 @@ class Cancels:
         return policy.escalate_after.total_seconds() - (self.clock() - entry.at)
 
 
+class LoggedEpisodes:
+    """The sessions a `log` policy has reported on one server, so that the daemon reports each
+    episode once: the same backend (pid, backend_start), in its state since the same
+    state_change, matched by the same policy. A session that leaves its state and comes back is
+    a new episode. Bounded like `Cancels`: backends that are gone are forgotten at every poll,
+    and beyond `capacity` the oldest episodes are."""
+
+    def __init__(self, *, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[tuple[int, datetime | None], tuple[str, datetime | None]] = (
+            OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def keep_only(self, sessions: Iterable[Session]) -> None:
+        """Forget the backends that are no longer there."""
+        present = {(s.pid, s.backend_start) for s in sessions}
+        for key in [k for k in self._seen if k not in present]:
+            del self._seen[key]
+
+    def first(self, session: Session, *, policy: str) -> bool:
+        """Whether this is the first report of `session`'s episode by `policy` (and note it)."""
+        key = (session.pid, session.backend_start)
+        episode = (policy, session.state_change)
+        if self._seen.get(key) == episode:
+            return False
+        self._seen.pop(key, None)
+        self._seen[key] = episode
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """What the daemon keeps of one server from one cycle to the next."""
+
+    cancels: Cancels = field(default_factory=Cancels)
+    logged: LoggedEpisodes = field(default_factory=LoggedEpisodes)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SweepReport:
     server: str
@@ -160,7 +205,11 @@ class SweepReport:
 
     @property
     def failed(self) -> bool:
-        """A poll failed or a signal failed: the exit code 1 of `once`."""
+        """A poll failed or a signal failed: the exit code 1 of `once`. A dry run (and
+        `preview`) sends no signal, so none can fail: a victim it predicts `denied` (a
+        superuser's session) is shown and audited as such, but fails nothing."""
+        if self.dry_run:
+            return not self.ok
         return not self.ok or any(o.result.is_failure for o in self.outcomes)
 
     @property
@@ -192,14 +241,15 @@ def sweep(
     settings: Settings,
     mode: Mode = "reap",
     lock: Lock | None = None,
-    cancels: Cancels | None = None,
+    memory: Memory | None = None,
 ) -> SweepReport:
     """Run one cycle on `server`. In preview mode nothing is signalled and nothing is audited.
 
     With `lock` ([ha]) only the holder of the server's advisory lock signals and audits; the
-    others decide (for metrics) and report every candidate `not_leader`. With `cancels` (the
+    others decide (for metrics) and report every candidate `not_leader`. With `memory` (the
     daemon) victims of a policy with `escalate_after` are terminated if a cancel did not stop
-    them. A failed poll is returned as a report with `error` set, not logged here.
+    them, and a `log` policy reports each session's episode once (`already_logged` after). A
+    failed poll is returned as a report with `error` set, not logged here.
     """
     dry_run = settings.reaper.dry_run or mode == "preview"
     log = get_logger(server=server.name)
@@ -223,6 +273,8 @@ def sweep(
             leader=lock is None,
         )
     leader = leadership is None or leadership.leader
+    cancels = None if memory is None else memory.cancels
+    logged = None if memory is None else memory.logged
 
     warnings = visibility_warnings(snapshot.facts, snapshot.sessions)
     for warning in warnings:
@@ -231,6 +283,8 @@ def sweep(
     decided = plan(snapshot.sessions, policies, reaper=settings.reaper, facts=snapshot.facts)
     if cancels is not None:
         cancels.keep_only(snapshot.sessions)
+    if logged is not None:
+        logged.keep_only(snapshot.sessions)
     if leader:
         outcomes = _execute(
             conn,
@@ -238,6 +292,7 @@ def sweep(
             dry_run=dry_run,
             lock_key=None if lock is None else lock.key,
             cancels=cancels,
+            logged=logged,
         )
         # The signalling statement found the lock gone (the session was lost and reopened).
         leader = not any(o.result is Result.NOT_LEADER for o in outcomes)
@@ -298,11 +353,14 @@ def _execute(
     dry_run: bool,
     lock_key: int | None,
     cancels: Cancels | None,
+    logged: LoggedEpisodes | None,
 ) -> tuple[Outcome, ...]:
     results: dict[int, tuple[Result, str | None]] = {}
     escalated: set[int] = set()
     for decision in decided.log:
-        results[decision.session.pid] = (Result.LOGGED, None)
+        name = decision.policy.name if decision.policy else ""
+        first = logged is None or logged.first(decision.session, policy=name)
+        results[decision.session.pid] = (Result.LOGGED if first else Result.ALREADY_LOGGED, None)
     for decision in decided.deferred:
         results[decision.session.pid] = (Result.DEFERRED, None)
     for decision in decided.denied:
@@ -473,7 +531,9 @@ def audit_event(
 
 
 _FAILED = frozenset({Result.GONE, Result.CHANGED, Result.DENIED, Result.ERROR})
-_UNAUDITED = frozenset({Result.DEFERRED, Result.NOT_LEADER, Result.ESCALATION_PENDING})
+_UNAUDITED = frozenset(
+    {Result.DEFERRED, Result.NOT_LEADER, Result.ESCALATION_PENDING, Result.ALREADY_LOGGED}
+)
 # What ends the story of an escalated session: signalled, or found gone or changed.
 _FINAL = frozenset({Result.TERMINATED, Result.GONE, Result.CHANGED})
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from reaper.daemon import WATCH_INTERVAL
 from reaper.embedded import EmbeddedPostgres
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer, usable, wait_for
 
@@ -526,6 +527,49 @@ def test_dry_run_signals_nothing_but_audits_and_counts_candidates(
         assert pg.is_alive(conn.info.backend_pid)
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["live", "dry-run"])
+def test_a_log_policy_reports_each_idle_episode_once_not_every_poll(
+    pg: TestServer,
+    sessions: Sessions,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+    port: int,
+    dry_run: bool,  # noqa: FBT001 - a parameter
+) -> None:
+    watched = sessions.idle(application="t3-log-watched")
+    server = server_name(pg)
+    config = daemon_config(
+        tmp_path / "config.toml",
+        servers={server: pg.dsn()},
+        policies=policy("watch", "^t3-log-", extra='action = "log"'),
+        port=port,
+        interval="1s",
+    )
+    daemon = start_daemon(config, port=port, args=["--dry-run"] if dry_run else [])
+    pid = watched.info.backend_pid
+
+    daemon.wait_event("session_reaped", pid=pid)
+    polls = len(daemon.events("poll_completed"))
+    daemon.wait_until(
+        lambda: len(daemon.events("poll_completed")) >= polls + 3, timeout=10, what="3 polls"
+    )
+    # One event for the episode, whatever the polls in between; still a candidate each poll.
+    (event,) = daemon.events("session_reaped", pid=pid)
+    assert (event["result"], event["action"], event["dry_run"]) == ("logged", "log", dry_run)
+    assert daemon.value("pg_reaper_candidates", server=server, policy="watch") == 1
+    counted = daemon.value("pg_reaper_sessions_reaped_total", server=server, policy="watch")
+    assert (counted or 0) == (0 if dry_run else 1)  # counted once, never in dry run
+    assert pg.is_alive(pid)
+
+    # A new episode (the session ran a statement and is idle again) is reported again.
+    watched.execute("SELECT 1")
+    daemon.wait_until(
+        lambda: len(daemon.events("session_reaped", pid=pid)) == 2,
+        timeout=10,
+        what="the second episode's event",
+    )
+
+
 # --- 4. a server that goes away and comes back -------------------------------------------------
 
 
@@ -658,7 +702,14 @@ def test_sighup_applies_a_valid_file_and_keeps_the_running_rules_when_the_file_i
     path = tmp_path / "config.toml"
 
     def write(policies: str) -> None:
-        daemon_config(path, servers={server: pg.dsn()}, policies=policies, port=port)
+        # Only SIGHUP reloads here: the events are counted exactly.
+        daemon_config(
+            path,
+            servers={server: pg.dsn()},
+            policies=policies,
+            port=port,
+            reaper="watch_config = false",
+        )
 
     write(policy("a", "^t5-a$"))
     daemon = start_daemon(path, port=port)
@@ -699,6 +750,55 @@ def test_sighup_applies_a_valid_file_and_keeps_the_running_rules_when_the_file_i
     again = sessions.idle(application="t5-b")
     assert pg.wait_gone(again.info.backend_pid)
     daemon.wait_event("session_reaped", pid=again.info.backend_pid, policy="b", timeout=5)
+    assert daemon.process.poll() is None
+
+
+def test_a_changed_config_file_is_reloaded_without_sighup_and_a_broken_one_is_kept_out(
+    pg: TestServer,
+    sessions: Sessions,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+    port: int,
+) -> None:
+    # Laid out as the kubelet mounts a ConfigMap: config.toml -> ..data/config.toml, and an
+    # update swaps the ..data link to a new directory in one rename.
+    server = server_name(pg)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    path = mount / "config.toml"
+    path.symlink_to("..data/config.toml")
+
+    def publish(version: int, policies: str) -> None:
+        directory = mount / f"..v{version}"
+        directory.mkdir()
+        daemon_config(
+            directory / "config.toml", servers={server: pg.dsn()}, policies=policies, port=port
+        )
+        link = mount / "..data_tmp"
+        link.symlink_to(directory.name)
+        link.replace(mount / "..data")
+
+    publish(1, policy("a", "^t6-a$"))
+    daemon = start_daemon(path, port=port)
+    daemon.wait_ready()
+    spared = sessions.idle(application="t6-b")
+
+    publish(2, policy("a", "^t6-a$") + policy("b", "^t6-b$"))
+
+    daemon.wait_event("config_changed", timeout=15)
+    assert daemon.wait_event("config_reloaded")["policies"] == ["a", "b"]
+    assert pg.wait_gone(spared.info.backend_pid)
+    assert daemon.value("pg_reaper_config_last_reload_successful") == 1
+
+    # A broken edit is refused once, not at every look, and the running rules stay.
+    publish(3, "[[policies]\nname = 'a'\n")
+    daemon.wait_event("config_reload_failed", timeout=15)
+    assert daemon.value("pg_reaper_config_last_reload_successful") == 0
+    looks = WATCH_INTERVAL * 2 + 1
+    time.sleep(looks)
+    assert len(daemon.events("config_reload_failed")) == 1
+    again = sessions.idle(application="t6-b")
+    assert pg.wait_gone(again.info.backend_pid)
     assert daemon.process.poll() is None
 
 

@@ -21,8 +21,6 @@ import psycopg
 import pytest
 import yaml
 
-from reaper.cli import main
-
 if TYPE_CHECKING:
     from tests.servers import TestServer
 
@@ -55,6 +53,9 @@ METRICS = frozenset(
         "pg_reaper_deferred_total",
         "pg_reaper_sessions",
         "pg_reaper_max_connections",
+        "pg_reaper_connections_used",
+        "pg_reaper_connections_usable",
+        "pg_reaper_pressure",
         "pg_reaper_poll_duration_seconds_bucket",  # the histogram's series
         "pg_reaper_poll_duration_seconds_sum",
         "pg_reaper_poll_duration_seconds_count",
@@ -66,13 +67,20 @@ METRICS = frozenset(
         "pg_reaper_dry_run",
         "pg_reaper_config_last_reload_successful",
         "pg_reaper_build_info",
+        "pg_reaper_audit_errors_total",
     }
 )
 
 
 # Metrics of the whole process, without a server label (and Prometheus' own up).
 PER_INSTANCE = frozenset(
-    {"pg_reaper_dry_run", "pg_reaper_config_last_reload_successful", "pg_reaper_build_info", "up"}
+    {
+        "pg_reaper_dry_run",
+        "pg_reaper_config_last_reload_successful",
+        "pg_reaper_build_info",
+        "pg_reaper_audit_errors_total",
+        "up",
+    }
 )
 
 
@@ -464,33 +472,8 @@ def test_central_runs_two_replicas_with_ha_a_disruption_budget_and_a_metrics_ser
     assert all("host=/" not in server["dsn"] for server in config["servers"])  # over TCP
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
-def test_configmap_config_passes_check_config(
-    manifest: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # The password files are mounted Secrets in the pod; check-config insists that they are
-    # readable, so the test puts stand-ins of the same names in tmp_path and points the config
-    # there. Everything else is the ConfigMap's text as shipped.
-    for name in list(os.environ):
-        if name.upper().startswith("PG_REAPER_"):
-            monkeypatch.delenv(name)
-    text = _config_text(manifest)
-    for server in tomllib.loads(text)["servers"]:
-        original = server["password_file"]
-        stand_in = tmp_path / Path(original).name
-        stand_in.write_text("Sentinel-Pa55\n", encoding="utf-8")
-        text = text.replace(f'"{original}"', f'"{stand_in}"')
-    config = tmp_path / "config.toml"
-    config.write_text(text, encoding="utf-8")
-
-    assert main(["check-config", "-c", str(config)]) == 0
-
-    effective = tomllib.loads(capsys.readouterr().out)
-    assert effective["metrics"]["listen"] == f":{METRICS_PORT}"
-    assert "Sentinel-Pa55" not in json.dumps(effective)
+# The ConfigMaps' config.toml go through check-config in tests/test_docs.py, with every other
+# documented TOML.
 
 
 # --- Prometheus --------------------------------------------------------------------------------
@@ -536,6 +519,9 @@ def test_alerts_are_labelled_annotated_and_use_only_real_metrics() -> None:
         "PgReaperLockHeldByOther",
         "PgReaperPollErrors",
         "PgReaperPollsStale",
+        "PgReaperCannotSeeSessions",
+        "PgReaperConnectionsNearLimit",
+        "PgReaperAuditErrors",
         "PgReaperConfigReloadFailed",
         "PgReaperDryRunLeftOn",
         "PgReaperSessionsDeferred",

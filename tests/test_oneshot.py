@@ -186,6 +186,30 @@ def test_preview_lists_the_live_servers_victims_and_each_dead_servers_error_in_o
     assert pg.is_alive(victim.info.backend_pid)  # preview signals nothing
 
 
+def test_once_with_server_sweeps_only_that_server(
+    pg: TestServer,
+    sessions: Sessions,
+    hung: HungServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    victim = sessions.idle(application="oneshot-only")
+    path = config(tmp_path, pg, hung)
+    time.sleep(1.3)
+
+    code, document, err = run(capsys, "once", "-c", str(path), "--server", "live", "--json")
+
+    assert code == 0  # the dead and hung servers were not polled
+    assert [s["server"] for s in document["servers"]] == ["live"]
+    assert [d["pid"] for d in document["servers"][0]["decisions"]] == [victim.info.backend_pid]
+    assert pg.wait_gone(victim.info.backend_pid)
+    assert "poll_failed" not in err
+
+    code, _, err = run(capsys, "once", "-c", str(path), "--server", "nope")
+    assert code == 2
+    assert "--server 'nope' is not configured" in err
+
+
 def test_doctor_examines_the_live_server_and_reports_each_dead_one_in_order(
     pg: TestServer, hung: HungServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

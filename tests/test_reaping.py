@@ -242,6 +242,28 @@ def test_least_privilege_role_reaps_all_but_a_superuser_session(
     assert document["servers"][0]["warnings"] == []
 
 
+def test_a_predicted_denied_does_not_fail_preview_or_a_dry_run(
+    pg: TestServer,
+    sessions: Sessions,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A dry run sends no signal, so none can fail: a superuser's session is shown `denied`
+    (what the real run would get) and the command still exits 0 (docs/once.md)."""
+    superuser_idle = sessions.idle(application="dba")
+    time.sleep(1.3)
+    config = write_config(IDLE_POLICY, dsn=pg.dsn(user="reaper_lp", password="reaper_lp"))
+
+    for command in (["once", "--dry-run"], ["preview"]):
+        code = main([command[0], "-c", str(config), "--json", *command[1:]])
+        document = json.loads(capsys.readouterr().out)
+
+        assert code == 0, command
+        assert document["ok"] is True
+        assert decisions(document)[superuser_idle.info.backend_pid]["result"] == "denied"
+    assert usable(superuser_idle)
+
+
 def test_without_pg_read_all_stats_it_says_it_cannot_see_other_roles(
     pg: TestServer,
     sessions: Sessions,

@@ -261,6 +261,21 @@ def test_env_invalid_value_shows_env_value(tmp_path: Path, monkeypatch: pytest.M
     assert "PG_REAPER_REAPER__DRY_RUN" in info.value.problems[0]
 
 
+@pytest.mark.parametrize("name", ["PG_REAPER_POLICIES__0__MAX_IDLE", "PG_REAPER_SERVERS__0__DSN"])
+def test_env_setting_one_entry_of_a_list_is_refused_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "5m")
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, MINIMAL)
+    (problem,) = info.value.problems
+    key = name.split("__", maxsplit=1)[0].removeprefix("PG_REAPER_")
+    assert problem == (
+        f"{key.lower()}: {name} cannot set one entry of a list: set the whole list as JSON in "
+        f"PG_REAPER_{key}, or edit the file"
+    )
+
+
 def test_env_config_path_is_not_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # PG_REAPER_CONFIG shares the prefix but is not a key: it must not trip extra="forbid".
     monkeypatch.setenv("PG_REAPER_CONFIG", str(tmp_path / "config.toml"))
