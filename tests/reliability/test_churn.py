@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from tests.test_daemon import RunningDaemon
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 MAX_IDLE = 2.0
 PREFIX = "churn-"

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from tests.reliability.support import RunningDaemon
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 HEALTHY, FAULTED = "healthy", "faulted"
 MAX_IDLE = 2.0
