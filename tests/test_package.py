@@ -233,6 +233,23 @@ def test_deb_passes_lintian(deb: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_deb_enables_without_starting_restarts_if_running_and_stops_on_remove(
+    deb: Path, tmp_path: Path
+) -> None:
+    # systemd does not run on every machine that runs this test: read what the maintainer
+    # scripts would do where it does.
+    _run("dpkg-deb", "--control", deb, tmp_path)
+    postinst = (tmp_path / "postinst").read_text(encoding="utf-8")
+    prerm = (tmp_path / "prerm").read_text(encoding="utf-8")
+
+    assert "deb-systemd-helper enable 'pg-reaper.service'" in postinst
+    # The only action on the service: a restart on upgrade ($2, the old version, is set) of a
+    # service that runs. Nothing starts it on installation.
+    assert re.findall(r"deb-systemd-invoke \S+", postinst) == ["deb-systemd-invoke try-restart"]
+    assert 'if [ -n "$2" ]; then\n\t\t\tdeb-systemd-invoke try-restart' in postinst
+    assert re.search(r'"\$1" = remove \].*\n\s+deb-systemd-invoke stop pg-reaper\.service', prerm)
+
+
 def _apt_get(*args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     # Wait for another apt-get or dpkg on the machine rather than failing on its lock.
