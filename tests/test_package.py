@@ -150,6 +150,13 @@ def test_wheel_in_a_fresh_venv_checks_the_example_config(release: Release, tmp_p
     assert (tmp_path / "venv" / "share" / "man" / "man1" / "pg-reaper.1").is_file()
 
 
+def test_changelog_records_this_version() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    releases = re.findall(r"^## \[(\d[^\]]*)\] - \d{4}-\d{2}-\d{2}$", changelog, flags=re.MULTILINE)
+    assert releases[:1] == [VERSION], "CHANGELOG.md: the newest release is not pyproject's version"
+    assert f"\n[{VERSION}]: " in changelog
+
+
 # --- the man page against --help ---------------------------------------------------------------
 
 
