@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tomli_w
 
-from reaper import __version__, audit, clusters, doctor, operate
+from reaper import audit, clusters, doctor, operate, version_text
 from reaper.activity import PostgresError
 from reaper.embedded import SUPPORTED_MAJORS
 from reaper.log import configure, get_logger
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="pg-reaper",
         description="Keeps PostgreSQL servers free of stale sessions.",
     )
-    parser.add_argument("--version", action="version", version=f"pg-reaper {__version__}")
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
