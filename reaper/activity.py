@@ -322,6 +322,7 @@ def _session(
         connection_seconds=_age(now, row["backend_start"]),
         superuser=False if role is None else role["superuser"],
         member=False if role is None else role["member"],
+        signaller=False if role is None else role["signaller"],
         query=row["query"],  # NULL unless include_query
     )
 

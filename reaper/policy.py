@@ -95,6 +95,9 @@ class Session:
     connection_seconds: float | None  # now() - backend_start
     superuser: bool = False  # the session's role is a superuser
     member: bool = False  # the reaper's role has the privileges of the session's role
+    # The session's role could be a pg-reaper's (pg_signal_backend's privileges, or the reaper's
+    # own role): only then does application_name 'pg-reaper' spare it.
+    signaller: bool = False
     query: str | None = None
 
     @property
@@ -500,7 +503,7 @@ def _hard_exclusion(  # noqa: PLR0911 - one return per rule reads best
         return f"not a client backend ({session.backend_type})"
     if session.pid == facts.own_pid:
         return "the reaper's own session"
-    if session.application == APPLICATION_NAME:
+    if session.application == APPLICATION_NAME and session.signaller:
         return "another pg-reaper session"
     if session.state is None:
         return "state not visible (the reaper's role lacks pg_read_all_stats?)"

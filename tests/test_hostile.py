@@ -344,6 +344,39 @@ def test_settings_from_the_environment_do_not_skew_the_session(
     assert pg.wait_gone(victim.info.backend_pid)
 
 
+# --- a session that names itself pg-reaper -----------------------------------------------------
+
+
+def test_naming_a_session_pg_reaper_spares_it_only_for_a_role_that_could_be_a_reapers(
+    pg: TestServer,
+    sessions: Sessions,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # application_name is the client's to choose: an application that takes pg-reaper's name
+    # opts out of nothing. A session of a role with pg_signal_backend (another instance's) is
+    # spared.
+    spoofed = sessions.idle(application="pg-reaper", user=VICTIM_ROLE, password=VICTIM_ROLE)
+    instance = sessions.idle(application="pg-reaper", user=REAPER, password=REAPER)
+    time.sleep(MAX_IDLE + 0.5)
+    config = _config(tmp_path, pg, db="postgres")
+    config.write_text(
+        config.read_text(encoding="utf-8").replace(
+            'applications = ["^victim$", "^fresh$", "^hostile-"]', 'applications = ["^pg-reaper$"]'
+        ),
+        encoding="utf-8",
+    )
+
+    code, document, _ = _run(capsys, "once", "-c", str(config), "--json")
+
+    assert code == 0
+    decided = _decisions(document)
+    assert decided[spoofed.info.backend_pid]["result"] == "terminated"
+    assert instance.info.backend_pid not in decided
+    assert pg.wait_gone(spoofed.info.backend_pid)
+    assert pg.is_alive(instance.info.backend_pid)
+
+
 # --- a role dropped under its own session ------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ def make_session(
     connection_seconds: float | None = 600.0,
     superuser: bool = False,
     member: bool = False,
+    signaller: bool = False,
 ) -> Session:
     """A client session with sensible defaults: an idle web app connection from 10.1.2.3."""
     return Session(
@@ -74,6 +75,7 @@ def make_session(
         connection_seconds=connection_seconds,
         superuser=superuser,
         member=member,
+        signaller=signaller,
     )
 
 
@@ -466,11 +468,21 @@ def test_the_reapers_own_session_is_never_matched() -> None:
 
 
 @pytest.mark.parametrize(
-    ("application", "matched"), [(APPLICATION_NAME, False), ("pg-reaper2", True)]
+    ("application", "signaller", "matched"),
+    [
+        (APPLICATION_NAME, True, False),
+        ("pg-reaper2", True, True),
+        # application_name is the client's to choose: a role that could not be a pg-reaper's
+        # gets no immunity by taking the name.
+        (APPLICATION_NAME, False, True),
+    ],
 )
-def test_another_pg_reaper_session_is_never_matched(application: str, *, matched: bool) -> None:
+def test_another_pg_reaper_session_is_never_matched(
+    application: str, *, signaller: bool, matched: bool
+) -> None:
     assert APPLICATION_NAME == "pg-reaper"
-    decision = decide(make_session(application=application, idle_seconds=99_999.0), CATCH_ALL)
+    session = make_session(application=application, idle_seconds=99_999.0, signaller=signaller)
+    decision = decide(session, CATCH_ALL)
     assert decision.matched is matched
     if not matched:
         assert decision.reason == "another pg-reaper session"
@@ -478,7 +490,7 @@ def test_another_pg_reaper_session_is_never_matched(application: str, *, matched
 
 def test_a_pg_reaper_session_is_spared_even_by_a_policy_listing_its_application() -> None:
     policy = make_policy(max_idle=1, applications=["^pg-reaper$"])
-    session = make_session(application="pg-reaper", idle_seconds=99_999.0)
+    session = make_session(application="pg-reaper", idle_seconds=99_999.0, signaller=True)
     assert not decide(session, policy).matched
 
 
@@ -714,6 +726,7 @@ session_fields: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
         "connection_seconds": ages,
         "superuser": st.booleans(),
         "member": st.booleans(),
+        "signaller": st.booleans(),
     }
 )
 
@@ -831,7 +844,7 @@ def test_plan_never_touches_what_the_hard_rules_spare(
         assert decision.policy is not None
         assert session.backend_type == CLIENT_BACKEND
         assert session.pid != facts.own_pid
-        assert session.application != APPLICATION_NAME
+        assert not (session.application == APPLICATION_NAME and session.signaller)
         assert session.state is not None
         assert session.user not in reaper.protect_users
         assert not any(p.search(session.application) for p in reaper.protect_applications)
@@ -898,7 +911,7 @@ def test_the_cap_signals_the_oldest_victims_and_defers_the_rest_in_order(
             for s in sessions
             if s.backend_type == CLIENT_BACKEND
             and s.pid != facts.own_pid
-            and s.application != APPLICATION_NAME
+            and not (s.application == APPLICATION_NAME and s.signaller)
             and s.state is not None
             and s.user not in reaper.protect_users
             and not any(p.search(s.application) for p in reaper.protect_applications)

@@ -21,6 +21,10 @@
 -- by the reaper when its database or role has no row below.
 -- Roles: member is whether the reaper's role has the privileges of the role, which (with
 -- pg_signal_backend and superuser) decides whether pg_terminate_backend may signal its sessions.
+-- signaller is whether the role could be a pg-reaper's: it has the privileges of
+-- pg_signal_backend (superusers have every role's), or it is the reaper's own role. Only its
+-- sessions named 'pg-reaper' are spared as another pg-reaper's: application_name is the client's
+-- to choose, and would otherwise make any session immune.
 -- connection_limit is set where the role's limit applies, for when_role_connections_above (read
 -- at every poll: ALTER ROLE ... CONNECTION LIMIT takes effect at once); the reaper counts its
 -- client sessions in this poll's own session rows, as PostgreSQL counts against the limit
@@ -40,6 +44,7 @@ SELECT a.pid,
        NULL::name AS name,
        NULL::boolean AS superuser,
        NULL::boolean AS member,
+       NULL::boolean AS signaller,
        NULL::int4 AS connection_limit,
        NULL::timestamptz AS now
 FROM pg_catalog.pg_stat_get_activity(NULL) AS a
@@ -50,6 +55,7 @@ SELECT NULL, NULL, NULL, r.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        r.rolname,
        r.rolsuper,
        pg_catalog.pg_has_role(r.oid, 'USAGE'),
+       pg_catalog.pg_has_role(r.oid, 'pg_signal_backend', 'USAGE') OR r.rolname = current_user,
        CASE WHEN r.rolconnlimit >= 0 AND r.rolcanlogin AND NOT r.rolsuper THEN r.rolconnlimit END,
        NULL
 FROM pg_catalog.pg_roles AS r
@@ -60,8 +66,8 @@ WHERE {every_role}
    OR r.oid IN (SELECT pg_catalog.pg_stat_get_backend_userid(b) FROM pg_catalog.pg_stat_get_backend_idset() AS b)
 UNION ALL
 SELECT NULL, NULL, d.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       d.datname, NULL, NULL, NULL, NULL
+       d.datname, NULL, NULL, NULL, NULL, NULL
 FROM pg_catalog.pg_database AS d
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, pg_catalog.now()
+       NULL, NULL, NULL, NULL, NULL, pg_catalog.now()
