@@ -4,8 +4,9 @@
 #   docker run --rm -v "$PWD/config.toml:/etc/pg-reaper/config.toml:ro" -p 9188:9188 pg-reaper
 #
 # The configuration is not in the image: mount it at /etc/pg-reaper/config.toml. In a container
-# [metrics] listen must be "0.0.0.0:9188" (or the pod IP) to be scraped from outside, and the
-# HEALTHCHECK below asks 127.0.0.1:9188, which "0.0.0.0:9188" covers. docs/deploy.md has more.
+# [metrics] listen must reach beyond loopback to be scraped from outside: ":9188" (every address,
+# IPv6 and IPv4), "0.0.0.0:9188" or the pod IP; the HEALTHCHECK below asks 127.0.0.1:9188, which
+# the first two cover. docs/deploy.md has more.
 #
 # The base image is pinned to a full version. Pin its digest as well (FROM ...@sha256:...) in a
 # registry you control, and let a bot such as Renovate or Dependabot move both.
