@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from reaper.http import HttpServer, _DeadlineStream, parse_listen
 from reaper.settings import MetricsSection
+from tests.servers import wait_for
 from tests.test_daemon import RunningDaemon, daemon_config, policy, run_to_exit, server_name
 
 if TYPE_CHECKING:
@@ -340,6 +341,8 @@ def test_an_application_error_answers_500_logs_a_warning_and_the_listener_goes_o
 
     with capture_logs() as logs:
         assert get("127.0.0.1", server.port)[0] == 500
+        # The handler thread logs once the response is out: wait for it inside the capture.
+        wait_for(lambda: any(e["event"] == "http_request_failed" for e in logs), what="the warning")
         registry.unregister(broken)
         scrape("127.0.0.1", server.port)
 
