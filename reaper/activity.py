@@ -12,7 +12,7 @@ import re
 import socket
 from collections import Counter
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -198,6 +198,7 @@ _CONNINFO_LITERALS = (
 )
 
 
+@cache  # libpq's keyword table does not change while the process runs
 def _secret_keywords() -> frozenset[str]:
     """The conninfo keywords libpq itself hides (dispchar "*": password, sslpassword,
     oauth_client_secret in libpq 18, ...), and the ones known whatever libpq this is."""
