@@ -354,13 +354,7 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> int:
     def unreached(
         server: ServerConfig, conn: ServerConnection, why: _Unreached
     ) -> doctor.ServerReport:
-        return doctor.ServerReport(
-            server=server.name,
-            target=conn.target,
-            state=None,
-            error=why.error,
-            diagnosis=doctor.failed(why.error),
-        )
+        return doctor.unreachable(server=server.name, target=conn.target, error=why.error)
 
     servers = _selected(settings, args.server)
     reports = _on_every_server(settings, servers, work=run, unreached=unreached)

@@ -38,6 +38,7 @@ __all__ = [
     "read_state",
     "render_json",
     "render_text",
+    "unreachable",
 ]
 
 # Share of the usable slots (or of a role's or database's limit) in use.
@@ -194,18 +195,19 @@ def examine(
     try:
         state = read_state(conn.doctor_rows())
     except PostgresError as exc:
-        return ServerReport(
-            server=server,
-            target=conn.target,
-            state=None,
-            error=str(exc),
-            diagnosis=failed(str(exc)),
-        )
+        return unreachable(server=server, target=conn.target, error=str(exc))
     return ServerReport(
         server=server,
         target=conn.target,
         state=state,
         diagnosis=diagnose(state, policies=policies),
+    )
+
+
+def unreachable(*, server: str, target: str, error: str) -> ServerReport:
+    """The report of a server that could not be examined: its error is its problem."""
+    return ServerReport(
+        server=server, target=target, state=None, error=error, diagnosis=failed(error)
     )
 
 
