@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from psycopg.rows import TupleRow
 
-    from reaper.embedded import EmbeddedPostgres
+    from reaper.demo.embedded import EmbeddedPostgres
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

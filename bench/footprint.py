@@ -7,8 +7,8 @@ default), three processes:
   (idle 15 min, stuck transactions 5 min), metrics listening on 127.0.0.1, JSON logs to a file;
 - baseline: ``python -c "import psycopg, pydantic_settings, structlog, prometheus_client,
   apscheduler; time.sleep(...)"``, the libraries the daemon cannot do without;
-- imports: ``python -c "import reaper.cli, reaper.daemon; time.sleep(...)"``, pg-reaper's own
-  modules imported but nothing started (to tell code from running state).
+- imports: ``python -c "import reaper.cli, reaper.daemon.process; time.sleep(...)"``, pg-reaper's
+  own modules imported but nothing started (to tell code from running state).
 
 Then it reads VmRSS (with RssAnon and RssFile, and VmHWM, the peak) from /proc/<pid>/status of
 each. Target: the daemon < 60 MB. ``--runs`` repeats the whole thing (medians reported). The
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import common
 import tomli_w
 
-from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
+from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -114,7 +114,11 @@ def one_run(pg: EmbeddedPostgres, work: Path, settle: float) -> tuple[dict[str, 
     commands = {
         "daemon": [sys.executable, "-m", "reaper", "run", "-c", str(config)],
         "baseline": [sys.executable, "-c", f"import time, {BASELINE_IMPORTS}; {sleep}"],
-        "imports": [sys.executable, "-c", f"import time, reaper.cli, reaper.daemon; {sleep}"],
+        "imports": [
+            sys.executable,
+            "-c",
+            f"import time, reaper.cli, reaper.daemon.process; {sleep}",
+        ],
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
     notes: list[str] = []
@@ -170,7 +174,7 @@ def table(runs: Sequence[dict[str, Memory]]) -> str:
     label = {
         "daemon": "`pg-reaper run`, one server, idle",
         "baseline": f"bare `import {BASELINE_IMPORTS}`",
-        "imports": "`import reaper.cli, reaper.daemon` only",
+        "imports": "`import reaper.cli, reaper.daemon.process` only",
     }
     base = _med(runs, "baseline", "rss_kb")
     for name in PROCESSES:

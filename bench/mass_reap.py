@@ -44,9 +44,9 @@ import common
 import psycopg
 import tomli_w
 
-from reaper.activity import ServerConnection
-from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
-from reaper.log import configure
+from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
+from reaper.observe.log import configure
+from reaper.pg.activity import ServerConnection
 from reaper.settings import load_settings
 from reaper.sweep import connect, sweep
 
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     from psycopg.rows import TupleRow
 
-    from reaper.activity import Action, Snapshot
+    from reaper.pg.activity import Action, Snapshot
     from reaper.policy import Result, Session
     from reaper.settings import ServerConfig, Settings
 

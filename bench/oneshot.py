@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import common
 
 from reaper.cli import main as reaper_main
-from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
+from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence

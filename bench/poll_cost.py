@@ -9,10 +9,10 @@ statements on one psycopg connection of a least-privilege role (``pg_read_all_st
 - function: ``SELECT pid FROM pg_stat_get_activity(NULL)``, the function both read, alone: the
   floor (it looks every backend up in the process array, so at thousands of sessions it is most
   of the cost of bare and of the poll alike);
-- poll: ``reaper.activity.POLL_SQL`` with ``include_query`` false (the product): the whole poll in
-  one statement, session rows from ``pg_stat_get_activity(NULL)`` alone plus one row per role,
+- poll: ``reaper.pg.activity.POLL_SQL`` with ``include_query`` false (the product): the whole poll
+  in one statement, session rows from ``pg_stat_get_activity(NULL)`` alone plus one row per role,
   one per database and the server's ``now()``, which the reaper puts together;
-- poll-br: ``reaper.activity.POLL_BACKEND_ROLES_SQL``, the same with role rows only for the roles
+- poll-br: ``reaper.pg.activity.POLL_BACKEND_ROLES_SQL``, the same with role rows only for the roles
   that have a backend (``pg_stat_get_backend_idset()``), which the product runs instead when the
   server has more roles than sessions (``poll_reads_every_role``); the table marks the one the
   product runs at each step, and the verdict is about that one;
@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 import common
 import psycopg
 
-from reaper.activity import POLL_BACKEND_ROLES_SQL, POLL_SQL, poll_reads_every_role
-from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
+from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
+from reaper.pg.activity import POLL_BACKEND_ROLES_SQL, POLL_SQL, poll_reads_every_role
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -143,14 +143,14 @@ VARIANTS = (
         "poll",
         "product",
         (POLL_SQL,),
-        "reaper.activity.POLL_SQL (include_query false): the whole poll in one statement, a "
+        "reaper.pg.activity.POLL_SQL (include_query false): the whole poll in one statement, a "
         "row per role",
     ),
     Variant(
         "poll-br",
         "product",
         (POLL_BACKEND_ROLES_SQL,),
-        "reaper.activity.POLL_BACKEND_ROLES_SQL: the same with role rows only for the roles "
+        "reaper.pg.activity.POLL_BACKEND_ROLES_SQL: the same with role rows only for the roles "
         "that have a backend, which the product runs when there are more roles than sessions",
     ),
     Variant(

@@ -45,7 +45,7 @@ import common
 import psycopg
 import tomli_w
 
-from reaper.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
+from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

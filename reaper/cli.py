@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tomli_w
 
-from reaper import audit, clusters, doctor, operate, version_text
-from reaper.activity import PostgresError
-from reaper.embedded import SUPPORTED_MAJORS
-from reaper.log import configure, get_logger
+from reaper import clusters, version_text
+from reaper.commands import doctor
+from reaper.commands import kill as operate
+from reaper.demo.embedded import SUPPORTED_MAJORS
+from reaper.observe import audit
+from reaper.observe.log import configure, get_logger
 from reaper.output import render_json, render_table
+from reaper.pg.connection import PostgresError
 from reaper.settings import (
     ConfigError,
     ServerConfig,
@@ -32,7 +35,7 @@ from reaper.sweep import Mode, SweepReport, connect, sweep
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from reaper.activity import ServerConnection
+    from reaper.pg.activity import ServerConnection
 
 __all__ = ["main"]
 
@@ -54,7 +57,7 @@ T = TypeVar("T")
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from reaper.demo import run_demo  # noqa: PLC0415 - only the demo needs the embedded server
+        from reaper.demo.run import run_demo  # noqa: PLC0415 - only the demo needs the embedded server
 
         return run_demo(major=args.major, duration=args.duration)
     try:
@@ -287,7 +290,7 @@ def _print_reports(reports: list[SweepReport], *, settings: Settings, as_json: b
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from reaper.daemon import Daemon  # noqa: PLC0415 - the one-shot commands do without it
+    from reaper.daemon.process import Daemon  # noqa: PLC0415 - the one-shot commands do without it
 
     try:
         daemon = Daemon(

@@ -3,7 +3,7 @@
 Everything pg-reaper reads and signals is cluster-wide, whatever database a DSN names: two
 entries on one cluster would double its per-cycle cap and let each one's policies reach the
 other's sessions. A cluster is recognised by what its server says about itself
-(reaper/sql/cluster_identity.sql): the system identifier that initdb chose, which every copy
+(reaper/pg/sql/cluster_identity.sql): the system identifier that initdb chose, which every copy
 restored from one base backup and every streaming standby shares with its origin, and the
 postmaster's start time, which tells those running copies apart. A host name, a port or a
 socket path would not do: one server is reached by many, and one name can reach many servers.
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from datetime import datetime
 
-    from reaper.activity import ServerConnection
+    from reaper.pg.activity import ServerConnection
     from reaper.settings import ServerConfig
 
 __all__ = ["ClusterIdentity", "Duplicate", "duplicates", "identify"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["KEYWORDS", "quote_identifier"]
+__all__ = ["KEYWORDS", "parse_table_name", "quote_identifier"]
 
 # The keywords that are not UNRESERVED in PostgreSQL 14 to 18 (src/include/parser/kwlist.h):
 # as a bare name each is a syntax error (`GRANT x TO user`) or means something else
@@ -54,3 +54,60 @@ def quote_identifier(name: str) -> str:
     if _PLAIN.fullmatch(name) and name not in KEYWORDS:
         return name
     return '"' + name.replace('"', '""') + '"'
+
+
+# --- table names (the audit table's) ----------------------------------------------------------
+
+_UNQUOTED = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*", re.ASCII)  # a name SQL reads unquoted
+_MAX_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL would truncate a longer name
+
+
+def parse_table_name(value: str) -> tuple[str, ...]:
+    """``table`` or ``schema.table``, read as SQL reads them: a plain name is folded to lower
+    case; a double-quoted one (``"Audit Log"``, ``""`` for a quote) is kept as written.
+
+    Raises `ValueError` naming the problem.
+    """
+    parts: list[str] = []
+    position = 0
+    while True:
+        if value.startswith('"', position):
+            end = position + 1
+            while True:
+                end = value.find('"', end)
+                if end < 0:
+                    raise ValueError(f"invalid table name {value!r}: unterminated quoted name")
+                if not value.startswith('"', end + 1):
+                    break
+                end += 2
+            part, position = value[position + 1 : end].replace('""', '"'), end + 1
+        elif match := _UNQUOTED.match(value, position):
+            part, position = match[0].lower(), match.end()
+        else:
+            raise ValueError(
+                f"invalid table name {value!r}: use 'table' or 'schema.table'; quote a name "
+                "that is not a plain identifier, as in '\"Audit Log\"'"
+            )
+        _check_identifier(value, part)
+        parts.append(part)
+        if position == len(value):
+            break
+        if value[position] != "." or len(parts) == 2:
+            raise ValueError(
+                f"invalid table name {value!r}: use 'table' or 'schema.table'; quote a name "
+                "that is not a plain identifier, as in '\"Audit Log\"'"
+            )
+        position += 1
+    return tuple(parts)
+
+
+def _check_identifier(value: str, part: str) -> None:
+    if not part:
+        raise ValueError(f"invalid table name {value!r}: a quoted name is empty")
+    if re.search(r"[\x00-\x1f\x7f]", part):
+        raise ValueError(f"invalid table name {value!r}: control character in a name")
+    if len(part.encode()) > _MAX_IDENTIFIER_BYTES:
+        raise ValueError(
+            f"invalid table name {value!r}: a name is longer than "
+            f"{_MAX_IDENTIFIER_BYTES} bytes (PostgreSQL would truncate it)"
+        )

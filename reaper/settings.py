@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import ipaddress
 import json
 import os
 import re
+import socket
 import tomllib
 from datetime import timedelta
 from functools import cached_property
@@ -36,13 +38,14 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from reaper import activity, audit
-from reaper.ha import DEFAULT_LOCK_KEY, default_instance_id
+from reaper.conninfo import parse_conninfo, redact_conninfo
+from reaper.identifiers import parse_table_name
 
 __all__ = [
     "ACTIVE_STATES",
     "ALL_STATES",
     "DEFAULT_CONFIG_PATH",
+    "DEFAULT_LOCK_KEY",
     "IDLE_STATES",
     "AuditSection",
     "ConfigError",
@@ -53,6 +56,7 @@ __all__ = [
     "ReaperSection",
     "ServerConfig",
     "Settings",
+    "default_instance_id",
     "format_duration",
     "load_settings",
     "parse_duration",
@@ -60,11 +64,19 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/pg-reaper/config.toml")
+# [ha]'s advisory lock key: the first 8 bytes of SHA-256("pg-reaper"), a signed bigint.
+# -2719498840538813096; pg_locks shows it as classid 3661784630, objid 2325278040, objsubid 1.
+DEFAULT_LOCK_KEY = int.from_bytes(hashlib.sha256(b"pg-reaper").digest()[:8], "big", signed=True)
 
 # The values pg_stat_activity.state takes (NULL aside: a row the reaper may not see).
 IDLE_STATES = ("idle", "idle in transaction", "idle in transaction (aborted)")
 ACTIVE_STATES = ("active", "fastpath function call")
 ALL_STATES = (*IDLE_STATES, *ACTIVE_STATES, "disabled")
+
+
+def default_instance_id() -> str:
+    """``hostname:pid``: what tells one instance's audit events from another's."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class ConfigError(Exception):
@@ -277,7 +289,7 @@ class ReaperSection(_Section):
 
 class MetricsSection(_Section):
     # "127.0.0.1:9188", "[::1]:9188", "[::]:9188" (dual-stack), ":9188" (every address), or a host
-    # name resolved at start (every address it resolves to); reaper/http.py binds it.
+    # name resolved at start (every address it resolves to); reaper/daemon/http.py binds it.
     listen: str = "127.0.0.1:9188"
 
     @field_validator("listen")
@@ -315,7 +327,7 @@ class LogSection(_Section):
 
 
 class AuditSection(_Section):
-    """The audit table (reaper/audit.py); disabled while `dsn` is empty."""
+    """The audit table (reaper/observe/audit.py); disabled while `dsn` is empty."""
 
     dsn: SecretStr = SecretStr("")
     # The reaper's session has search_path pinned to pg_catalog: a name without a schema is
@@ -327,13 +339,13 @@ class AuditSection(_Section):
     @classmethod
     def _dsn(cls, value: SecretStr) -> SecretStr:
         if value.get_secret_value():
-            activity.parse_conninfo(value.get_secret_value())  # raises ValueError without secrets
+            parse_conninfo(value.get_secret_value())  # raises ValueError without secrets
         return value
 
     @field_validator("table")
     @classmethod
     def _table(cls, value: str) -> str:
-        audit.parse_table_name(value)
+        parse_table_name(value)
         return value
 
     _password_file = field_validator("password_file")(_readable_password_file)
@@ -345,12 +357,12 @@ class AuditSection(_Section):
     @property
     def table_name(self) -> tuple[str, str]:
         """(schema, table), as PostgreSQL reads `table`; schema public when it names none."""
-        parts = audit.parse_table_name(self.table)
+        parts = parse_table_name(self.table)
         return (parts[0], parts[1]) if len(parts) == 2 else ("public", parts[0])
 
     @property
     def redacted_dsn(self) -> str:
-        return activity.redact_conninfo(self.dsn.get_secret_value()) if self.enabled else ""
+        return redact_conninfo(self.dsn.get_secret_value()) if self.enabled else ""
 
 
 class HaSection(_Section):
@@ -398,14 +410,14 @@ class ServerConfig(_Section):
     @field_validator("dsn")
     @classmethod
     def _dsn(cls, value: SecretStr) -> SecretStr:
-        activity.parse_conninfo(value.get_secret_value())  # raises ValueError without secrets
+        parse_conninfo(value.get_secret_value())  # raises ValueError without secrets
         return value
 
     _password_file = field_validator("password_file")(_readable_password_file)
 
     @property
     def redacted_dsn(self) -> str:
-        return activity.redact_conninfo(self.dsn.get_secret_value())
+        return redact_conninfo(self.dsn.get_secret_value())
 
 
 # A policy's age thresholds, in the order its reasons name them.

@@ -7,10 +7,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from reaper import audit
-from reaper.activity import PostgresError, ServerConnection
 from reaper.identifiers import quote_identifier
-from reaper.log import get_logger
+from reaper.observe import audit
+from reaper.observe.log import get_logger
+from reaper.pg.activity import ServerConnection
+from reaper.pg.connection import PostgresError
+from reaper.pg.ha import lead
 from reaper.policy import (
     Decision,
     Plan,
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from datetime import datetime
 
-    from reaper.ha import LockHolder
+    from reaper.pg.ha import LockHolder
     from reaper.settings import PolicyConfig, ServerConfig, Settings
 
 __all__ = [
@@ -260,7 +262,7 @@ def sweep(
         leadership = None
         if lock is not None:
             lost = lock.held_by is not None and lock.held_by != conn.sessions_opened
-            leadership = conn.lead(lock.key, acquire=lock.acquire and not lost)
+            leadership = lead(conn, lock.key, acquire=lock.acquire and not lost)
     except PostgresError as exc:  # reported by the caller: `once` per run, the daemon per change
         return SweepReport(
             server=server.name,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from reaper.log import configure
+from reaper.observe.log import configure
 from reaper.settings import LogSection
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer, start_server
 

@@ -18,12 +18,13 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from reaper import audit
-from reaper.audit import AuditWriter, _RowQueue, parse_table_name
 from reaper.cli import main
-from reaper.embedded import EmbeddedPostgres
-from reaper.log import configure
-from reaper.metrics import Metrics
+from reaper.demo.embedded import EmbeddedPostgres
+from reaper.identifiers import parse_table_name
+from reaper.observe import audit
+from reaper.observe.audit import AuditWriter, _RowQueue
+from reaper.observe.log import configure
+from reaper.observe.metrics import Metrics
 from reaper.settings import ConfigError, LogSection, Settings, load_settings
 from tests.servers import TestServer, wait_for
 from tests.test_daemon import RunningDaemon, daemon_config, free_port, policy, toml_string

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from reaper.activity import AuditConnection
 from reaper.cli import main
+from reaper.pg.audit import AuditConnection
 from tests.servers import Sessions, TestServer, wait_for
 
 if TYPE_CHECKING:

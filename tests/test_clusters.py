@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, cast
 
 import pytest
 
-from reaper.activity import ServerConnection
 from reaper.cli import main
 from reaper.clusters import ClusterIdentity, duplicates, identify
+from reaper.pg.activity import ServerConnection
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer
 from tests.test_daemon import RunningDaemon, second_embedded, second_server, start_daemon
 

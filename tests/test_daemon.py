@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reaper.daemon import WATCH_INTERVAL
-from reaper.embedded import EmbeddedPostgres
+from reaper.daemon.process import WATCH_INTERVAL
+from reaper.demo.embedded import EmbeddedPostgres
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer, usable, wait_for
 
 if TYPE_CHECKING:

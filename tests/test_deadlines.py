@@ -1,4 +1,4 @@
-"""The one thread that fires statement deadlines (reaper.deadlines)."""
+"""The one thread that fires statement deadlines (reaper.pg.deadlines)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 import time
 from functools import partial
 
-from reaper import deadlines
+from reaper.pg import deadlines
 
 
 def test_a_deadline_fires_once_its_time_has_come() -> None:

@@ -254,7 +254,7 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
 
     for copied in ("pyproject.toml", "README.md", "reaper/__init__.py", "reaper/py.typed"):
         assert copied in sent
-    assert any(path.startswith("reaper/sql/") and path.endswith(".sql") for path in sent)
+    assert any(path.startswith("reaper/pg/sql/") and path.endswith(".sql") for path in sent)
     kept_out = (".venv", ".git", "tests", "deploy", "bench", "scripts", "docs", ".ci")
     for path in sent:
         assert not path.startswith(kept_out), path

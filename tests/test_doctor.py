@@ -16,9 +16,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from reaper.activity import ServerConnection
 from reaper.cli import main
-from reaper.doctor import (
+from reaper.commands.doctor import (
     Connections,
     Limit,
     Privileges,
@@ -32,7 +31,9 @@ from reaper.doctor import (
     render_json,
     render_text,
 )
-from reaper.embedded import EmbeddedPostgres
+from reaper.demo.embedded import EmbeddedPostgres
+from reaper.pg.activity import ServerConnection
+from reaper.pg.doctor import doctor_rows
 from reaper.settings import PolicyConfig
 
 if TYPE_CHECKING:
@@ -610,8 +611,8 @@ def test_doctor_leaves_the_reapers_own_session_settings_as_they_were(
         connect_timeout=timedelta(seconds=5),
         statement_timeout=timedelta(seconds=10),
     ) as conn:
-        conn.doctor_rows()
-        rows = conn._execute(
+        doctor_rows(conn)
+        rows = conn.run(
             "SELECT current_setting('idle_in_transaction_session_timeout') AS idle_in_tx,"
             " current_setting('statement_timeout') AS statement"
         )

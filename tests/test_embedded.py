@@ -10,7 +10,7 @@ import subprocess
 import psycopg
 import pytest
 
-from reaper.embedded import EmbeddedPostgres
+from reaper.demo.embedded import EmbeddedPostgres
 
 MAJORS = [
     int(major)

@@ -10,8 +10,9 @@ from datetime import timedelta
 
 import pytest
 
-from reaper.activity import PostgresError, ServerConnection
-from reaper.embedded import EmbeddedPostgres
+from reaper.demo.embedded import EmbeddedPostgres
+from reaper.pg.activity import ServerConnection
+from reaper.pg.connection import PostgresError
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
-from reaper.activity import PostgresError, ServerConnection
-from reaper.embedded import EmbeddedPostgres
-from reaper.ha import DEFAULT_LOCK_KEY, LockHolder, lock_key_halves
+from reaper.demo.embedded import EmbeddedPostgres
+from reaper.pg.activity import ServerConnection
+from reaper.pg.connection import PostgresError
+from reaper.pg.ha import LockHolder, lead, lock_key_halves
 from reaper.policy import Result
-from reaper.settings import Settings
+from reaper.settings import DEFAULT_LOCK_KEY, Settings
 from reaper.sweep import Lock, connect, sweep
 from tests.servers import ADMIN_APPLICATION, wait_for
 from tests.test_daemon import RunningDaemon, daemon_config, free_port, start_daemon
@@ -548,7 +549,7 @@ def test_a_leader_whose_session_was_lost_and_reopened_signals_nothing(
     server = fleet[5]
     victim = clients.idle(server, "ha-guard")
     with _connection(server) as conn:
-        assert conn.lead(DEFAULT_LOCK_KEY, acquire=True).leader
+        assert lead(conn, DEFAULT_LOCK_KEY, acquire=True).leader
         (session,) = [s for s in conn.poll().sessions if s.pid == victim]
         (holder,) = lock_holders(server)
         admin(server, "SELECT pg_terminate_backend(%s, 5000)", [holder[0]])
@@ -578,15 +579,15 @@ def test_the_lock_is_taken_once_per_session_checked_in_pg_locks_and_per_database
         _connection(server) as second,
         _connection(server, dbname="otherdb") as elsewhere,
     ):
-        assert first.lead(DEFAULT_LOCK_KEY, acquire=False).leader is False
-        taken = first.lead(DEFAULT_LOCK_KEY, acquire=True)
+        assert lead(first, DEFAULT_LOCK_KEY, acquire=False).leader is False
+        taken = lead(first, DEFAULT_LOCK_KEY, acquire=True)
         assert taken.leader
-        assert first.lead(DEFAULT_LOCK_KEY, acquire=True).leader  # held: not taken twice
-        other = second.lead(DEFAULT_LOCK_KEY, acquire=True)
+        assert lead(first, DEFAULT_LOCK_KEY, acquire=True).leader  # held: not taken twice
+        other = lead(second, DEFAULT_LOCK_KEY, acquire=True)
         assert other.leader is False
         assert other.holder == taken.holder == first.facts().own_pid
         # Advisory locks are per database: the reason for [ha] lock_database.
-        assert elsewhere.lead(DEFAULT_LOCK_KEY, acquire=True).leader
+        assert lead(elsewhere, DEFAULT_LOCK_KEY, acquire=True).leader
         counts = admin(
             server,
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s",
@@ -594,7 +595,7 @@ def test_the_lock_is_taken_once_per_session_checked_in_pg_locks_and_per_database
         )
         assert counts == [(1,)]
         # Another key is another lock.
-        assert second.lead(DEFAULT_LOCK_KEY + 1, acquire=True).leader
+        assert lead(second, DEFAULT_LOCK_KEY + 1, acquire=True).leader
 
 
 def test_a_leader_whose_session_was_reopened_between_cycles_leaves_the_lock_that_cycle(
@@ -624,7 +625,7 @@ def test_a_leader_whose_session_was_reopened_between_cycles_leaves_the_lock_that
         ((holder, _),) = lock_holders(server)
         admin(server, "SELECT pg_terminate_backend(%s, 5000)", [holder])
         with pytest.raises(PostgresError):  # a failed statement: the next one reconnects
-            conn.lead(DEFAULT_LOCK_KEY, acquire=False)
+            lead(conn, DEFAULT_LOCK_KEY, acquire=False)
 
         lock = Lock(key=DEFAULT_LOCK_KEY, acquire=True, held_by=first.session)
         second = sweep(conn, server=config, settings=settings, mode="preview", lock=lock)
@@ -652,7 +653,7 @@ def test_the_ha_session_has_the_server_probe_its_tcp_connection(
         "'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout') ORDER BY name"
     )
     with _connection(server, tcp=True, ha=True) as conn:
-        settings = {row["name"]: row["setting"] for row in conn._execute(query)}
+        settings = {row["name"]: row["setting"] for row in conn.run(query)}
     assert settings == {
         "tcp_keepalives_count": "3",
         "tcp_keepalives_idle": "10",
@@ -660,7 +661,7 @@ def test_the_ha_session_has_the_server_probe_its_tcp_connection(
         "tcp_user_timeout": "30000",
     }
     with _connection(server, tcp=True) as conn:
-        plain = {row["name"]: row["setting"] for row in conn._execute(query)}
+        plain = {row["name"]: row["setting"] for row in conn.run(query)}
     assert plain["tcp_keepalives_idle"] != "10"  # without [ha]: the server's own
 
 
@@ -671,8 +672,8 @@ def test_the_locks_holder_is_a_pg_reaper_instance_only_with_its_application_and_
     with _connection(server) as conn:
         # Another instance: pg-reaper's application_name and the reaper's role.
         with _connection(server) as instance:
-            assert instance.lead(DEFAULT_LOCK_KEY, acquire=True).leader
-            seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+            assert lead(instance, DEFAULT_LOCK_KEY, acquire=True).leader
+            seen = lead(conn, DEFAULT_LOCK_KEY, acquire=True)
             assert (seen.leader, seen.holder, seen.other) == (
                 False,
                 instance.facts().own_pid,
@@ -682,7 +683,7 @@ def test_the_locks_holder_is_a_pg_reaper_instance_only_with_its_application_and_
 
         for application, shared in [("squatter", False), (REAPER, False), ("reader", True)]:
             squatter = squat(clients, server, application=application, shared=shared)
-            seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+            seen = lead(conn, DEFAULT_LOCK_KEY, acquire=True)
             assert not seen.leader, application
             assert seen.holder == squatter.info.backend_pid
             assert seen.other == LockHolder(
@@ -695,13 +696,13 @@ def test_the_locks_holder_is_a_pg_reaper_instance_only_with_its_application_and_
             prepared.execute("SELECT pg_advisory_xact_lock(%s)", [DEFAULT_LOCK_KEY])
             prepared.execute("PREPARE TRANSACTION 'squat'")
         try:
-            seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+            seen = lead(conn, DEFAULT_LOCK_KEY, acquire=True)
         finally:
             admin(server, "ROLLBACK PREPARED 'squat'")
         assert (seen.leader, seen.holder) == (False, None)
         assert seen.other == LockHolder(pid=None, application=None, role=None)
 
-        seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+        seen = lead(conn, DEFAULT_LOCK_KEY, acquire=True)
         assert (seen.leader, seen.other) == (True, None)
 
 
@@ -719,5 +720,5 @@ def test_a_lock_database_closed_to_public_keeps_other_roles_off_the_lock(
     with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
         psycopg.connect(server.dsn(user=SQUATTER, dbname="pg_reaper_lock"), connect_timeout=5)
     with _connection(server, dbname="pg_reaper_lock") as conn:
-        seen = conn.lead(DEFAULT_LOCK_KEY, acquire=True)
+        seen = lead(conn, DEFAULT_LOCK_KEY, acquire=True)
     assert (seen.leader, seen.other) == (True, None)  # the squatter's lock is another database's

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from structlog.testing import capture_logs
 
-from reaper.http import HttpServer, _DeadlineStream, parse_listen
+from reaper.daemon.http import HttpServer, _DeadlineStream, parse_listen
 from reaper.settings import MetricsSection
 from tests.servers import wait_for
 from tests.test_daemon import RunningDaemon, daemon_config, policy, run_to_exit, server_name

@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql
 
 from reaper.cli import main
-from reaper.operate import (
+from reaper.commands.kill import (
     KillTarget,
     _describe_blockers,
     kill_target,

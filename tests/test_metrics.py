@@ -1,10 +1,10 @@
-"""What one cycle's report adds to the metrics (reaper/metrics.py), with no server."""
+"""What one cycle's report adds to the metrics (reaper/observe/metrics.py), with no server."""
 
 from __future__ import annotations
 
 import pytest
 
-from reaper.metrics import Metrics
+from reaper.observe.metrics import Metrics
 from reaper.policy import Decision, Result
 from reaper.sweep import Outcome, SweepReport
 from tests.test_policy import make_policy, make_session

@@ -985,7 +985,7 @@ def test_seconds_until_eligible_is_the_nearest_threshold_of_any_policy_in_scope(
 
 
 def test_the_poll_reads_every_role_unless_roles_outnumber_sessions() -> None:
-    from reaper.activity import poll_reads_every_role  # noqa: PLC0415
+    from reaper.pg.activity import poll_reads_every_role  # noqa: PLC0415
 
     assert poll_reads_every_role(None, 0)  # nothing known yet: every role
     assert poll_reads_every_role(30, 30)

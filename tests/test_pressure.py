@@ -16,8 +16,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from reaper.cli import main
-from reaper.embedded import EmbeddedPostgres
-from reaper.metrics import Metrics
+from reaper.demo.embedded import EmbeddedPostgres
+from reaper.observe.metrics import Metrics
 from reaper.policy import (
     RoleConnections,
     ServerFacts,

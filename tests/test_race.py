@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from reaper.activity import ServerConnection
+from reaper.pg.activity import ServerConnection
 from reaper.policy import Result, Session
 from tests.servers import Sessions, TestServer, usable
 

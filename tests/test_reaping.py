@@ -457,7 +457,7 @@ def test_preview_lists_victims_oldest_first_and_signals_nothing(
 def test_reaper_sets_its_own_session_up_defensively(pg: TestServer) -> None:
     from datetime import timedelta  # noqa: PLC0415
 
-    from reaper.activity import ServerConnection  # noqa: PLC0415
+    from reaper.pg.activity import ServerConnection  # noqa: PLC0415
 
     pg.execute("ALTER ROLE reaper_lp SET idle_session_timeout = '1s'")
     try:
@@ -486,7 +486,7 @@ def test_the_poll_of_a_role_without_pg_read_all_stats_and_its_ages_by_the_server
 ) -> None:
     from datetime import timedelta  # noqa: PLC0415
 
-    from reaper.activity import ServerConnection  # noqa: PLC0415
+    from reaper.pg.activity import ServerConnection  # noqa: PLC0415
 
     mine = sessions.idle(application="mine", user="reaper_blind", password="reaper_blind")
     other = sessions.idle(application="theirs", user="appuser", password="appuser")
@@ -559,11 +559,7 @@ def test_the_poll_reads_only_the_roles_with_a_backend_when_roles_outnumber_sessi
 ) -> None:
     from datetime import timedelta  # noqa: PLC0415
 
-    from reaper.activity import (  # noqa: PLC0415
-        POLL_BACKEND_ROLES_SQL,
-        POLL_SQL,
-        ServerConnection,
-    )
+    from reaper.pg.activity import POLL_BACKEND_ROLES_SQL, POLL_SQL, ServerConnection  # noqa: PLC0415
     from reaper.policy import RoleConnections  # noqa: PLC0415
 
     pg.execute("DROP ROLE IF EXISTS poll_limited")
@@ -580,13 +576,13 @@ def test_the_poll_reads_only_the_roles_with_a_backend_when_roles_outnumber_sessi
             statement_timeout=timedelta(seconds=7),
         ) as conn:
             run: list[Any] = []
-            execute = conn._execute  # to see which statement each poll runs
+            execute = conn.run  # to see which statement each poll runs
 
-            def spy(query: Any, params: Any = None) -> list[dict[str, Any]]:
+            def spy(query: Any, params: Any = None, **kwargs: Any) -> list[dict[str, Any]]:
                 run.append(query)
-                return execute(query, params)
+                return execute(query, params, **kwargs)
 
-            monkeypatch.setattr(conn, "_execute", spy)
+            monkeypatch.setattr(conn, "run", spy)
             every = conn.poll()  # the first poll on a connection reads every role
             (roles,) = pg.execute("SELECT count(*) FROM pg_roles")[0]
             assert roles > len(every.sessions)  # the test server's: more roles than sessions
@@ -612,7 +608,8 @@ def test_the_poll_reads_only_the_roles_with_a_backend_when_roles_outnumber_sessi
 def test_connection_refused_names_the_server_without_secrets() -> None:
     from datetime import timedelta  # noqa: PLC0415
 
-    from reaper.activity import PostgresError, ServerConnection  # noqa: PLC0415
+    from reaper.pg.activity import ServerConnection  # noqa: PLC0415
+    from reaper.pg.connection import PostgresError  # noqa: PLC0415
 
     conn = ServerConnection(
         dsn="host=127.0.0.1 port=1 user=x password=Sentinel-Pa55",

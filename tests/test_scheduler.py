@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from reaper.daemon.scheduler import next_delay
 from reaper.policy import Session
-from reaper.scheduler import next_delay
 from reaper.settings import PolicyConfig
 from reaper.sweep import Cancels, SweepReport
 

@@ -18,7 +18,7 @@
 CREATE SCHEMA IF NOT EXISTS reaper;
 GRANT USAGE ON SCHEMA reaper TO "pg-reaper";
 
--- The columns of the table pg-reaper makes itself (reaper/sql/audit_create.sql): one row per
+-- The columns of the table pg-reaper makes itself (reaper/pg/sql/audit_create.sql): one row per
 -- decision.
 CREATE TABLE IF NOT EXISTS reaper.audit (
     id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from pathlib import Path
 
-    from reaper.embedded import EmbeddedPostgres
+    from reaper.demo.embedded import EmbeddedPostgres
 
 __all__ = [
     "ADMIN_APPLICATION",

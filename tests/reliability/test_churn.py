@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
-from reaper.activity import ServerConnection
-from reaper.embedded import EmbeddedPostgres
+from reaper.demo.embedded import EmbeddedPostgres
+from reaper.pg.activity import ServerConnection
 from reaper.policy import Result
 from tests.reliability.churn import REACTION_BOUND, Churn, check_churn
 from tests.reliability.support import daemon_config, free_port, running_daemon

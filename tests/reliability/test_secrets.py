@@ -24,8 +24,10 @@ import pytest
 import tomli_w
 from psycopg import sql
 
-from reaper.activity import AuditConnection, PostgresError, ServerConnection
 from reaper.cli import main
+from reaper.pg.activity import ServerConnection
+from reaper.pg.audit import AuditConnection
+from reaper.pg.connection import PostgresError
 from tests.config_helpers import clean_environment  # noqa: F401 - an autouse fixture
 from tests.reliability.support import ADMIN_APPLICATION, free_port, running_daemon
 

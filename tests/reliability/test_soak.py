@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from reaper.embedded import EmbeddedPostgres
+from reaper.demo.embedded import EmbeddedPostgres
 from tests.reliability.churn import REACTION_BOUND, Churn, check_churn
 from tests.reliability.support import daemon_config, free_port, running_daemon
 from tests.test_daemon import policy

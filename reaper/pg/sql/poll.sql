@@ -1,5 +1,5 @@
 -- One poll of a server, in one statement (PostgreSQL 14-18), as four kinds of rows told apart by
--- the key column that is set (reaper/activity.py puts them together):
+-- the key column that is set (reaper/pg/activity.py puts them together):
 --   session   (pid set)                        a client session, as pg_stat_get_activity has it
 --   role      (role_oid set, pid NULL)         one per role: name, superuser, member, limit
 --             (every role, or only the roles that have a backend: see below)

@@ -14,29 +14,28 @@ from __future__ import annotations
 
 import collections
 import itertools
-import re
 import threading
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from reaper.activity import AUDIT_COLUMNS, AuditConnection, PostgresError
-from reaper.ha import default_instance_id
 from reaper.identifiers import quote_identifier
-from reaper.log import get_logger
+from reaper.observe.log import get_logger
+from reaper.pg.audit import AUDIT_COLUMNS, AuditConnection
+from reaper.pg.connection import PostgresError
+from reaper.settings import default_instance_id
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from datetime import timedelta
     from pathlib import Path
 
-    from reaper.metrics import Metrics
+    from reaper.observe.metrics import Metrics
     from reaper.settings import Settings
 
 __all__ = [
     "CAPACITY",
     "AuditWriter",
     "instance",
-    "parse_table_name",
     "preflight",
     "reconfigure",
     "start",
@@ -57,65 +56,8 @@ REASON_WRITE = "write"
 REASON_DROPPED = "dropped"
 ERROR_REASONS = (REASON_WRITE, REASON_DROPPED)
 
-# The columns of the table (reaper/activity.py writes them); every row has them all.
+# The columns of the table (reaper/pg/audit.py writes them); every row has them all.
 COLUMNS = tuple(column for column, _type in AUDIT_COLUMNS)
-
-
-# --- the table name ----------------------------------------------------------------------------
-
-_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*", re.ASCII)
-_MAX_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL would truncate a longer name
-
-
-def parse_table_name(value: str) -> tuple[str, ...]:
-    """``table`` or ``schema.table``, read as SQL reads them: a plain name is folded to lower
-    case; a double-quoted one (``"Audit Log"``, ``""`` for a quote) is kept as written.
-
-    Raises `ValueError` naming the problem.
-    """
-    parts: list[str] = []
-    position = 0
-    while True:
-        if value.startswith('"', position):
-            end = position + 1
-            while True:
-                end = value.find('"', end)
-                if end < 0:
-                    raise ValueError(f"invalid table name {value!r}: unterminated quoted name")
-                if not value.startswith('"', end + 1):
-                    break
-                end += 2
-            part, position = value[position + 1 : end].replace('""', '"'), end + 1
-        elif match := _PLAIN.match(value, position):
-            part, position = match[0].lower(), match.end()
-        else:
-            raise ValueError(
-                f"invalid table name {value!r}: use 'table' or 'schema.table'; quote a name "
-                "that is not a plain identifier, as in '\"Audit Log\"'"
-            )
-        _check_identifier(value, part)
-        parts.append(part)
-        if position == len(value):
-            break
-        if value[position] != "." or len(parts) == 2:
-            raise ValueError(
-                f"invalid table name {value!r}: use 'table' or 'schema.table'; quote a name "
-                "that is not a plain identifier, as in '\"Audit Log\"'"
-            )
-        position += 1
-    return tuple(parts)
-
-
-def _check_identifier(value: str, part: str) -> None:
-    if not part:
-        raise ValueError(f"invalid table name {value!r}: a quoted name is empty")
-    if re.search(r"[\x00-\x1f\x7f]", part):
-        raise ValueError(f"invalid table name {value!r}: control character in a name")
-    if len(part.encode()) > _MAX_IDENTIFIER_BYTES:
-        raise ValueError(
-            f"invalid table name {value!r}: a name is longer than "
-            f"{_MAX_IDENTIFIER_BYTES} bytes (PostgreSQL would truncate it)"
-        )
 
 
 # --- the queue ---------------------------------------------------------------------------------

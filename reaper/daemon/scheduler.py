@@ -26,15 +26,16 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from reaper import audit, clusters
-from reaper.activity import PostgresError
-from reaper.log import get_logger
+from reaper import clusters
+from reaper.observe import audit
+from reaper.observe.log import get_logger
+from reaper.pg.connection import PostgresError
 from reaper.sweep import Lock, Memory, SweepReport, connect, sweep
 
 if TYPE_CHECKING:
-    from reaper.activity import ServerConnection
-    from reaper.ha import LockHolder
-    from reaper.metrics import Metrics
+    from reaper.observe.metrics import Metrics
+    from reaper.pg.activity import ServerConnection
+    from reaper.pg.ha import LockHolder
     from reaper.settings import ServerConfig, Settings
 
 __all__ = ["Scheduler", "next_delay"]

@@ -14,12 +14,13 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from reaper import __version__, audit
-from reaper.http import HttpServer
-from reaper.log import configure, get_logger
-from reaper.metrics import Metrics
-from reaper.notify import Notifier
-from reaper.scheduler import Scheduler
+from reaper import __version__
+from reaper.daemon.http import HttpServer
+from reaper.daemon.notify import Notifier
+from reaper.daemon.scheduler import Scheduler
+from reaper.observe import audit
+from reaper.observe.log import configure, get_logger
+from reaper.observe.metrics import Metrics
 from reaper.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:

@@ -17,10 +17,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Self
 
-from reaper.activity import ServerConnection
-from reaper.daemon import Daemon
-from reaper.embedded import EmbeddedPostgres
-from reaper.log import configure
+from reaper.daemon.process import Daemon
+from reaper.demo.embedded import EmbeddedPostgres
+from reaper.observe.log import configure
+from reaper.pg.activity import ServerConnection
 from reaper.settings import load_settings
 
 __all__ = ["run_demo"]

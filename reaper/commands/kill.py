@@ -21,11 +21,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from reaper.activity import PostgresError
-from reaper.doctor import Connections
+from reaper.commands.doctor import Connections
 from reaper.identifiers import quote_identifier
-from reaper.log import get_logger
+from reaper.observe.log import get_logger
 from reaper.output import human_duration, render_table, safe_text
+from reaper.pg.connection import PostgresError
+from reaper.pg.doctor import connection_limits
+from reaper.pg.kill import allow_connections, database_blockers
 from reaper.policy import CLIENT_BACKEND, Decision, Result, ServerFacts, Session, in_networks
 from reaper.settings import ALL_STATES, PolicyConfig, parse_duration
 from reaper.sweep import Outcome, SweepReport, audit_event, visibility_warnings
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from datetime import datetime, timedelta
 
-    from reaper.activity import ServerConnection
+    from reaper.pg.activity import ServerConnection
     from reaper.settings import ClientNetwork
 
 __all__ = [
@@ -180,7 +182,7 @@ def census(conn: ServerConnection, *, server: str, by: Grouping) -> SessionCount
     """Count one server's client sessions; an unreachable server is reported, not raised."""
     try:
         snapshot = conn.poll()
-        rows = conn.connection_limits()
+        rows = connection_limits(conn)
     except PostgresError as exc:
         return SessionCounts(server=server, target=conn.target, by=by, error=str(exc))
     if not rows["connections"]:
@@ -592,7 +594,7 @@ def _terminate(  # noqa: C901 - one loop: signal, re-poll, wait, each step says 
         try:
             snapshot = conn.poll(include_query=include_query)
             current = select_victims(snapshot.sessions, target, own_pid=own_pid)
-            blockers = conn.database_blockers(database) if blocked and database else []
+            blockers = database_blockers(conn, database) if blocked and database else []
         except PostgresError as exc:
             error = str(exc)
             break
@@ -683,7 +685,7 @@ def _kill_warnings(
 def _allow_connections(conn: ServerConnection, database: str, *, allow: bool) -> str | None:
     """ALTER DATABASE ... ALLOW_CONNECTIONS; why PostgreSQL refused, or None."""
     try:
-        conn.allow_connections(database, allow=allow)
+        allow_connections(conn, database, allow=allow)
     except PostgresError as exc:
         return str(exc)
     return None

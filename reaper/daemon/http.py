@@ -34,7 +34,7 @@ from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import make_wsgi_app
 
-from reaper.log import get_logger
+from reaper.observe.log import get_logger
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

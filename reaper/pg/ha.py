@@ -13,16 +13,18 @@ pg-reaper instance as a `LockHolder` (ha_lead.sql says what counts as one).
 
 from __future__ import annotations
 
-import hashlib
-import os
-import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["DEFAULT_LOCK_KEY", "LockHolder", "default_instance_id", "lock_key_halves"]
+from reaper import APPLICATION_NAME
+from reaper.pg.connection import query
 
-# The advisory lock's key: the first 8 bytes of SHA-256("pg-reaper"), a signed bigint.
-# -2719498840538813096; pg_locks shows it as classid 3661784630, objid 2325278040, objsubid 1.
-DEFAULT_LOCK_KEY = int.from_bytes(hashlib.sha256(b"pg-reaper").digest()[:8], "big", signed=True)
+if TYPE_CHECKING:
+    from reaper.pg.connection import Connection
+
+__all__ = ["Leadership", "LockHolder", "lead", "lock_key_halves"]
+
+HA_LEAD_SQL = query("ha_lead")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,9 +37,27 @@ class LockHolder:
     role: str | None  # None for a prepared transaction, or a role dropped since it logged in
 
 
-def default_instance_id() -> str:
-    """``hostname:pid``: what tells one instance's audit events from another's."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leadership:
+    """Whether this session holds a server's advisory lock ([ha]), and which backend does."""
+
+    leader: bool
+    holder: int | None  # the pid of the backend holding the lock, None when it is free
+    other: LockHolder | None = None  # a holder that is not a pg-reaper instance (squatting)
+
+
+def lead(conn: Connection, lock_key: int, *, acquire: bool) -> Leadership:
+    """Whether `conn`'s session holds the advisory lock `lock_key` (checked in pg_locks), taking
+    it first if it is free and `acquire`. A lost connection loses the lock with it: the session
+    reopened by the next call holds nothing until it takes the lock again."""
+    params = {"lock_key": lock_key, "acquire": acquire, "application": APPLICATION_NAME}
+    (row,) = conn.run(HA_LEAD_SQL, params)
+    other = None
+    if row["held_by_other"]:
+        other = LockHolder(
+            pid=row["other_pid"], application=row["other_application"], role=row["other_role"]
+        )
+    return Leadership(leader=bool(row["leader"]), holder=row["holder"], other=other)
 
 
 def lock_key_halves(key: int) -> tuple[int, int]:

@@ -12,16 +12,17 @@ import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from reaper.activity import PostgresError
 from reaper.identifiers import quote_identifier
 from reaper.output import safe_text
+from reaper.pg.connection import PostgresError
+from reaper.pg.doctor import doctor_rows
 from reaper.settings import format_duration
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
     from datetime import timedelta
 
-    from reaper.activity import ServerConnection
+    from reaper.pg.activity import ServerConnection
     from reaper.settings import PolicyConfig
 
 __all__ = [
@@ -193,7 +194,7 @@ def examine(
 ) -> ServerReport:
     """Query one server (read-only) and diagnose it; an unreachable server is a problem too."""
     try:
-        state = read_state(conn.doctor_rows())
+        state = read_state(doctor_rows(conn))
     except PostgresError as exc:
         return unreachable(server=server, target=conn.target, error=str(exc))
     return ServerReport(
@@ -215,7 +216,7 @@ def unreachable(*, server: str, target: str, error: str) -> ServerReport:
 
 
 def read_state(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> ServerState:
-    """The rows of the doctor queries (reaper/sql/doctor_*.sql) as one `ServerState`."""
+    """The rows of the doctor queries (reaper/pg/sql/doctor_*.sql) as one `ServerState`."""
     if not rows["server"] or not rows["connections"]:
         raise PostgresError("the reaper's role is not in pg_roles")
     server = rows["server"][0]

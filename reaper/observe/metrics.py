@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 
 from reaper import __version__
-from reaper.audit import ERROR_REASONS as AUDIT_ERROR_REASONS
+from reaper.observe.audit import ERROR_REASONS as AUDIT_ERROR_REASONS
 from reaper.policy import Result
 from reaper.settings import ALL_STATES
 

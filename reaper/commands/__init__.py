@@ -1,0 +1,1 @@
+"""The one-shot commands beside the daemon: `sessions`, `kill`/`unblock` and `doctor`."""
