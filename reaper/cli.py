@@ -42,8 +42,9 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-# The commands that write audit rows: the audit table is checked before they start.
-_AUDITED = frozenset({"run", "once", "kill"})
+# The daemon's audit table is checked before it starts (`once` and `kill` check theirs on their
+# audit sink's own connection, as they start it).
+_AUDITED = frozenset({"run"})
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
 # The one-shot commands reach this many servers at once at most, each on its own connection with
@@ -258,12 +259,16 @@ def _on_every_server(
 
 
 def _run_all(
-    settings: Settings, *, mode: Mode, only: str | None = None
+    settings: Settings,
+    *,
+    mode: Mode,
+    only: str | None = None,
+    sink: audit.AuditSink | None = None,
 ) -> list[SweepReport] | None:
     dry_run = settings.reaper.dry_run or mode == "preview"
 
     def run(server: ServerConfig, conn: ServerConnection) -> SweepReport:
-        return sweep(conn, server=server, settings=settings, mode=mode)
+        return sweep(conn, server=server, settings=settings, mode=mode, audit=sink)
 
     def unreached(server: ServerConfig, _conn: ServerConnection, why: _Unreached) -> SweepReport:
         duration_ms = round(why.seconds * 1000, 1)
@@ -310,14 +315,27 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 def _once(settings: Settings, args: argparse.Namespace) -> int:
     if _unknown_server(settings, args.server):
         return EXIT_USAGE
-    audit.start(settings)
+    if (sink := _audit_sink(settings)) is None:
+        return EXIT_USAGE
     try:
-        reports = _run_all(settings, mode="reap", only=args.server)
+        reports = _run_all(settings, mode="reap", only=args.server, sink=sink)
         if reports is None:
             return EXIT_USAGE
         return _print_reports(reports, settings=settings, as_json=args.json)
     finally:
-        audit.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
+        sink.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
+
+
+def _audit_sink(settings: Settings) -> audit.AuditSink | None:
+    """The audit sink of a one-shot command, started; None, said on stderr, when the audit
+    table cannot be written (said now, not found out by rows dropped later)."""
+    sink = audit.AuditSink()
+    try:
+        sink.start(settings, check=True)
+    except audit.AuditTableUnusable as exc:
+        print(f"pg-reaper: audit: {exc}", file=sys.stderr)
+        return None
+    return sink
 
 
 def _selected(settings: Settings, name: str | None) -> list[ServerConfig]:
@@ -424,7 +442,8 @@ def _kill(settings: Settings, args: argparse.Namespace) -> int:
         return operate.ask_on_terminal(plan, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
 
     server = next(s for s in settings.servers if s.name == args.server)
-    audit.start(settings)
+    if (sink := _audit_sink(settings)) is None:
+        return EXIT_USAGE
     try:
         with connect(server, settings) as conn:
             report = operate.kill(
@@ -436,9 +455,10 @@ def _kill(settings: Settings, args: argparse.Namespace) -> int:
                 dry_run=dry_run,
                 include_query=settings.log.include_query,
                 confirm=confirm if ask else None,
+                audit=sink,
             )
     finally:
-        audit.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
+        sink.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
     config_path = str(resolve_config_path(args.config))
     print(operate.render_kill(report, config_path=config_path))
     return EXIT_FAILED if report.failed else EXIT_OK

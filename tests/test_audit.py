@@ -18,11 +18,11 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from reaper.audit_event import AuditEvent, AuditRecord
 from reaper.cli import main
 from reaper.demo.embedded import EmbeddedPostgres
 from reaper.identifiers import parse_table_name
-from reaper.observe import audit
-from reaper.observe.audit import AuditWriter, _RowQueue
+from reaper.observe.audit import AuditSink, AuditWriter, _RowQueue
 from reaper.observe.log import configure
 from reaper.observe.metrics import Metrics
 from reaper.settings import ConfigError, LogSection, Settings, load_settings
@@ -222,11 +222,15 @@ def _minimal_config(tmp_path: Path, extra: str) -> Path:
 # --- the queue and the writer (no database) ----------------------------------------------------
 
 
+def _event(pid: int, *, result: str = "terminated", instance: str = "pod-a") -> AuditEvent:
+    record = AuditRecord(policy="idle", action="terminate", result=result, pid=pid)
+    return AuditEvent(
+        event="session_reaped", server="s", dry_run=False, instance=instance, record=record
+    )
+
+
 def _rows(count: int, *, start: int = 0) -> list[dict[str, Any]]:
-    return [
-        audit._row("session_reaped", server="s", dry_run=False, fields={"pid": pid})
-        for pid in range(start, start + count)
-    ]
+    return [_event(pid).row() for pid in range(start, start + count)]
 
 
 def test_the_queue_is_bounded_and_drops_the_newest_rows_counting_them() -> None:
@@ -323,7 +327,7 @@ def test_an_unreachable_database_is_logged_once_counted_retried_and_never_waited
 
 
 def test_submit_without_a_writer_does_nothing() -> None:
-    audit.submit("session_reaped", server="s", dry_run=False, fields={"pid": 1})
+    AuditSink().submit(_event(1))
 
 
 def test_a_reload_that_changes_the_table_hands_the_queued_rows_to_the_new_writer(
@@ -332,23 +336,24 @@ def test_a_reload_that_changes_the_table_hands_the_queued_rows_to_the_new_writer
     _clean_environment(monkeypatch)
     first = load_settings(_minimal_config(tmp_path, audit_table(UNREACHABLE, table="one")))
     second = load_settings(_minimal_config(tmp_path, audit_table(UNREACHABLE, table="two")))
-    writer = audit.start(first)
+    sink = AuditSink()
+    writer = sink.start(first)
     try:
         assert writer is not None
-        for row in _rows(3):
-            audit.submit("session_reaped", server="s", dry_run=False, fields=row)
-        assert audit.reconfigure(first, timeout=0.5) is writer, "unchanged: kept"
-        replacement = audit.reconfigure(second, timeout=0.5)
+        for pid in range(3):
+            sink.submit(_event(pid))
+        assert sink.reconfigure(first, timeout=0.5) is writer, "unchanged: kept"
+        replacement = sink.reconfigure(second, timeout=0.5)
         assert replacement is not None
         assert replacement is not writer
         assert replacement.table == "public.two"
         assert replacement.queued == 3
-        audit.submit("session_reaped", server="s", dry_run=False, fields={"pid": 9})
+        sink.submit(_event(9))
         assert replacement.queued == 4
         assert writer.submit(_rows(1)[0]) is None, "the old writer is stopped"
-        assert audit.reconfigure(_without_audit(second), timeout=0.5) is None
+        assert sink.reconfigure(_without_audit(second), timeout=0.5) is None
     finally:
-        audit.stop(timeout=0.5)
+        sink.stop(timeout=0.5)
 
 
 def _without_audit(settings: Settings) -> Settings:
@@ -744,12 +749,7 @@ def test_a_table_made_by_an_earlier_pg_reaper_gets_the_instance_column_or_still_
         connect_timeout=timedelta(seconds=2),
         statement_timeout=timedelta(seconds=5),
     )
-    row = audit._row(
-        "session_reaped",
-        server="s",
-        dry_run=False,
-        fields={"pid": 7, "result": "terminated", "instance": "pod-a"},
-    )
+    row = _event(7, result="terminated", instance="pod-a").row()
     writer.start()
     try:
         writer.submit(row)

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
+from reaper.daemon.ha import CycleLock
 from reaper.demo.embedded import EmbeddedPostgres
 from reaper.pg.activity import ServerConnection
 from reaper.pg.connection import PostgresError
 from reaper.pg.ha import LockHolder, lead, lock_key_halves
 from reaper.policy import Result
 from reaper.settings import DEFAULT_LOCK_KEY, Settings
-from reaper.sweep import Lock, connect, sweep
+from reaper.sweep import connect, sweep
 from tests.servers import ADMIN_APPLICATION, wait_for
 from tests.test_daemon import RunningDaemon, daemon_config, free_port, start_daemon
 
@@ -618,7 +619,7 @@ def test_a_leader_whose_session_was_reopened_between_cycles_leaves_the_lock_that
             server=config,
             settings=settings,
             mode="preview",
-            lock=Lock(key=DEFAULT_LOCK_KEY, acquire=True),
+            lock=CycleLock(key=DEFAULT_LOCK_KEY, acquire=True),
         )
         assert first.leader
         assert [o.result for o in first.outcomes] == [Result.DRY_RUN]
@@ -627,7 +628,7 @@ def test_a_leader_whose_session_was_reopened_between_cycles_leaves_the_lock_that
         with pytest.raises(PostgresError):  # a failed statement: the next one reconnects
             lead(conn, DEFAULT_LOCK_KEY, acquire=False)
 
-        lock = Lock(key=DEFAULT_LOCK_KEY, acquire=True, held_by=first.session)
+        lock = CycleLock(key=DEFAULT_LOCK_KEY, acquire=True, held_by=first.session)
         second = sweep(conn, server=config, settings=settings, mode="preview", lock=lock)
 
         assert second.ok
@@ -638,7 +639,7 @@ def test_a_leader_whose_session_was_reopened_between_cycles_leaves_the_lock_that
         ]
         assert lock_holders(server) == []
         # The cycle after, as any follower, it may take the lock again.
-        lock = Lock(key=DEFAULT_LOCK_KEY, acquire=True)
+        lock = CycleLock(key=DEFAULT_LOCK_KEY, acquire=True)
         assert sweep(conn, server=config, settings=settings, mode="preview", lock=lock).leader
     assert is_alive(server, victim)
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from datetime import datetime, timedelta
 
+    from reaper.observe.audit import AuditSink
     from reaper.pg.activity import ServerConnection
     from reaper.settings import ClientNetwork
 
@@ -483,6 +484,7 @@ def kill(  # noqa: PLR0913 - one keyword per option of the command
     dry_run: bool = False,
     include_query: bool = False,
     confirm: Callable[[KillPlan], bool] | None = None,
+    audit: AuditSink | None = None,
 ) -> KillReport:
     """Terminate every client session on `server` that matches `target`.
 
@@ -526,12 +528,16 @@ def kill(  # noqa: PLR0913 - one keyword per option of the command
     if dry_run:
         outcomes = tuple(_outcome(v, plan, Result.DRY_RUN, None) for v in plan.victims)
         for outcome in outcomes:
-            audit_event(log, outcome, server=server, dry_run=True, include_query=include_query)
+            audit_event(
+                log, outcome, server=server, dry_run=True, include_query=include_query, sink=audit
+            )
         report = KillReport(
             server=server, dry_run=True, duration_ms=0, plan=plan, outcomes=outcomes
         )
     else:
-        report = _terminate(conn, plan, wait=wait, log=log, include_query=include_query)
+        report = _terminate(
+            conn, plan, wait=wait, log=log, include_query=include_query, audit=audit
+        )
     report = replace(report, duration_ms=elapsed())
     log.info(
         "kill_completed",
@@ -554,6 +560,7 @@ def _terminate(  # noqa: C901 - one loop: signal, re-poll, wait, each step says 
     wait: timedelta,
     log: Any,  # noqa: ANN401 - structlog's bound loggers are untyped proxies
     include_query: bool,
+    audit: AuditSink | None,
 ) -> KillReport:
     target = plan.target
     own_pid = plan.facts.own_pid
@@ -587,7 +594,12 @@ def _terminate(  # noqa: C901 - one loop: signal, re-poll, wait, each step says 
             latest[_key(victim)] = outcome
             if result is not Result.CHANGED:  # retried below; audited once it is final
                 audit_event(
-                    log, outcome, server=plan.server, dry_run=False, include_query=include_query
+                    log,
+                    outcome,
+                    server=plan.server,
+                    dry_run=False,
+                    include_query=include_query,
+                    sink=audit,
                 )
         if error is not None:
             break
@@ -623,7 +635,12 @@ def _terminate(  # noqa: C901 - one loop: signal, re-poll, wait, each step says 
     for outcome in latest.values():
         if outcome.result is Result.CHANGED:
             audit_event(
-                log, outcome, server=plan.server, dry_run=False, include_query=include_query
+                log,
+                outcome,
+                server=plan.server,
+                dry_run=False,
+                include_query=include_query,
+                sink=audit,
             )
     lingering = tuple(
         o.decision.session.pid

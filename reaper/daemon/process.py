@@ -18,7 +18,7 @@ from reaper import __version__
 from reaper.daemon.http import HttpServer
 from reaper.daemon.notify import Notifier
 from reaper.daemon.scheduler import Scheduler
-from reaper.observe import audit
+from reaper.observe.audit import AuditSink
 from reaper.observe.log import configure, get_logger
 from reaper.observe.metrics import Metrics
 from reaper.settings import ConfigError, Settings, load_settings
@@ -56,8 +56,9 @@ class Daemon:
         self._force_dry_run = force_dry_run
         self._settings = settings
         self._metrics = Metrics()
+        self._audit = AuditSink(metrics=self._metrics)
         self._notifier = Notifier()
-        self._scheduler = Scheduler(settings, metrics=self._metrics)
+        self._scheduler = Scheduler(settings, metrics=self._metrics, audit=self._audit)
         self._wake = threading.Event()
         self._reload_requested = False
         self._stop_requested: str | None = None
@@ -79,7 +80,7 @@ class Daemon:
             )
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        audit.start(self._settings, metrics=self._metrics)  # before the first cycle's events
+        self._audit.start(self._settings)  # before the first cycle's events
         self._scheduler.start()
         if self._http is not None:
             self._http.start()
@@ -166,7 +167,7 @@ class Daemon:
                     detail="metrics.listen changes take effect at the next restart",
                 )
             configure(settings.log)
-            audit.reconfigure(settings, metrics=self._metrics, timeout=_AUDIT_FLUSH_TIMEOUT)
+            self._audit.reconfigure(settings, timeout=_AUDIT_FLUSH_TIMEOUT)
             self._scheduler.apply(settings)
             self._settings = settings
             self._metrics.config_reload_ok.set(1)
@@ -184,7 +185,7 @@ class Daemon:
         started = time.monotonic()
         abandoned = self._scheduler.stop(timeout=_STOP_TIMEOUT)
         left = _SHUTDOWN_BUDGET - (time.monotonic() - started)
-        audit.stop(timeout=max(0.0, min(_AUDIT_FLUSH_TIMEOUT, left)))
+        self._audit.stop(timeout=max(0.0, min(_AUDIT_FLUSH_TIMEOUT, left)))
         if self._http is not None:
             self._http.stop()
         self._log.info("daemon_stopped")

@@ -1,13 +1,15 @@
 """The audit table: every audit event, also written as a row to a PostgreSQL table.
 
 Off the reaping path. A sweep hands each `session_reaped` / `session_reap_failed` event to
-`submit`, which only appends it to a bounded in-memory queue (the newest rows are dropped, and
-counted, when it is full) and returns at once. One background thread per process writes the queue
-in batches over its own connection; a slow, hung or stopped audit database delays nothing but
-that thread. A failed batch stays queued and is written again, with backoff, once the database
-answers. At least once: a batch whose acknowledgement is lost may be written twice.
+`AuditSink.submit`, which only appends it to a bounded in-memory queue (the newest rows are
+dropped, and counted, when it is full) and returns at once. One background thread per process
+writes the queue in batches over its own connection; a slow, hung or stopped audit database
+delays nothing but that thread. A failed batch stays queued and is written again, with backoff,
+once the database answers. At least once: a batch whose acknowledgement is lost may be written
+twice.
 
-One writer per process (`start`, `reconfigure`, `stop`): the daemon and `pg-reaper once` run it.
+An `AuditSink` holds the writer of one process (`start`, `reconfigure`, `stop`): the daemon,
+`pg-reaper once` and `pg-reaper kill` make one and pass it to what audits.
 """
 
 from __future__ import annotations
@@ -15,33 +17,24 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from reaper.identifiers import quote_identifier
 from reaper.observe.log import get_logger
-from reaper.pg.audit import AUDIT_COLUMNS, AuditConnection
+from reaper.pg.audit import AuditConnection
 from reaper.pg.connection import PostgresError
 from reaper.settings import default_instance_id
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
     from datetime import timedelta
     from pathlib import Path
 
+    from reaper.audit_event import AuditEvent
     from reaper.observe.metrics import Metrics
     from reaper.settings import Settings
 
-__all__ = [
-    "CAPACITY",
-    "AuditWriter",
-    "instance",
-    "preflight",
-    "reconfigure",
-    "start",
-    "stop",
-    "submit",
-]
+__all__ = ["CAPACITY", "AuditSink", "AuditTableUnusable", "AuditWriter", "preflight"]
 
 Row = dict[str, Any]
 
@@ -55,10 +48,6 @@ _MAX_BACKOFF = 10.0
 REASON_WRITE = "write"
 REASON_DROPPED = "dropped"
 ERROR_REASONS = (REASON_WRITE, REASON_DROPPED)
-
-# The columns of the table (reaper/pg/audit.py writes them); every row has them all.
-COLUMNS = tuple(column for column, _type in AUDIT_COLUMNS)
-
 
 # --- the queue ---------------------------------------------------------------------------------
 
@@ -186,6 +175,11 @@ class AuditWriter:
     def start(self) -> None:
         self._thread.start()
 
+    def preflight(self) -> str | None:
+        """Before `start`, on the writer's own connection: why the table cannot be written, or
+        None (also when the audit database does not answer now: rows wait and are retried)."""
+        return self._conn.preflight()
+
     def submit(self, row: Row) -> bool | None:
         """Queue `row` without waiting: True when queued, False when dropped (the queue is full),
         None when this writer is stopped."""
@@ -220,6 +214,8 @@ class AuditWriter:
             self._thread.join(timeout)
         if self._thread.is_alive():
             self._conn.interrupt()
+        elif self._thread.ident is None:  # never started: only a preflight used the connection
+            self._conn.close()
         return self._queue.close()
 
     # the thread
@@ -288,39 +284,96 @@ class AuditWriter:
         self._failing, self.failures, self._full = False, 0, False
 
 
-# --- the process's writer ----------------------------------------------------------------------
-
-# One writer per process: `submit` is called from every job thread, the rest from the main one.
-_lock = threading.Lock()
-_current: AuditWriter | None = None
-_current_key: tuple[Any, ...] | None = None
-# This instance's id ([ha] instance_id, else hostname:pid), in every audit event.
-_identity: dict[str, str] = {}
+# --- the sink ----------------------------------------------------------------------------------
 
 
-def instance() -> str:
-    """The id of this pg-reaper instance, as its audit events carry it."""
-    return _identity.get("instance") or default_instance_id()
+class AuditTableUnusable(Exception):  # noqa: N818 - a reason, said as it is
+    """The configured audit table cannot be written (a missing privilege, an untrusted owner)."""
 
 
-def submit(event: str, *, server: str, dry_run: bool, fields: Mapping[str, Any]) -> None:
-    """Queue one audit event (the fields of `reaper.sweep.audit_fields`) as a row of the table.
+class AuditSink:
+    """Where audit events go besides their log line: the audit table's writer while `[audit]`
+    names a table, nowhere otherwise. Made by whoever audits (the daemon, `once`, `kill`) and
+    passed to the sweeps, as `Metrics` is. `submit` is called from every job thread; `start`,
+    `reconfigure` and `stop` from one."""
 
-    Never waits, never raises: called on the reaping path. Nothing happens without a writer.
-    """
-    row = _row(event, server=server, dry_run=dry_run, fields=fields)
-    while (writer := _current) is not None:
-        if writer.submit(row) is not None:
-            return
-        # That writer was stopped by a reload just now: its successor takes the row.
-        if _current is writer:
-            return
+    def __init__(self, *, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._writer: AuditWriter | None = None
+        self._key: tuple[Any, ...] | None = None
+        self._instance: str | None = None
+
+    @property
+    def instance(self) -> str:
+        """The id of this pg-reaper instance, as its audit events carry it ([ha] instance_id,
+        else hostname:pid)."""
+        return self._instance or default_instance_id()
+
+    @property
+    def writer(self) -> AuditWriter | None:
+        return self._writer
+
+    def submit(self, event: AuditEvent) -> None:
+        """Queue `event` as a row of the audit table. Never waits, never raises: called on the
+        reaping path. Nothing happens without a writer."""
+        row = event.row()
+        while (writer := self._writer) is not None:
+            if writer.submit(row) is not None:
+                return
+            # That writer was stopped by a reload just now: its successor takes the row.
+            if self._writer is writer:
+                return
+
+    def start(self, settings: Settings, *, check: bool = False) -> AuditWriter | None:
+        """Start the writer `settings` ask for (None when `[audit]` is disabled); from now on
+        every event submitted goes to it. With `check`, the writer's own connection first asks
+        the audit database whether the table can be written: `AuditTableUnusable` says why not
+        (and nothing is started)."""
+        with self._lock:
+            self._instance = settings.ha.instance
+            writer = _open(settings, metrics=self._metrics)
+            if writer is not None and check and (unusable := writer.preflight()) is not None:
+                writer.stop(timeout=0)
+                raise AuditTableUnusable(unusable)
+            if writer is not None:
+                _start(writer)
+            self._writer, self._key = writer, _key(settings)
+            return writer
+
+    def reconfigure(self, settings: Settings, *, timeout: float) -> AuditWriter | None:
+        """Replace the writer when `settings` change it. The old one gets `timeout` seconds to
+        write what it holds; what it cannot write passes to the new one."""
+        with self._lock:
+            self._instance = settings.ha.instance
+            if _key(settings) == self._key:
+                return self._writer
+            old, new = self._writer, _open(settings, metrics=self._metrics)
+            if new is not None:
+                _start(new)
+            self._writer, self._key = new, _key(settings)
+        if old is not None:
+            left = old.stop(timeout=timeout)
+            if new is not None:
+                new.adopt(left)
+            else:
+                _report_unwritten(old, left)
+        return new
+
+    def stop(self, *, timeout: float) -> None:
+        """Stop the writer: what it cannot write within `timeout` seconds is reported, then
+        lost."""
+        with self._lock:
+            writer, self._writer, self._key = self._writer, None, None
+        if writer is not None:
+            _report_unwritten(writer, writer.stop(timeout=timeout))
 
 
 def preflight(settings: Settings) -> str | None:
     """Why the configured audit table cannot be written (a missing privilege, an untrusted
-    owner), asked of the audit database before the first cycle; None when it can be, when there
-    is no [audit] table, or when the database does not answer now (rows wait and are retried)."""
+    owner), asked of the audit database on a connection of its own before the daemon starts;
+    None when it can be, when there is no [audit] table, or when the database does not answer
+    now (rows wait and are retried)."""
     section = settings.audit
     if not section.enabled:
         return None
@@ -334,52 +387,12 @@ def preflight(settings: Settings) -> str | None:
         return conn.preflight()
 
 
-def start(settings: Settings, *, metrics: Metrics | None = None) -> AuditWriter | None:
-    """Start the writer `settings` asks for (None when `[audit]` is disabled); from now on
-    every audit event goes to it."""
-    global _current, _current_key
-    with _lock:
-        _identity["instance"] = settings.ha.instance
-        _current, _current_key = _open(settings, metrics=metrics), _key(settings)
-        return _current
-
-
-def reconfigure(
-    settings: Settings, *, metrics: Metrics | None = None, timeout: float
-) -> AuditWriter | None:
-    """Replace the writer when `settings` change it. The old one gets `timeout` seconds to
-    write what it holds; what it cannot write passes to the new one."""
-    global _current, _current_key
-    with _lock:
-        _identity["instance"] = settings.ha.instance
-        if _key(settings) == _current_key:
-            return _current
-        old = _current
-        _current, _current_key = _open(settings, metrics=metrics), _key(settings)
-        new = _current
-    if old is not None:
-        left = old.stop(timeout=timeout)
-        if new is not None:
-            new.adopt(left)
-        else:
-            _report_unwritten(old, left)
-    return new
-
-
-def stop(*, timeout: float) -> None:
-    """Stop the writer: what it cannot write within `timeout` seconds is reported, then lost."""
-    global _current, _current_key
-    with _lock:
-        writer, _current, _current_key = _current, None, None
-    if writer is not None:
-        _report_unwritten(writer, writer.stop(timeout=timeout))
-
-
 def _open(settings: Settings, *, metrics: Metrics | None) -> AuditWriter | None:
+    """The writer `settings` ask for, not started yet."""
     section = settings.audit
     if not section.enabled:
         return None
-    writer = AuditWriter(
+    return AuditWriter(
         dsn=section.dsn.get_secret_value(),
         table=section.table_name,
         password_file=section.password_file,
@@ -387,9 +400,11 @@ def _open(settings: Settings, *, metrics: Metrics | None) -> AuditWriter | None:
         statement_timeout=settings.reaper.statement_timeout,
         metrics=metrics,
     )
+
+
+def _start(writer: AuditWriter) -> None:
     writer.start()
     get_logger().info("audit_started", table=writer.table, target=writer.target)
-    return writer
 
 
 def _key(settings: Settings) -> tuple[Any, ...]:
@@ -404,13 +419,3 @@ def _report_unwritten(writer: AuditWriter, rows: Sequence[Row]) -> None:
             rows=len(rows),
             detail="the audit database did not take them in time",
         )
-
-
-def _row(event: str, *, server: str, dry_run: bool, fields: Mapping[str, Any]) -> Row:
-    row: Row = dict.fromkeys(COLUMNS)
-    row.update((key, value) for key, value in fields.items() if key in row)
-    row.update(logged_at=datetime.now(UTC), event=event, server=server, dry_run=dry_run)
-    backend_start = row["backend_start"]
-    if isinstance(backend_start, str):  # ISO 8601 in the log line; a timestamptz in the table
-        row["backend_start"] = datetime.fromisoformat(backend_start)
-    return row

@@ -8,7 +8,7 @@ fixed list.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,12 +24,12 @@ from reaper.policy import Result
 from reaper.settings import ALL_STATES
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
+    from reaper.policy import ServerFacts, Session
     from reaper.settings import Settings
-    from reaper.sweep import SweepReport
 
-__all__ = ["UNKNOWN_STATE", "Metrics"]
+__all__ = ["UNKNOWN_STATE", "CycleReport", "Metrics"]
 
 # The `state` label of sessions whose state the reaper may not see (NULL in pg_stat_activity).
 UNKNOWN_STATE = "unknown"
@@ -41,6 +41,32 @@ _FAILURE_REASONS = {
     Result.ERROR: "error",
 }
 _REAPED_ACTIONS = {Result.TERMINATED: "terminate", Result.CANCELLED: "cancel", Result.LOGGED: "log"}
+
+
+class _Outcome(Protocol):
+    @property
+    def policy(self) -> str: ...
+    @property
+    def result(self) -> Result: ...
+
+
+class CycleReport(Protocol):
+    """What `Metrics.record` reads of one successful cycle (reaper.sweep's SweepReport)."""
+
+    @property
+    def server(self) -> str: ...
+    @property
+    def dry_run(self) -> bool: ...
+    @property
+    def duration_ms(self) -> float: ...
+    @property
+    def facts(self) -> ServerFacts | None: ...
+    @property
+    def sessions(self) -> Sequence[Session]: ...
+    @property
+    def outcomes(self) -> Sequence[_Outcome]: ...
+    @property
+    def pressure(self) -> Sequence[tuple[str, bool]]: ...
 
 
 class Metrics:
@@ -227,7 +253,7 @@ class Metrics:
         self.poll_errors.labels(server=server).inc()
         self.server_up.labels(server=server).set(0)
 
-    def record(self, report: SweepReport, *, policies: Iterable[str], finished_at: float) -> None:
+    def record(self, report: CycleReport, *, policies: Iterable[str], finished_at: float) -> None:
         """Account for one successful cycle of one server."""
         server = report.server
         self.server_up.labels(server=server).set(1)
@@ -257,7 +283,7 @@ class Metrics:
         if deferred:
             self.deferred.labels(server=server).inc(deferred)
 
-    def _record_connections(self, report: SweepReport) -> None:
+    def _record_connections(self, report: CycleReport) -> None:
         """How full the server was at the poll, and which pressure conditions held."""
         server = report.server
         if report.facts is not None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
+from reaper.audit_event import COLUMNS
 from reaper.identifiers import quote_identifier
 from reaper.pg.connection import Connection, PostgresError, query
 
@@ -22,30 +23,9 @@ __all__ = ["AUDIT_COLUMNS", "AuditConnection"]
 AUDIT_EXISTS_SQL = query("audit_exists")
 AUDIT_CREATE_SQL = query("audit_create")
 AUDIT_INSERT_SQL = query("audit_insert")
-# The audit table's columns as the reaper writes them, each with the type of its array parameter.
-AUDIT_COLUMNS = (
-    ("logged_at", "timestamptz"),
-    ("event", "text"),
-    ("server", "text"),
-    ("policy", "text"),
-    ("action", "text"),
-    ("dry_run", "boolean"),
-    ("result", "text"),
-    ("pid", "integer"),
-    ("backend_start", "timestamptz"),
-    ("database", "text"),
-    ("user", "text"),
-    ("application", "text"),
-    ("client_addr", "text"),
-    ("state", "text"),
-    ("idle_seconds", "double precision"),
-    ("transaction_seconds", "double precision"),
-    ("connection_seconds", "double precision"),
-    ("reason", "text"),
-    ("detail", "text"),
-    ("query", "text"),
-    ("instance", "text"),
-)
+# The audit table's columns as the reaper writes them, each with the type of its array parameter:
+# derived from the one definition of an audit event.
+AUDIT_COLUMNS = COLUMNS
 AUDIT_ADD_INSTANCE_SQL = query("audit_add_instance")
 
 

@@ -1,0 +1,404 @@
+"""One cycle for one server, as a pipeline: observe (poll, and [ha] leadership), decide (the
+policy engine), act (signal, or not), report (the report, its audit events and its summary)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from reaper.identifiers import quote_identifier
+from reaper.observe.log import get_logger
+from reaper.pg.activity import ServerConnection
+from reaper.pg.connection import PostgresError
+from reaper.policy import (
+    Decision,
+    Plan,
+    Result,
+    ServerFacts,
+    Session,
+    plan,
+    pressure_held,
+    seconds_until_eligible,
+)
+from reaper.sweep.report import Outcome, SweepReport, audit_event
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from reaper.observe.audit import AuditSink
+    from reaper.pg.activity import Snapshot
+    from reaper.pg.ha import Leadership
+    from reaper.settings import PolicyConfig, ServerConfig, Settings
+    from reaper.sweep.memory import Cancels, LoggedEpisodes, Memory
+
+__all__ = ["HaLock", "Mode", "connect", "sweep", "visibility_warnings"]
+
+Mode = Literal["reap", "preview"]
+
+
+class HaLock(Protocol):
+    """[ha] for one cycle (reaper/daemon/ha.py): the server's advisory lock, which only its
+    holder may signal under; every signalling statement checks that it still holds `key`."""
+
+    @property
+    def key(self) -> int: ...
+
+    def lead(self, conn: ServerConnection) -> Leadership:
+        """Whether `conn`'s session holds the lock (taking it if it should), right after the
+        poll on the same session."""
+        ...
+
+
+def connect(server: ServerConfig, settings: Settings, *, ha: bool = False) -> ServerConnection:
+    """The reaper's session on `server`; with `ha` (the daemon under [ha] enabled) in the
+    database `[ha] lock_database`, where every instance takes the same advisory lock."""
+    return ServerConnection(
+        dsn=server.dsn.get_secret_value(),
+        password_file=server.password_file,
+        connect_timeout=settings.reaper.connect_timeout,
+        statement_timeout=settings.reaper.statement_timeout,
+        dbname=settings.ha.lock_database if ha and settings.ha.enabled else None,
+        ha=ha and settings.ha.enabled,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Cycle:
+    """One cycle's givens: what every step reads."""
+
+    server: ServerConfig
+    settings: Settings
+    mode: Mode
+    lock: HaLock | None
+    memory: Memory | None
+    audit: AuditSink | None
+    started: float
+    log: Any  # structlog's bound logger, with the server's name
+
+    @property
+    def dry_run(self) -> bool:
+        return self.settings.reaper.dry_run or self.mode == "preview"
+
+    @property
+    def policies(self) -> tuple[PolicyConfig, ...]:
+        return self.settings.policies_for(self.server)
+
+    def elapsed_ms(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 1)
+
+
+def sweep(  # noqa: PLR0913 - keyword-only, each one a collaborator of the cycle
+    conn: ServerConnection,
+    *,
+    server: ServerConfig,
+    settings: Settings,
+    mode: Mode = "reap",
+    lock: HaLock | None = None,
+    memory: Memory | None = None,
+    audit: AuditSink | None = None,
+) -> SweepReport:
+    """Run one cycle on `server`. In preview mode nothing is signalled and nothing is audited.
+
+    With `lock` ([ha]) only the holder of the server's advisory lock signals and audits; the
+    others decide (for metrics) and report every candidate `not_leader`. With `memory` (the
+    daemon) victims of a policy with `escalate_after` are terminated if a cancel did not stop
+    them, and a `log` policy reports each session's episode once (`already_logged` after).
+    Audit events go to the log and to `audit`, if given. A failed poll is returned as a report
+    with `error` set, not logged here.
+    """
+    cycle = _Cycle(
+        server=server,
+        settings=settings,
+        mode=mode,
+        lock=lock,
+        memory=memory,
+        audit=audit,
+        started=time.perf_counter(),
+        log=get_logger(server=server.name),
+    )
+    try:
+        seen = _observe(conn, cycle)
+    except PostgresError as exc:  # reported by the caller: `once` per run, the daemon per change
+        return SweepReport(
+            server=server.name,
+            dry_run=cycle.dry_run,
+            duration_ms=cycle.elapsed_ms(),
+            error=str(exc),
+            leader=lock is None,
+        )
+    decided = _decide(seen, cycle)
+    outcomes = _act(conn, decided, cycle, leader=seen.leader)
+    # The signalling statement found the lock gone (the session was lost and reopened).
+    leader = seen.leader and not any(o.result is Result.NOT_LEADER for o in outcomes)
+    report = _report(cycle, seen, decided=decided, outcomes=outcomes, leader=leader)
+    if mode == "reap":
+        _tell(report, cycle, deferred=len(decided.deferred) if leader else 0)
+    return report
+
+
+# --- observe -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What a cycle found on the server."""
+
+    snapshot: Snapshot
+    leadership: Leadership | None  # [ha] only
+    session: int  # the connection's session that polled (ServerConnection.sessions_opened)
+    warnings: tuple[str, ...]  # what the reaper's role cannot see or signal
+
+    @property
+    def leader(self) -> bool:
+        return self.leadership is None or self.leadership.leader
+
+
+def _observe(conn: ServerConnection, cycle: _Cycle) -> _Seen:
+    """Poll the server, then ([ha]) see whether this session leads it."""
+    snapshot = conn.poll(include_query=cycle.settings.log.include_query)
+    leadership = None if cycle.lock is None else cycle.lock.lead(conn)
+    return _Seen(
+        snapshot=snapshot,
+        leadership=leadership,
+        session=conn.sessions_opened,
+        warnings=visibility_warnings(snapshot.facts, snapshot.sessions),
+    )
+
+
+# --- decide ------------------------------------------------------------------------------------
+
+
+def _decide(seen: _Seen, cycle: _Cycle) -> Plan:
+    """Say what the reaper's role cannot see or signal; decide every session's fate."""
+    for warning in seen.warnings:
+        cycle.log.warning("privileges_insufficient", detail=warning)
+    snapshot = seen.snapshot
+    decided = plan(
+        snapshot.sessions, cycle.policies, reaper=cycle.settings.reaper, facts=snapshot.facts
+    )
+    if cycle.memory is not None:
+        cycle.memory.keep_only(snapshot.sessions)
+    return decided
+
+
+# --- act ---------------------------------------------------------------------------------------
+
+
+def _act(
+    conn: ServerConnection, decided: Plan, cycle: _Cycle, *, leader: bool
+) -> tuple[Outcome, ...]:
+    """What becomes of every candidate: signalled (or, in a dry run, not) by the leader; left to
+    the leader by the others."""
+    if not leader:
+        return tuple(Outcome(decision=d, result=Result.NOT_LEADER) for d in decided.candidates)
+    memory = cycle.memory
+    return _execute(
+        conn,
+        decided,
+        dry_run=cycle.dry_run,
+        lock_key=None if cycle.lock is None else cycle.lock.key,
+        cancels=None if memory is None else memory.cancels,
+        logged=None if memory is None else memory.logged,
+    )
+
+
+def _execute(
+    conn: ServerConnection,
+    decided: Plan,
+    *,
+    dry_run: bool,
+    lock_key: int | None,
+    cancels: Cancels | None,
+    logged: LoggedEpisodes | None,
+) -> tuple[Outcome, ...]:
+    results: dict[int, tuple[Result, str | None]] = {}
+    escalated: set[int] = set()
+    for decision in decided.log:
+        name = decision.policy.name if decision.policy else ""
+        first = logged is None or logged.first(decision.session, policy=name)
+        results[decision.session.pid] = (Result.LOGGED if first else Result.ALREADY_LOGGED, None)
+    for decision in decided.deferred:
+        results[decision.session.pid] = (Result.DEFERRED, None)
+    for decision in decided.denied:
+        results[decision.session.pid] = (
+            Result.DENIED,
+            "the reaper's role may not signal this session (superuser, or no pg_signal_backend)",
+        )
+    if dry_run:
+        results.update({d.session.pid: (Result.DRY_RUN, None) for d in decided.signal})
+    else:
+        escalated = _signal(conn, decided.signal, results, lock_key=lock_key, cancels=cancels)
+    return tuple(
+        Outcome(
+            decision=d,
+            result=results[d.session.pid][0],
+            detail=results[d.session.pid][1],
+            escalated=d.session.pid in escalated,
+        )
+        for d in decided.candidates
+    )
+
+
+def _signal(
+    conn: ServerConnection,
+    victims: Iterable[Decision],
+    results: dict[int, tuple[Result, str | None]],
+    *,
+    lock_key: int | None,
+    cancels: Cancels | None,
+) -> set[int]:
+    """Signal `victims` by their policy's action, a cancel that did not stop its session
+    escalated to terminate; the results go in `results`. The pids escalated."""
+    actions: dict[str, list[Decision]] = {"terminate": [], "cancel": []}
+    escalated: set[int] = set()
+    for d in victims:
+        assert d.policy is not None  # noqa: S101 - victims carry their policy
+        due = None if cancels is None else cancels.due_in(d.session, d.policy)
+        if due is None:
+            actions[d.policy.action].append(d)
+        elif due <= 0:
+            actions["terminate"].append(d)  # the cancel did not stop it: escalate
+            escalated.add(d.session.pid)
+        else:
+            results[d.session.pid] = (Result.ESCALATION_PENDING, None)
+    for action in ("terminate", "cancel"):
+        sessions = [d.session for d in actions[action]]
+        try:
+            results.update(conn.signal(sessions, action=action, lock_key=lock_key))
+        except PostgresError as exc:
+            results.update({s.pid: (Result.ERROR, str(exc)) for s in sessions})
+    if cancels is not None:
+        _remember(cancels, actions, results, escalated)
+    return escalated
+
+
+def _remember(
+    cancels: Cancels,
+    actions: dict[str, list[Decision]],
+    results: dict[int, tuple[Result, str | None]],
+    escalated: set[int],
+) -> None:
+    """Note the cancels that may need escalating; forget the sessions escalated."""
+    for d in actions["cancel"]:
+        cancelled = results[d.session.pid][0] is Result.CANCELLED
+        if cancelled and d.policy and d.policy.escalate_after is not None:
+            cancels.remember(d.session, policy=d.policy.name)
+    for d in actions["terminate"]:
+        if d.session.pid in escalated and results[d.session.pid][0] in _FINAL:
+            cancels.forget(d.session)
+
+
+# What ends the story of an escalated session: signalled, or found gone or changed.
+_FINAL = frozenset({Result.TERMINATED, Result.GONE, Result.CHANGED})
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _report(
+    cycle: _Cycle,
+    seen: _Seen,
+    *,
+    decided: Plan,
+    outcomes: tuple[Outcome, ...],
+    leader: bool,
+) -> SweepReport:
+    facts, leadership = seen.snapshot.facts, seen.leadership
+    cancels = None if cycle.memory is None else cycle.memory.cancels
+    escalations = _escalations_due(outcomes, cancels)
+    return SweepReport(
+        server=cycle.server.name,
+        dry_run=cycle.dry_run,
+        duration_ms=cycle.elapsed_ms(),
+        facts=facts,
+        sessions=seen.snapshot.sessions,
+        outcomes=outcomes,
+        warnings=seen.warnings,
+        eligible_in=_eligible_in(
+            decided, cycle, facts=facts, leader=leader, escalations=escalations
+        ),
+        pressure=tuple(
+            (p.name, held) for p in cycle.policies if (held := pressure_held(p, facts)) is not None
+        ),
+        leader=leader,
+        lock_holder=None if leadership is None else leadership.holder,
+        lock_held_by_other=None if leadership is None else leadership.other,
+        session=seen.session,
+    )
+
+
+def _tell(report: SweepReport, cycle: _Cycle, *, deferred: int) -> None:
+    """Each decision as an audit event, then one summary line for the cycle."""
+    include_query = cycle.settings.log.include_query
+    for outcome in report.outcomes:
+        audit_event(
+            cycle.log,
+            outcome,
+            server=report.server,
+            dry_run=report.dry_run,
+            include_query=include_query,
+            sink=cycle.audit,
+        )
+    extra = {} if cycle.lock is None else {"leader": report.leader}
+    cycle.log.info(
+        "poll_completed",
+        sessions=len(report.sessions),
+        candidates=report.candidates,
+        reaped=report.reaped,
+        deferred=deferred,
+        duration_ms=report.duration_ms,
+        **extra,
+    )
+
+
+def _escalations_due(outcomes: Iterable[Outcome], cancels: Cancels | None) -> float | None:
+    """Seconds until the next escalation of this server is due, if one is pending (a cancel of
+    this cycle included)."""
+    if cancels is None:
+        return None
+    due = [
+        cancels.due_in(o.decision.session, o.decision.policy)
+        for o in outcomes
+        if o.result in {Result.ESCALATION_PENDING, Result.CANCELLED}
+        and o.decision.policy is not None
+    ]
+    return min((max(0.0, d) for d in due if d is not None), default=None)
+
+
+def _eligible_in(
+    decided: Plan,
+    cycle: _Cycle,
+    *,
+    facts: ServerFacts,
+    leader: bool,
+    escalations: float | None,
+) -> float | None:
+    if decided.deferred and leader:
+        return 0.0
+    reaper, policies = cycle.settings.reaper, cycle.policies
+    times = [
+        seconds_until_eligible(d.session, policies, reaper=reaper, facts=facts)
+        for d in decided.spared
+    ]
+    times.append(escalations)
+    return min((t for t in times if t is not None), default=None)
+
+
+def visibility_warnings(facts: ServerFacts, sessions: tuple[Session, ...]) -> tuple[str, ...]:
+    """Say plainly when the reaper's role cannot see or signal what it should."""
+    warnings = []
+    if not facts.superuser and not facts.read_all_stats:
+        hidden = sum(s.state is None and s.user != facts.role for s in sessions)
+        warnings.append(
+            f"role {facts.role!r} lacks pg_read_all_stats: it cannot see the state of other "
+            f"roles' sessions ({hidden} hidden now) and will never reap them, nor count "
+            "connections for pressure policies; "
+            f"GRANT pg_read_all_stats TO {quote_identifier(facts.role)}"
+        )
+    if not facts.superuser and not facts.signal_backend:
+        warnings.append(
+            f"role {facts.role!r} lacks pg_signal_backend: it can signal only sessions of roles "
+            f"it is a member of; GRANT pg_signal_backend TO {quote_identifier(facts.role)}"
+        )
+    return tuple(warnings)
