@@ -22,9 +22,10 @@ from reaper.audit_event import AuditEvent, AuditRecord
 from reaper.cli import main
 from reaper.demo.embedded import EmbeddedPostgres
 from reaper.identifiers import parse_table_name
-from reaper.observe.audit import AuditSink, AuditWriter, _RowQueue
+from reaper.observe.audit import AuditSink, AuditWriter
 from reaper.observe.log import configure
 from reaper.observe.metrics import Metrics
+from reaper.observe.queue import RowQueue
 from reaper.settings import ConfigError, LogSection, Settings, load_settings
 from tests.servers import TestServer, wait_for
 from tests.test_daemon import RunningDaemon, daemon_config, free_port, policy, toml_string
@@ -234,7 +235,7 @@ def _rows(count: int, *, start: int = 0) -> list[dict[str, Any]]:
 
 
 def test_the_queue_is_bounded_and_drops_the_newest_rows_counting_them() -> None:
-    queue = _RowQueue(capacity=3)
+    queue = RowQueue(capacity=3)
     taken = [queue.put(row) for row in _rows(5)]
 
     assert taken == [True, True, True, False, False]
@@ -245,7 +246,7 @@ def test_the_queue_is_bounded_and_drops_the_newest_rows_counting_them() -> None:
 
 
 def test_a_batch_stays_queued_until_it_is_written() -> None:
-    queue = _RowQueue(capacity=10)
+    queue = RowQueue(capacity=10)
     for row in _rows(5):
         queue.put(row)
     stop = threading.Event()
@@ -266,7 +267,7 @@ def test_a_batch_stays_queued_until_it_is_written() -> None:
 
 
 def test_rows_adopted_from_another_writer_fill_the_queue_up_to_its_bound() -> None:
-    queue = _RowQueue(capacity=4)
+    queue = RowQueue(capacity=4)
     queue.put(_rows(1)[0])
     assert queue.extend(_rows(5, start=10)) == 2
     assert queue.dropped == 2

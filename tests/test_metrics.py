@@ -1,27 +1,38 @@
-"""What one cycle's report adds to the metrics (reaper/observe/metrics.py), with no server."""
+"""What one cycle's report adds to the metrics (reaper/observe/metrics.py), with no server: the
+report is anything with the fields of `CycleReport` (the sweep's report has them)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
-from reaper.observe.metrics import Metrics
-from reaper.policy import Decision, Result
-from reaper.sweep import Outcome, SweepReport
-from tests.test_policy import make_policy, make_session
+from reaper.observe.metrics import CycleReport, Metrics
+from reaper.policy import Result, ServerFacts, Session
 
 SERVER = "primary"
 
 
-def _report(*results: Result, dry_run: bool, action: str = "terminate") -> SweepReport:
-    policy = make_policy("idle", max_idle="1s", action=action)
-    outcomes = tuple(
-        Outcome(
-            decision=Decision(session=make_session(pid=1000 + i), policy=policy, reason="idle"),
-            result=result,
-        )
-        for i, result in enumerate(results)
-    )
-    return SweepReport(server=SERVER, dry_run=dry_run, duration_ms=1.0, outcomes=outcomes)
+@dataclass(frozen=True)
+class _Outcome:
+    policy: str
+    result: Result
+
+
+@dataclass(frozen=True)
+class _Report:
+    server: str
+    dry_run: bool
+    duration_ms: float
+    outcomes: tuple[_Outcome, ...]
+    facts: ServerFacts | None = None
+    sessions: tuple[Session, ...] = ()
+    pressure: tuple[tuple[str, bool], ...] = ()
+
+
+def _report(*results: Result, dry_run: bool) -> CycleReport:
+    outcomes = tuple(_Outcome(policy="idle", result=result) for result in results)
+    return _Report(server=SERVER, dry_run=dry_run, duration_ms=1.0, outcomes=outcomes)
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -46,7 +57,7 @@ def test_a_cycle_counts_reaps_and_failures_only_when_it_signalled(dry_run: bool)
 
 def test_a_log_policy_counts_its_first_report_of_an_episode_only() -> None:
     metrics = Metrics()
-    report = _report(Result.LOGGED, Result.ALREADY_LOGGED, dry_run=False, action="log")
+    report = _report(Result.LOGGED, Result.ALREADY_LOGGED, dry_run=False)
 
     metrics.record(report, policies=["idle"], finished_at=0.0)
 

@@ -1,14 +1,11 @@
-"""One job per server on an APScheduler 3 scheduler, each due when its next session would be.
-
-After a poll, a server's next poll is due when the next of its sessions would cross a threshold,
-bounded below by `min_interval` and above by `interval` and by the server's smallest threshold
-(a session that turns idle just after a poll is then seen before it can be eligible). A lost
-server is retried with exponential backoff from `min_interval` up to `interval`.
+"""One job per server on an APScheduler 3 scheduler, each due when its next session would be
+(reaper/daemon/cadence.py says when). A job's cycle sweeps its server, if its entry may act on
+the server's cluster (arbiter.py), under the server's [ha] lock (ha.py); the job then accounts
+for the cycle (metrics, the server's state) and sets its next run.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +25,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from reaper.daemon import ha
 from reaper.daemon.arbiter import ClusterArbiter, Seat
-from reaper.observe.log import get_logger
+from reaper.daemon.cadence import delay_for
+from reaper.observe.log import get_logger, keep_errors_only
 from reaper.sweep import Memory, SweepReport, connect, sweep
 
 if TYPE_CHECKING:
@@ -37,33 +35,11 @@ if TYPE_CHECKING:
     from reaper.pg.activity import ServerConnection
     from reaper.settings import ServerConfig, Settings
 
-__all__ = ["Scheduler", "next_delay"]
+__all__ = ["Scheduler"]
 
-# Poll a little after the computed crossing: eligibility is "age > threshold", strictly.
-_PAST_THRESHOLD = 0.05
 # Job threads are created on demand, so a generous bound costs nothing while idle; it must
 # exceed the number of servers so that a hung server never holds up another's job.
 _MIN_WORKERS = 64
-
-
-def next_delay(
-    report: SweepReport | None,
-    *,
-    interval: float,
-    min_interval: float,
-    smallest_threshold: float | None,
-    failures: int = 0,
-) -> float:
-    """Seconds from the start of this poll to the next one."""
-    if report is None or not report.ok:
-        # The first retry after min_interval, then twice as long each time, up to interval.
-        return min(interval, min_interval * 2.0 ** (min(max(failures, 1), 31) - 1))
-    delay = interval
-    if smallest_threshold is not None:
-        delay = min(delay, smallest_threshold)
-    if report.eligible_in is not None:
-        delay = min(delay, report.eligible_in + _PAST_THRESHOLD)
-    return max(delay, min_interval)
 
 
 @dataclass(kw_only=True)
@@ -121,7 +97,10 @@ class Scheduler:
         # run's deadline is applied on its EVENT_JOB_SUBMITTED, which comes after the update.
         self._scheduler.add_listener(self._on_job_done, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self._scheduler.add_listener(self._on_job_submitted, EVENT_JOB_SUBMITTED)
-        _quiet_apscheduler()
+        # APScheduler logs every run at INFO, and every run skipped because the previous one is
+        # still busy at WARNING: both are the scheduler doing its job (overruns and failures are
+        # reported as pg-reaper's own events). Only its errors are kept, as events.
+        keep_errors_only("apscheduler", event="scheduler")
         self._log = get_logger()
         self._arbiter = ClusterArbiter(log=self._log)
 
@@ -251,18 +230,7 @@ class Scheduler:
             self._metrics.record_poll_failure(worker.name)
         self._transition(worker, report)
         worker.leadership.cycle_ended(report, settings=settings, server=server)
-        # A pressure policy cannot match before pressure appears, which `interval` bounds; its
-        # (often short) thresholds must not make a quiet server be polled every min_interval.
-        thresholds = [
-            t.total_seconds() for p in policies if not p.pressure for t in p.thresholds.values()
-        ]
-        delay = next_delay(
-            report,
-            interval=settings.interval_for(server).total_seconds(),
-            min_interval=settings.reaper.min_interval.total_seconds(),
-            smallest_threshold=min(thresholds, default=None),
-            failures=worker.failures,
-        )
+        delay = delay_for(report, settings=settings, server=server, failures=worker.failures)
         due = datetime.fromtimestamp(started_wall + delay, tz=UTC)
         elapsed = time.monotonic() - started
         if elapsed > delay and report.ok:  # a failing server's timeouts are reported already
@@ -389,19 +357,3 @@ def _close(worker: _Worker) -> None:
     if worker.conn is not None:
         worker.conn.close()
     worker.conn = None
-
-
-def _quiet_apscheduler() -> None:
-    """APScheduler logs every run at INFO, and every run skipped because the previous one is
-    still busy at WARNING: both are the scheduler doing its job (overruns and failures are
-    reported as pg-reaper's own events). Keep only its errors, as events."""
-    logger = logging.getLogger("apscheduler")
-    logger.setLevel(logging.ERROR)
-    logger.propagate = False
-    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
-        logger.addHandler(_ToStructlog())
-
-
-class _ToStructlog(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        get_logger().error("scheduler", message=record.getMessage())

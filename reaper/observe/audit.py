@@ -14,13 +14,12 @@ An `AuditSink` holds the writer of one process (`start`, `reconfigure`, `stop`):
 
 from __future__ import annotations
 
-import collections
-import itertools
 import threading
 from typing import TYPE_CHECKING, Any
 
 from reaper.identifiers import quote_identifier
 from reaper.observe.log import get_logger
+from reaper.observe.queue import Row, RowQueue
 from reaper.pg.audit import AuditConnection
 from reaper.pg.connection import PostgresError
 from reaper.settings import default_instance_id
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CAPACITY", "AuditSink", "AuditTableUnusable", "AuditWriter", "preflight"]
 
-Row = dict[str, Any]
-
 CAPACITY = 10_000  # rows queued at most; beyond it the newest are dropped and counted
 BATCH_SIZE = 500  # rows per INSERT
 # A failed write is retried after 1 s, then twice as long each time, up to this.
@@ -48,74 +45,6 @@ _MAX_BACKOFF = 10.0
 REASON_WRITE = "write"
 REASON_DROPPED = "dropped"
 ERROR_REASONS = (REASON_WRITE, REASON_DROPPED)
-
-# --- the queue ---------------------------------------------------------------------------------
-
-
-class _RowQueue:
-    """Rows waiting to be written, oldest first, at most `capacity`. One consumer (the writer)
-    reads a batch with `peek` and removes it with `pop` once it is written."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._rows: collections.deque[Row] = collections.deque()
-        self._ready = threading.Condition(threading.Lock())
-        self._closed = False
-        self.dropped = 0  # rows refused because the queue was full, since it was created
-
-    def __len__(self) -> int:
-        with self._ready:
-            return len(self._rows)
-
-    def put(self, row: Row) -> bool | None:
-        """Append `row`; False when the queue is full (the row is dropped and counted), None when
-        it is closed (the row is not taken)."""
-        with self._ready:
-            if self._closed:
-                return None
-            if len(self._rows) >= self.capacity:
-                self.dropped += 1
-                return False
-            self._rows.append(row)
-            self._ready.notify()
-            return True
-
-    def extend(self, rows: Sequence[Row]) -> int:
-        """Append what fits of `rows` (oldest first); the number dropped."""
-        with self._ready:
-            room = max(0, self.capacity - len(self._rows))
-            self._rows.extend(rows[:room])
-            dropped = max(0, len(rows) - room)
-            self.dropped += dropped
-            self._ready.notify()
-            return dropped
-
-    def peek(self, limit: int, *, until: threading.Event) -> list[Row]:
-        """The oldest rows, up to `limit`, waiting for one to come unless `until` is set."""
-        with self._ready:
-            while not self._rows and not until.is_set():
-                self._ready.wait()
-            return list(itertools.islice(self._rows, limit))
-
-    def pop(self, count: int) -> None:
-        """Remove the `count` oldest rows (a batch just written); nothing once closed."""
-        with self._ready:
-            if not self._closed:
-                for _ in range(min(count, len(self._rows))):
-                    self._rows.popleft()
-
-    def wake(self) -> None:
-        with self._ready:
-            self._ready.notify_all()
-
-    def close(self) -> list[Row]:
-        """Refuse rows from now on; the rows still queued."""
-        with self._ready:
-            self._closed = True
-            rows, self._rows = list(self._rows), collections.deque()
-            self._ready.notify_all()
-            return rows
-
 
 # --- the writer --------------------------------------------------------------------------------
 
@@ -144,7 +73,7 @@ class AuditWriter:
         )
         self.table = ".".join(quote_identifier(part) for part in table)  # as SQL writes it
         self._metrics = metrics
-        self._queue = _RowQueue(capacity)
+        self._queue = RowQueue(capacity)
         self._batch_size = batch_size
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)

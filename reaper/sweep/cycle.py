@@ -4,7 +4,7 @@ policy engine), act (signal, or not), report (the report, its audit events and i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from reaper.identifiers import quote_identifier
@@ -12,7 +12,6 @@ from reaper.observe.log import get_logger
 from reaper.pg.activity import ServerConnection
 from reaper.pg.connection import PostgresError
 from reaper.policy import (
-    Decision,
     Plan,
     Result,
     ServerFacts,
@@ -21,6 +20,7 @@ from reaper.policy import (
     pressure_held,
     seconds_until_eligible,
 )
+from reaper.sweep.act import execute
 from reaper.sweep.report import Outcome, SweepReport, audit_event
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from reaper.pg.activity import Snapshot
     from reaper.pg.ha import Leadership
     from reaper.settings import PolicyConfig, ServerConfig, Settings
-    from reaper.sweep.memory import Cancels, LoggedEpisodes, Memory
+    from reaper.sweep.memory import Cancels, Memory
 
 __all__ = ["HaLock", "Mode", "connect", "sweep", "visibility_warnings"]
 
@@ -73,16 +73,13 @@ class _Cycle:
     lock: HaLock | None
     memory: Memory | None
     audit: AuditSink | None
+    policies: tuple[PolicyConfig, ...]  # the server's
     started: float
     log: Any  # structlog's bound logger, with the server's name
 
     @property
     def dry_run(self) -> bool:
         return self.settings.reaper.dry_run or self.mode == "preview"
-
-    @property
-    def policies(self) -> tuple[PolicyConfig, ...]:
-        return self.settings.policies_for(self.server)
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 1)
@@ -114,6 +111,7 @@ def sweep(  # noqa: PLR0913 - keyword-only, each one a collaborator of the cycle
         lock=lock,
         memory=memory,
         audit=audit,
+        policies=settings.policies_for(server),
         started=time.perf_counter(),
         log=get_logger(server=server.name),
     )
@@ -132,6 +130,7 @@ def sweep(  # noqa: PLR0913 - keyword-only, each one a collaborator of the cycle
     # The signalling statement found the lock gone (the session was lost and reopened).
     leader = seen.leader and not any(o.result is Result.NOT_LEADER for o in outcomes)
     report = _report(cycle, seen, decided=decided, outcomes=outcomes, leader=leader)
+    report = replace(report, session=conn.sessions_opened)  # reopened, if it was, by a signal
     if mode == "reap":
         _tell(report, cycle, deferred=len(decided.deferred) if leader else 0)
     return report
@@ -146,7 +145,6 @@ class _Seen:
 
     snapshot: Snapshot
     leadership: Leadership | None  # [ha] only
-    session: int  # the connection's session that polled (ServerConnection.sessions_opened)
     warnings: tuple[str, ...]  # what the reaper's role cannot see or signal
 
     @property
@@ -161,7 +159,6 @@ def _observe(conn: ServerConnection, cycle: _Cycle) -> _Seen:
     return _Seen(
         snapshot=snapshot,
         leadership=leadership,
-        session=conn.sessions_opened,
         warnings=visibility_warnings(snapshot.facts, snapshot.sessions),
     )
 
@@ -193,7 +190,7 @@ def _act(
     if not leader:
         return tuple(Outcome(decision=d, result=Result.NOT_LEADER) for d in decided.candidates)
     memory = cycle.memory
-    return _execute(
+    return execute(
         conn,
         decided,
         dry_run=cycle.dry_run,
@@ -201,96 +198,6 @@ def _act(
         cancels=None if memory is None else memory.cancels,
         logged=None if memory is None else memory.logged,
     )
-
-
-def _execute(
-    conn: ServerConnection,
-    decided: Plan,
-    *,
-    dry_run: bool,
-    lock_key: int | None,
-    cancels: Cancels | None,
-    logged: LoggedEpisodes | None,
-) -> tuple[Outcome, ...]:
-    results: dict[int, tuple[Result, str | None]] = {}
-    escalated: set[int] = set()
-    for decision in decided.log:
-        name = decision.policy.name if decision.policy else ""
-        first = logged is None or logged.first(decision.session, policy=name)
-        results[decision.session.pid] = (Result.LOGGED if first else Result.ALREADY_LOGGED, None)
-    for decision in decided.deferred:
-        results[decision.session.pid] = (Result.DEFERRED, None)
-    for decision in decided.denied:
-        results[decision.session.pid] = (
-            Result.DENIED,
-            "the reaper's role may not signal this session (superuser, or no pg_signal_backend)",
-        )
-    if dry_run:
-        results.update({d.session.pid: (Result.DRY_RUN, None) for d in decided.signal})
-    else:
-        escalated = _signal(conn, decided.signal, results, lock_key=lock_key, cancels=cancels)
-    return tuple(
-        Outcome(
-            decision=d,
-            result=results[d.session.pid][0],
-            detail=results[d.session.pid][1],
-            escalated=d.session.pid in escalated,
-        )
-        for d in decided.candidates
-    )
-
-
-def _signal(
-    conn: ServerConnection,
-    victims: Iterable[Decision],
-    results: dict[int, tuple[Result, str | None]],
-    *,
-    lock_key: int | None,
-    cancels: Cancels | None,
-) -> set[int]:
-    """Signal `victims` by their policy's action, a cancel that did not stop its session
-    escalated to terminate; the results go in `results`. The pids escalated."""
-    actions: dict[str, list[Decision]] = {"terminate": [], "cancel": []}
-    escalated: set[int] = set()
-    for d in victims:
-        assert d.policy is not None  # noqa: S101 - victims carry their policy
-        due = None if cancels is None else cancels.due_in(d.session, d.policy)
-        if due is None:
-            actions[d.policy.action].append(d)
-        elif due <= 0:
-            actions["terminate"].append(d)  # the cancel did not stop it: escalate
-            escalated.add(d.session.pid)
-        else:
-            results[d.session.pid] = (Result.ESCALATION_PENDING, None)
-    for action in ("terminate", "cancel"):
-        sessions = [d.session for d in actions[action]]
-        try:
-            results.update(conn.signal(sessions, action=action, lock_key=lock_key))
-        except PostgresError as exc:
-            results.update({s.pid: (Result.ERROR, str(exc)) for s in sessions})
-    if cancels is not None:
-        _remember(cancels, actions, results, escalated)
-    return escalated
-
-
-def _remember(
-    cancels: Cancels,
-    actions: dict[str, list[Decision]],
-    results: dict[int, tuple[Result, str | None]],
-    escalated: set[int],
-) -> None:
-    """Note the cancels that may need escalating; forget the sessions escalated."""
-    for d in actions["cancel"]:
-        cancelled = results[d.session.pid][0] is Result.CANCELLED
-        if cancelled and d.policy and d.policy.escalate_after is not None:
-            cancels.remember(d.session, policy=d.policy.name)
-    for d in actions["terminate"]:
-        if d.session.pid in escalated and results[d.session.pid][0] in _FINAL:
-            cancels.forget(d.session)
-
-
-# What ends the story of an escalated session: signalled, or found gone or changed.
-_FINAL = frozenset({Result.TERMINATED, Result.GONE, Result.CHANGED})
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -324,7 +231,6 @@ def _report(
         leader=leader,
         lock_holder=None if leadership is None else leadership.holder,
         lock_held_by_other=None if leadership is None else leadership.other,
-        session=seen.session,
     )
 
 

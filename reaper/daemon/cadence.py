@@ -1,0 +1,61 @@
+"""When a server is polled next (the deadline rule).
+
+After a poll, a server's next poll is due when the next of its sessions would cross a threshold,
+bounded below by `min_interval` and above by `interval` and by the server's smallest threshold
+(a session that turns idle just after a poll is then seen before it can be eligible). A lost
+server is retried with exponential backoff from `min_interval` up to `interval`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from reaper.settings import ServerConfig, Settings
+    from reaper.sweep import SweepReport
+
+__all__ = ["delay_for", "next_delay"]
+
+# Poll a little after the computed crossing: eligibility is "age > threshold", strictly.
+_PAST_THRESHOLD = 0.05
+
+
+def delay_for(
+    report: SweepReport, *, settings: Settings, server: ServerConfig, failures: int
+) -> float:
+    """Seconds from the start of this cycle of `server` to its next one."""
+    # A pressure policy cannot match before pressure appears, which `interval` bounds; its
+    # (often short) thresholds must not make a quiet server be polled every min_interval.
+    thresholds = [
+        t.total_seconds()
+        for p in settings.policies_for(server)
+        if not p.pressure
+        for t in p.thresholds.values()
+    ]
+    return next_delay(
+        report,
+        interval=settings.interval_for(server).total_seconds(),
+        min_interval=settings.reaper.min_interval.total_seconds(),
+        smallest_threshold=min(thresholds, default=None),
+        failures=failures,
+    )
+
+
+def next_delay(
+    report: SweepReport | None,
+    *,
+    interval: float,
+    min_interval: float,
+    smallest_threshold: float | None,
+    failures: int = 0,
+) -> float:
+    """Seconds from the start of this poll to the next one, from the numbers of the rule."""
+    if report is None or not report.ok:
+        # The first retry after min_interval, then twice as long each time, up to interval.
+        return min(interval, min_interval * 2.0 ** (min(max(failures, 1), 31) - 1))
+    delay = interval
+    if smallest_threshold is not None:
+        delay = min(delay, smallest_threshold)
+    if report.eligible_in is not None:
+        delay = min(delay, report.eligible_in + _PAST_THRESHOLD)
+    return max(delay, min_interval)
