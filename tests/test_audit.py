@@ -26,6 +26,7 @@ from reaper.observe.audit import AuditSink, AuditWriter
 from reaper.observe.log import configure
 from reaper.observe.metrics import Metrics
 from reaper.observe.queue import RowQueue
+from reaper.pg.audit import AuditConnection
 from reaper.settings import ConfigError, LogSection, Settings, load_settings
 from tests.servers import TestServer, wait_for
 from tests.test_daemon import RunningDaemon, daemon_config, free_port, policy, toml_string
@@ -362,13 +363,13 @@ def _without_audit(settings: Settings) -> Settings:
 
 
 def _writer(dsn: str, **kwargs: Any) -> AuditWriter:
-    return AuditWriter(
+    conn = AuditConnection(
         dsn=dsn,
         table=("public", "pg_reaper_audit"),
         connect_timeout=timedelta(seconds=2),
         statement_timeout=timedelta(seconds=5),
-        **kwargs,
     )
+    return AuditWriter(conn, **kwargs)
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -744,12 +745,13 @@ def test_a_table_made_by_an_earlier_pg_reaper_gets_the_instance_column_or_still_
         )
         conn.execute(sql.SQL(grant).format(sql.Identifier(table)))
     configure(LogSection(format="json"), stream=sys.stderr)
-    writer = AuditWriter(
+    session = AuditConnection(
         dsn=audit_db.dsn(user="audit_writer"),
         table=("public", table),
         connect_timeout=timedelta(seconds=2),
         statement_timeout=timedelta(seconds=5),
     )
+    writer = AuditWriter(session)
     row = _event(7, result="terminated", instance="pod-a").row()
     writer.start()
     try:

@@ -26,8 +26,6 @@ from reaper.settings import default_instance_id
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from datetime import timedelta
-    from pathlib import Path
 
     from reaper.audit_event import AuditEvent
     from reaper.observe.metrics import Metrics
@@ -52,26 +50,16 @@ ERROR_REASONS = (REASON_WRITE, REASON_DROPPED)
 class AuditWriter:
     """A bounded queue of audit rows and the thread that writes it to the audit table."""
 
-    def __init__(  # noqa: PLR0913 - keyword-only, each one a setting of the writer
+    def __init__(
         self,
+        conn: AuditConnection,
         *,
-        dsn: str,
-        table: tuple[str, str],
-        password_file: Path | None = None,
-        connect_timeout: timedelta,
-        statement_timeout: timedelta,
         metrics: Metrics | None = None,
         capacity: int = CAPACITY,
         batch_size: int = BATCH_SIZE,
     ) -> None:
-        self._conn = AuditConnection(
-            dsn=dsn,
-            password_file=password_file,
-            table=table,
-            connect_timeout=connect_timeout,
-            statement_timeout=statement_timeout,
-        )
-        self.table = ".".join(quote_identifier(part) for part in table)  # as SQL writes it
+        self._conn = conn  # the writer's own: only its thread uses it once started
+        self.table = ".".join(quote_identifier(part) for part in conn.table)  # as SQL writes it
         self._metrics = metrics
         self._queue = RowQueue(capacity)
         self._batch_size = batch_size
@@ -303,17 +291,13 @@ def preflight(settings: Settings) -> str | None:
     owner), asked of the audit database on a connection of its own before the daemon starts;
     None when it can be, when there is no [audit] table, or when the database does not answer
     now (rows wait and are retried)."""
-    section = settings.audit
-    if not section.enabled:
+    writer = _open(settings, metrics=None)
+    if writer is None:
         return None
-    with AuditConnection(
-        dsn=section.dsn.get_secret_value(),
-        table=section.table_name,
-        password_file=section.password_file,
-        connect_timeout=settings.reaper.connect_timeout,
-        statement_timeout=settings.reaper.statement_timeout,
-    ) as conn:
-        return conn.preflight()
+    try:
+        return writer.preflight()
+    finally:
+        writer.stop(timeout=0)  # never started: closes the connection
 
 
 def _open(settings: Settings, *, metrics: Metrics | None) -> AuditWriter | None:
@@ -321,14 +305,14 @@ def _open(settings: Settings, *, metrics: Metrics | None) -> AuditWriter | None:
     section = settings.audit
     if not section.enabled:
         return None
-    return AuditWriter(
+    conn = AuditConnection(
         dsn=section.dsn.get_secret_value(),
         table=section.table_name,
         password_file=section.password_file,
         connect_timeout=settings.reaper.connect_timeout,
         statement_timeout=settings.reaper.statement_timeout,
-        metrics=metrics,
     )
+    return AuditWriter(conn, metrics=metrics)
 
 
 def _start(writer: AuditWriter) -> None:

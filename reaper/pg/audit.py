@@ -49,6 +49,7 @@ class AuditConnection(Connection):
             connect_timeout=connect_timeout,
             statement_timeout=statement_timeout,
         )
+        self.table = table  # (schema, name)
         self._table = sql.Identifier(*table)
         self._schema, self._name = table
         self._index = sql.Identifier(_index_name(table[-1]))
