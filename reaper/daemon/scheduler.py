@@ -6,6 +6,7 @@ for the cycle (metrics, the server's state) and sets its next run.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from reaper.daemon import ha
 from reaper.daemon.arbiter import ClusterArbiter, Seat
 from reaper.daemon.cadence import delay_for
-from reaper.observe.log import get_logger, keep_errors_only
+from reaper.observe.log import get_logger
 from reaper.sweep import Memory, SweepReport, connect, sweep
 
 if TYPE_CHECKING:
@@ -97,10 +98,7 @@ class Scheduler:
         # run's deadline is applied on its EVENT_JOB_SUBMITTED, which comes after the update.
         self._scheduler.add_listener(self._on_job_done, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self._scheduler.add_listener(self._on_job_submitted, EVENT_JOB_SUBMITTED)
-        # APScheduler logs every run at INFO, and every run skipped because the previous one is
-        # still busy at WARNING: both are the scheduler doing its job (overruns and failures are
-        # reported as pg-reaper's own events). Only its errors are kept, as events.
-        keep_errors_only("apscheduler", event="scheduler")
+        _quiet_apscheduler()
         self._log = get_logger()
         self._arbiter = ClusterArbiter(log=self._log)
 
@@ -357,3 +355,19 @@ def _close(worker: _Worker) -> None:
     if worker.conn is not None:
         worker.conn.close()
     worker.conn = None
+
+
+def _quiet_apscheduler() -> None:
+    """APScheduler logs every run at INFO, and every run skipped because the previous one is
+    still busy at WARNING: both are the scheduler doing its job (overruns and failures are
+    reported as pg-reaper's own events). Keep only its errors, as events."""
+    logger = logging.getLogger("apscheduler")
+    logger.setLevel(logging.ERROR)
+    logger.propagate = False
+    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
+        logger.addHandler(_ToStructlog())
+
+
+class _ToStructlog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        get_logger().error("scheduler", message=record.getMessage())

@@ -11,7 +11,7 @@ import structlog
 if TYPE_CHECKING:
     from reaper.settings import LogSection
 
-__all__ = ["configure", "get_logger", "keep_errors_only"]
+__all__ = ["configure", "get_logger"]
 
 
 def configure(section: LogSection, *, stream: TextIO | None = None) -> None:
@@ -43,22 +43,3 @@ def configure(section: LogSection, *, stream: TextIO | None = None) -> None:
 
 def get_logger(**context: Any) -> Any:  # noqa: ANN401 - structlog's bound loggers are untyped proxies
     return structlog.get_logger("pg-reaper", **context)
-
-
-def keep_errors_only(name: str, *, event: str) -> None:
-    """Silence the standard-library logger `name` (a library's) but for its errors, which are
-    logged as pg-reaper events named `event`."""
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.ERROR)
-    logger.propagate = False
-    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
-        logger.addHandler(_ToStructlog(event))
-
-
-class _ToStructlog(logging.Handler):
-    def __init__(self, event: str) -> None:
-        super().__init__()
-        self._event = event
-
-    def emit(self, record: logging.LogRecord) -> None:
-        get_logger().error(self._event, message=record.getMessage())

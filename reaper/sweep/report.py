@@ -125,8 +125,9 @@ def audit_event(
     one (only queued here)."""
     if outcome.result in _UNAUDITED:
         return  # counted in poll_completed; decided again next cycle (or by the leader)
+    name = "session_reap_failed" if outcome.result in _FAILED else "session_reaped"
     event = AuditEvent(
-        event="session_reap_failed" if outcome.result in _FAILED else "session_reaped",
+        event=name,
         server=server,
         dry_run=dry_run,
         instance=default_instance_id() if sink is None else sink.instance,
@@ -134,7 +135,7 @@ def audit_event(
     )
     level = log.warning if outcome.result.is_failure else log.info
     fields = event.record.fields(include_query=include_query)
-    level(event.event, dry_run=dry_run, **fields, instance=event.instance)
+    level(name, dry_run=dry_run, **fields, instance=event.instance)
     if sink is not None:
         sink.submit(event)
 
