@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reaper.observe.metrics import Metrics
-from reaper.policy import Decision, Result
+from reaper.policy import Decision, Result, Rule
 from reaper.sweep import Outcome, SweepReport
 from tests.test_policy import make_policy, make_session
 
@@ -13,7 +13,7 @@ SERVER = "primary"
 
 
 def _report(*results: Result, dry_run: bool, action: str = "terminate") -> SweepReport:
-    policy = make_policy("idle", max_idle="1s", action=action)
+    policy = Rule.of(make_policy("idle", max_idle="1s", action=action))
     outcomes = tuple(
         Outcome(
             decision=Decision(session=make_session(pid=1000 + i), policy=policy, reason="idle"),

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from reaper.daemon.scheduler import next_delay
-from reaper.policy import Session
+from reaper.policy import Rule, Session
 from reaper.settings import PolicyConfig
 from reaper.sweep import Cancels, SweepReport
 
@@ -69,14 +69,15 @@ def _session(pid: int, *, started: int = 0, changed: int = 0) -> Session:
     )
 
 
-def _policy(name: str = "runaway") -> PolicyConfig:
-    return PolicyConfig(
+def _policy(name: str = "runaway") -> Rule:
+    policy = PolicyConfig(
         name=name,
         states=("active",),
         max_runtime=timedelta(seconds=60),
         action="cancel",
         escalate_after=timedelta(seconds=30),
     )
+    return Rule.of(policy)
 
 
 class _Clock:

@@ -28,8 +28,16 @@ from reaper.output import human_duration, render_table, safe_text
 from reaper.pg.connection import PostgresError
 from reaper.pg.doctor import connection_limits
 from reaper.pg.kill import allow_connections, database_blockers
-from reaper.policy import CLIENT_BACKEND, Decision, Result, ServerFacts, Session, in_networks
-from reaper.settings import ALL_STATES, PolicyConfig, parse_duration
+from reaper.policy import (
+    CLIENT_BACKEND,
+    Decision,
+    Result,
+    Rule,
+    ServerFacts,
+    Session,
+    in_networks,
+)
+from reaper.settings import ALL_STATES, parse_duration
 from reaper.sweep import Outcome, SweepReport, audit_event, visibility_warnings
 
 if TYPE_CHECKING:
@@ -41,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GROUPINGS",
-    "KILL_POLICY",
+    "KILL_RULE",
     "Count",
     "KillPlan",
     "KillReport",
@@ -72,10 +80,9 @@ GROUPINGS: tuple[Grouping, ...] = ("state", "database", "user", "application")
 UNKNOWN_STATE = "unknown"
 _HIDDEN = "unknown"  # poll.sql's backend_type for a row whose kind is hidden
 
-# Every victim of `kill` is decided by this one synthetic policy: the audit events, the table
-# and the JSON of `once` then say `policy = "kill"`, `action = "terminate"` with no special case.
-# Built without validation: it matches nothing by itself (select_victims decides).
-KILL_POLICY = PolicyConfig.model_construct(name="kill", states=ALL_STATES, action="terminate")
+# Every victim of `kill` is decided by this one rule: the audit events, the table and the JSON
+# of `once` then say `policy = "kill"`, `action = "terminate"` with no special case.
+KILL_RULE = Rule(name="kill", action="terminate")
 
 # Backends that go away once the client sessions of a database are terminated: a parallel
 # worker ends with its leader. Any other kind (walsender, logical replication worker,
@@ -694,7 +701,7 @@ def _allow_connections(conn: ServerConnection, database: str, *, allow: bool) ->
 def _outcome(session: Session, plan: KillPlan, result: Result, detail: str | None) -> Outcome:
     block = " --block-connections" if plan.block else ""
     reason = f"pg-reaper kill {plan.target.describe()}{block}"
-    decision = Decision(session=session, policy=KILL_POLICY, reason=reason)
+    decision = Decision(session=session, policy=KILL_RULE, reason=reason)
     return Outcome(decision=decision, result=result, detail=detail)
 
 
