@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import tomli_w
 
 from reaper import clusters, version_text
-from reaper.commands import doctor
-from reaper.commands import kill as operate
+from reaper.commands import doctor, kill, kill_output, sessions, victims
 from reaper.demo.embedded import SUPPORTED_MAJORS
 from reaper.observe import audit
 from reaper.observe.log import configure, get_logger
@@ -137,7 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sessions_command.add_argument("--server", metavar="NAME", help="only this server")
     sessions_command.add_argument(
-        "--by", choices=operate.GROUPINGS, default="state", help="what to count by (default: state)"
+        "--by",
+        choices=sessions.GROUPINGS,
+        default="state",
+        help="what to count by (default: state)",
     )
     sessions_command.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
@@ -374,13 +376,13 @@ def _sessions(settings: Settings, args: argparse.Namespace) -> int:
     if _unknown_server(settings, args.server):
         return EXIT_USAGE
 
-    def run(server: ServerConfig, conn: ServerConnection) -> operate.SessionCounts:
-        return operate.census(conn, server=server.name, by=args.by)
+    def run(server: ServerConfig, conn: ServerConnection) -> sessions.SessionCounts:
+        return sessions.census(conn, server=server.name, by=args.by)
 
     def unreached(
         server: ServerConfig, conn: ServerConnection, why: _Unreached
-    ) -> operate.SessionCounts:
-        return operate.SessionCounts(
+    ) -> sessions.SessionCounts:
+        return sessions.SessionCounts(
             server=server.name, target=conn.target, by=args.by, error=why.error
         )
 
@@ -389,9 +391,9 @@ def _sessions(settings: Settings, args: argparse.Namespace) -> int:
     if reports is None:
         return EXIT_USAGE
     if args.json:
-        print(json.dumps(operate.render_counts_json(reports), indent=2, ensure_ascii=False))
+        print(json.dumps(sessions.render_counts_json(reports), indent=2, ensure_ascii=False))
     else:
-        print(operate.render_counts_text(reports))
+        print(sessions.render_counts_text(reports))
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
 
 
@@ -399,14 +401,14 @@ def _kill(settings: Settings, args: argparse.Namespace) -> int:
     if _unknown_server(settings, args.server):
         return EXIT_USAGE
     try:
-        target = operate.kill_target(
+        target = victims.kill_target(
             database=args.database,
             user=args.user,
             application=args.application,
             client_addr=args.client_addr,
             block=args.block_connections,
         )
-        wait = operate.parse_wait(args.wait)
+        wait = victims.parse_wait(args.wait)
     except ValueError as exc:
         print(f"pg-reaper: kill: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -420,14 +422,16 @@ def _kill(settings: Settings, args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
 
-    def confirm(plan: operate.KillPlan) -> bool:
-        return operate.ask_on_terminal(plan, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+    def confirm(plan: kill.KillPlan) -> bool:
+        return kill_output.ask_on_terminal(
+            plan, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr
+        )
 
     server = next(s for s in settings.servers if s.name == args.server)
     audit.start(settings)
     try:
         with connect(server, settings) as conn:
-            report = operate.kill(
+            report = kill.kill(
                 conn,
                 server=server.name,
                 target=target,
@@ -440,7 +444,7 @@ def _kill(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         audit.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
     config_path = str(resolve_config_path(args.config))
-    print(operate.render_kill(report, config_path=config_path))
+    print(kill_output.render_kill(report, config_path=config_path))
     return EXIT_FAILED if report.failed else EXIT_OK
 
 
@@ -449,11 +453,11 @@ def _unblock(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     server = next(s for s in settings.servers if s.name == args.server)
     with connect(server, settings) as conn:
-        error = operate.unblock(conn, server=server.name, database=args.database)
+        error = kill.unblock(conn, server=server.name, database=args.database)
     if error is not None:
         print(f"pg-reaper: unblock: {error}", file=sys.stderr)
         return EXIT_FAILED
-    print(operate.render_unblocked(server.name, args.database))
+    print(kill_output.render_unblocked(server.name, args.database))
     return EXIT_OK
 
 

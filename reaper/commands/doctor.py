@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from reaper.commands.connections import Connections, percent_of
 from reaper.identifiers import quote_identifier
 from reaper.output import safe_text
 from reaper.pg.connection import PostgresError
@@ -106,32 +107,6 @@ class Setting:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Connections:
-    """Client sessions against max_connections, less the slots reserved for some roles."""
-
-    client_sessions: int  # the reaper's own included
-    hidden_sessions: int  # rows whose kind the reaper's role may not see (counted as clients)
-    disabled_sessions: int  # state 'disabled': track_activities off in that session
-    max_connections: int
-    superuser_reserved_connections: int
-    reserved_connections: int | None  # PostgreSQL 16+; None before
-
-    @property
-    def usable(self) -> int:
-        """Slots open to a role that is neither superuser nor granted reserved connections."""
-        return max(
-            0,
-            self.max_connections
-            - self.superuser_reserved_connections
-            - (self.reserved_connections or 0),
-        )
-
-    @property
-    def percent(self) -> float:
-        return _percent(self.client_sessions, self.usable)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Limit:
     """A role's or a database's CONNECTION LIMIT and its client sessions now."""
 
@@ -142,7 +117,7 @@ class Limit:
 
     @property
     def percent(self) -> float:
-        return _percent(self.sessions, self.connection_limit)
+        return percent_of(self.sessions, self.connection_limit)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -530,10 +505,6 @@ def _alter(setting: Setting, action: str) -> str:
     return f"ALTER ROLE ALL {action}"
 
 
-def _percent(part: int, whole: int) -> float:
-    return 100.0 * part / whole if whole > 0 else 100.0
-
-
 def _at_least(part: int, whole: int, percent: int) -> bool:
     """part / whole >= percent %, in integers (no rounding at the threshold)."""
     return part * 100 >= whole * percent
@@ -586,17 +557,8 @@ def _facts_lines(state: ServerState) -> list[str]:
             if has is not None
         )
     own_limit = "none" if priv.connection_limit is None else str(priv.connection_limit)
-    reserved = (
-        f", {conns.reserved_connections} reserved_connections"
-        if conns.reserved_connections is not None
-        else ""
-    )
     kind = "standby (in recovery)" if state.in_recovery else "primary"
-    usage = (
-        f"{conns.client_sessions} client sessions of {conns.usable} usable slots "
-        f"({conns.percent:.0f}%): max_connections {conns.max_connections}, "
-        f"{conns.superuser_reserved_connections} superuser_reserved_connections{reserved}"
-    )
+    usage = conns.usage()
     rows: list[tuple[str, str]] = [
         ("version", f"PostgreSQL {state.server_version}, {kind}"),
         ("role", f"{_text(priv.role)}: {grants}; connection limit {own_limit}"),
@@ -678,16 +640,7 @@ def _server_json(report: ServerReport) -> dict[str, Any]:
             }
             for t in state.timeouts
         ]
-        document["connections"] = {
-            "client_sessions": conns.client_sessions,
-            "hidden_sessions": conns.hidden_sessions,
-            "disabled_sessions": conns.disabled_sessions,
-            "max_connections": conns.max_connections,
-            "superuser_reserved_connections": conns.superuser_reserved_connections,
-            "reserved_connections": conns.reserved_connections,
-            "usable": conns.usable,
-            "percent": round(conns.percent, 1),
-        }
+        document["connections"] = conns.as_json()
         document["limits"] = [
             {
                 "kind": limit.kind,
