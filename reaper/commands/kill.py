@@ -148,17 +148,7 @@ def kill(  # noqa: PLR0913 - one keyword per option of the command
     else:
         report = _terminate(conn, plan, wait=wait, log=log, include_query=include_query)
     report = replace(report, duration_ms=_ms_since(started))
-    log.info(
-        "kill_completed",
-        database=target.database,
-        blocked=report.blocked,
-        dry_run=dry_run,
-        victims=len(report.outcomes),
-        terminated=sum(o.result is Result.TERMINATED for o in report.outcomes),
-        failed=sum(o.result.is_failure for o in report.outcomes),
-        remaining=len(report.remaining),
-        duration_ms=report.duration_ms,
-    )
+    _log_completed(log, report, plan)
     return report
 
 
@@ -171,6 +161,24 @@ def unblock(conn: ServerConnection, *, server: str, database: str) -> str | None
         return refused
     log.info("connections_unblocked", database=database)
     return None
+
+
+def _log_completed(
+    log: Any,  # noqa: ANN401 - structlog's bound loggers are untyped proxies
+    report: KillReport,
+    plan: KillPlan,
+) -> None:
+    log.info(
+        "kill_completed",
+        database=plan.target.database,
+        blocked=report.blocked,
+        dry_run=plan.dry_run,
+        victims=len(report.outcomes),
+        terminated=sum(o.result is Result.TERMINATED for o in report.outcomes),
+        failed=sum(o.result.is_failure for o in report.outcomes),
+        remaining=len(report.remaining),
+        duration_ms=report.duration_ms,
+    )
 
 
 def _ms_since(started: float) -> float:
@@ -240,14 +248,15 @@ def _terminate(
         audit_event, log, server=plan.server, dry_run=False, include_query=include_query
     )
     run = _Termination(conn=conn, plan=plan, blocked=blocked, audit=audit)
-    todo: Sequence[Session] | None = plan.victims
-    while todo is not None:
+    todo: Sequence[Session] = plan.victims
+    while True:
         run.signal(todo)
-        if run.error is not None:
+        # Re-poll (unless the signal failed): who changed state under it, who got in before
+        # the block, who has not exited yet.
+        again = None if run.error is not None else run.repoll(include_query=include_query)
+        if again is None or run.settled(again) or time.monotonic() >= deadline:
             break
-        todo = run.repoll(include_query=include_query)
-        if todo is None or run.settled(todo) or time.monotonic() >= deadline:
-            break
+        todo = again
         # Wait: a terminated backend takes a moment to exit, a parallel worker to follow it.
         time.sleep(_PAUSE_SECONDS)
     return run.report(waited_seconds=round(time.monotonic() - started, 3))
