@@ -14,7 +14,7 @@ from reaper import version_text
 from reaper.commands import doctor, oneshot
 from reaper.commands import kill as operate
 from reaper.commands.oneshot import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from reaper.demo.embedded import SUPPORTED_MAJORS
+from reaper.demo.binaries import SUPPORTED_MAJORS
 from reaper.observe import audit
 from reaper.observe.log import configure
 from reaper.settings import (
