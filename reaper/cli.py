@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 a server could not be polled or a signal failed; 2 usag
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import TYPE_CHECKING
 
@@ -217,20 +218,15 @@ def _preview(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _doctor(settings: Settings, args: argparse.Namespace) -> int:
-    def run(server: ServerConfig, conn: ServerConnection) -> doctor.ServerReport:
+    def examine(server: ServerConfig, conn: ServerConnection) -> doctor.ServerReport:
         policies = settings.policies_for(server)
         return doctor.examine(conn, server=server.name, policies=policies)
-
-    def unreached(
-        server: ServerConfig, conn: ServerConnection, why: oneshot.Unreached
-    ) -> doctor.ServerReport:
-        return doctor.unreachable(server=server.name, target=conn.target, error=why.error)
 
     return oneshot.print_every_server(
         settings,
         args.server,
-        work=run,
-        unreached=unreached,
+        work=examine,
+        unreachable=doctor.unreachable,
         as_json=args.json,
         text=doctor.render_text,
         document=doctor.render_json,
@@ -238,21 +234,14 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _sessions(settings: Settings, args: argparse.Namespace) -> int:
-    def run(server: ServerConfig, conn: ServerConnection) -> operate.SessionCounts:
+    def census(server: ServerConfig, conn: ServerConnection) -> operate.SessionCounts:
         return operate.census(conn, server=server.name, by=args.by)
-
-    def unreached(
-        server: ServerConfig, conn: ServerConnection, why: oneshot.Unreached
-    ) -> operate.SessionCounts:
-        return operate.SessionCounts(
-            server=server.name, target=conn.target, by=args.by, error=why.error
-        )
 
     return oneshot.print_every_server(
         settings,
         args.server,
-        work=run,
-        unreached=unreached,
+        work=census,
+        unreachable=functools.partial(operate.SessionCounts, by=args.by),
         as_json=args.json,
         text=operate.render_counts_text,
         document=operate.render_counts_json,

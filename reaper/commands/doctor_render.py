@@ -137,49 +137,46 @@ def _server_json(report: ServerReport) -> dict[str, Any]:
     }
 
 
+# Each fact's JSON object: its key and the attribute it shows, in output order.
+_PRIVILEGES_JSON = {
+    "superuser": "superuser",
+    "pg_signal_backend": "signal_backend",
+    "pg_read_all_stats": "read_all_stats",
+    "pg_monitor": "monitor",
+    "pg_use_reserved_connections": "use_reserved_connections",
+    "connection_limit": "connection_limit",
+}
+_SETTING_JSON = ("name", "value", "milliseconds", "source", "role", "database")
+_CONNECTIONS_JSON = (
+    "client_sessions",
+    "hidden_sessions",
+    "disabled_sessions",
+    "max_connections",
+    "superuser_reserved_connections",
+    "reserved_connections",
+    "usable",
+)
+_LIMIT_JSON = ("kind", "name", "connection_limit", "sessions")
+
+
 def _privileges_json(priv: Privileges) -> dict[str, Any]:
-    return {
-        "superuser": priv.superuser,
-        "pg_signal_backend": priv.signal_backend,
-        "pg_read_all_stats": priv.read_all_stats,
-        "pg_monitor": priv.monitor,
-        "pg_use_reserved_connections": priv.use_reserved_connections,
-        "connection_limit": priv.connection_limit,
-    }
+    return {key: getattr(priv, name) for key, name in _PRIVILEGES_JSON.items()}
 
 
 def _setting_json(setting: Setting) -> dict[str, Any]:
-    return {
-        "name": setting.name,
-        "value": setting.value,
-        "milliseconds": setting.milliseconds,
-        "source": setting.source,
-        "role": setting.role,
-        "database": setting.database,
-    }
+    return _attributes(setting, _SETTING_JSON)
 
 
 def _connections_json(conns: Connections) -> dict[str, Any]:
-    return {
-        "client_sessions": conns.client_sessions,
-        "hidden_sessions": conns.hidden_sessions,
-        "disabled_sessions": conns.disabled_sessions,
-        "max_connections": conns.max_connections,
-        "superuser_reserved_connections": conns.superuser_reserved_connections,
-        "reserved_connections": conns.reserved_connections,
-        "usable": conns.usable,
-        "percent": round(conns.percent, 1),
-    }
+    return _attributes(conns, _CONNECTIONS_JSON) | {"percent": round(conns.percent, 1)}
 
 
 def _limit_json(limit: Limit) -> dict[str, Any]:
-    return {
-        "kind": limit.kind,
-        "name": limit.name,
-        "connection_limit": limit.connection_limit,
-        "sessions": limit.sessions,
-        "percent": round(limit.percent, 1),
-    }
+    return _attributes(limit, _LIMIT_JSON) | {"percent": round(limit.percent, 1)}
+
+
+def _attributes(fact: object, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(fact, name) for name in names}
 
 
 def _diagnosis_json(diagnosis: Diagnosis) -> dict[str, Any]:

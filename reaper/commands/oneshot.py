@@ -34,6 +34,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "MAX_PARALLEL",
+    "Unreachable",
     "Unreached",
     "effective_config",
     "on_every_server",
@@ -60,6 +61,13 @@ class _Report(Protocol):
 
 
 R = TypeVar("R", bound=_Report)
+R_co = TypeVar("R_co", bound=_Report, covariant=True)
+
+
+class Unreachable(Protocol[R_co]):
+    """The report of a server that could not be reached, from its name, target and error."""
+
+    def __call__(self, *, server: str, target: str, error: str) -> R_co: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,19 +147,25 @@ def on_every_server(
             conn.close()
 
 
-def print_every_server(  # noqa: PLR0913 - the two steps and the two renderings of one command
+def print_every_server(  # noqa: PLR0913 - one command's two steps and two renderings
     settings: Settings,
     only: str | None,
     *,
     work: Callable[[ServerConfig, ServerConnection], R],
-    unreached: Callable[[ServerConfig, ServerConnection, Unreached], R],
+    unreachable: Unreachable[R],
     as_json: bool,
     text: Callable[[Sequence[R]], str],
     document: Callable[[Sequence[R]], dict[str, Any]],
 ) -> int:
-    """`on_every_server`, then every server's report as `text` or as one JSON `document`; the
-    exit code: 1 when a report is not ok."""
-    reports = on_every_server(settings, selected(settings, only), work=work, unreached=unreached)
+    """`work` on every server (or on `only`), `unreachable` for each that could not be reached,
+    then every report as `text` or as one JSON `document`; the exit code: 1 when a report is
+    not ok."""
+
+    def unreached(server: ServerConfig, conn: ServerConnection, why: Unreached) -> R:
+        return unreachable(server=server.name, target=conn.target, error=why.error)
+
+    servers = selected(settings, only)
+    reports = on_every_server(settings, servers, work=work, unreached=unreached)
     if reports is None:
         return EXIT_USAGE
     _say(_json(document(reports)) if as_json else text(reports))
