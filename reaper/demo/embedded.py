@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Self, TypedDict, Unpack
 
-from psycopg.conninfo import make_conninfo
+from reaper.conninfo import make_conninfo
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
