@@ -34,7 +34,7 @@ SECRET_KEYWORDS = frozenset({"password", "sslpassword", "oauth_client_secret"})
 _BY_BYTES = {keyword.encode(): keyword for keyword in KEYWORDS}
 _URI_PREFIXES = (b"postgresql://", b"postgres://")
 _BLANKS = frozenset(b" \t\n\v\f\r")  # isspace() of the C locale, which libpq parses with
-_QUOTE, _BACKSLASH = ord("'"), ord("\\")
+_CLOSING_QUOTE, _BACKSLASH = frozenset(b"'"), ord("\\")
 _USERINFO_END = re.compile(rb"[@/]")
 _HOST_END = re.compile(rb"[:/?,]")
 _PORT_END = re.compile(rb"[/?,]")
@@ -142,8 +142,21 @@ def _keyword(raw: bytes, pos: int) -> tuple[bytes, int]:
 
 def _unquoted(raw: bytes, pos: int) -> tuple[bytes, int]:
     """A value up to the next blank; a backslash makes the byte after it plain (a blank too)."""
+    return _escaped(raw, pos, _BLANKS)
+
+
+def _quoted(raw: bytes, pos: int) -> tuple[bytes, int]:
+    """A value in single quotes, at `pos`; a backslash makes the byte after it plain."""
+    value, end = _escaped(raw, pos + 1, _CLOSING_QUOTE)
+    if end == len(raw):
+        raise _invalid("unterminated quoted string in connection info string")
+    return value, end + 1
+
+
+def _escaped(raw: bytes, pos: int, stop: frozenset[int]) -> tuple[bytes, int]:
+    """The bytes from `pos` up to one of `stop` (or the end), backslash escapes undone."""
     out = bytearray()
-    while pos < len(raw) and raw[pos] not in _BLANKS:
+    while pos < len(raw) and raw[pos] not in stop:
         if raw[pos] == _BACKSLASH:
             pos += 1
             if pos == len(raw):
@@ -151,22 +164,6 @@ def _unquoted(raw: bytes, pos: int) -> tuple[bytes, int]:
         out.append(raw[pos])
         pos += 1
     return bytes(out), pos
-
-
-def _quoted(raw: bytes, pos: int) -> tuple[bytes, int]:
-    """A value in single quotes, at `pos`; a backslash makes the byte after it plain."""
-    out = bytearray()
-    pos += 1
-    while pos < len(raw) and raw[pos] != _QUOTE:
-        if raw[pos] == _BACKSLASH:
-            pos += 1
-            if pos == len(raw):
-                break
-        out.append(raw[pos])
-        pos += 1
-    if pos == len(raw):
-        raise _invalid("unterminated quoted string in connection info string")
-    return bytes(out), pos + 1
 
 
 # --- URI ---------------------------------------------------------------------------------------

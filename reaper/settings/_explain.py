@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
     from pydantic_settings import SettingsError
 
-__all__ = ["env_problem", "explain", "key_path"]
 
 _ECHO_VALUE = frozenset(
     {"literal_error", "bool_parsing", "bool_type", "int_parsing", "int_type", "string_type"}

@@ -12,8 +12,6 @@ from pydantic_settings import SettingsError
 from reaper.settings._explain import env_problem, explain, key_path
 from reaper.settings._model import Settings
 
-__all__ = ["DEFAULT_CONFIG_PATH", "ConfigError", "load_settings", "resolve_config_path"]
-
 DEFAULT_CONFIG_PATH = Path("/etc/pg-reaper/config.toml")
 
 

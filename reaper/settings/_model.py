@@ -7,22 +7,12 @@ from typing import TYPE_CHECKING, Any, Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from reaper.settings import _sections as sections
 from reaper.settings._durations import format_duration
-from reaper.settings._sections import (
-    AuditSection,
-    HaSection,
-    LogSection,
-    MetricsSection,
-    PolicyConfig,
-    ReaperSection,
-    ServerConfig,
-)
 from reaper.settings._values import did_you_mean
 
 if TYPE_CHECKING:
     from datetime import timedelta
-
-__all__ = ["Settings"]
 
 
 class Settings(BaseSettings):
@@ -36,13 +26,13 @@ class Settings(BaseSettings):
         nested_model_default_partial_update=True,
     )
 
-    reaper: ReaperSection = ReaperSection()
-    metrics: MetricsSection = MetricsSection()
-    log: LogSection = LogSection()
-    audit: AuditSection = AuditSection()
-    ha: HaSection = HaSection()
-    servers: tuple[ServerConfig, ...] = Field(min_length=1)
-    policies: tuple[PolicyConfig, ...] = Field(min_length=1)
+    reaper: sections.ReaperSection = sections.ReaperSection()
+    metrics: sections.MetricsSection = sections.MetricsSection()
+    log: sections.LogSection = sections.LogSection()
+    audit: sections.AuditSection = sections.AuditSection()
+    ha: sections.HaSection = sections.HaSection()
+    servers: tuple[sections.ServerConfig, ...] = Field(min_length=1)
+    policies: tuple[sections.PolicyConfig, ...] = Field(min_length=1)
 
     @classmethod
     def settings_customise_sources(
@@ -78,14 +68,14 @@ class Settings(BaseSettings):
             raise ValueError("\n".join(problems))  # each line names its own key
         return self
 
-    def policies_for(self, server: ServerConfig) -> tuple[PolicyConfig, ...]:
+    def policies_for(self, server: sections.ServerConfig) -> tuple[sections.PolicyConfig, ...]:
         """The policies that apply to `server`, in file order (the first match names a session)."""
         if server.policies is None:
             return self.policies
         wanted = set(server.policies)
         return tuple(p for p in self.policies if p.name in wanted)
 
-    def interval_for(self, server: ServerConfig) -> timedelta:
+    def interval_for(self, server: sections.ServerConfig) -> timedelta:
         return server.interval or self.reaper.interval
 
     def with_dry_run(self) -> Settings:

@@ -18,22 +18,6 @@ from reaper.identifiers import parse_table_name
 from reaper.settings._durations import PositiveDuration, format_duration
 from reaper.settings._values import Name, Network, Percentage, Regex, readable_password_file
 
-__all__ = [
-    "ACTIVE_STATES",
-    "ALL_STATES",
-    "DEFAULT_LOCK_KEY",
-    "IDLE_STATES",
-    "THRESHOLDS",
-    "AuditSection",
-    "HaSection",
-    "LogSection",
-    "MetricsSection",
-    "PolicyConfig",
-    "ReaperSection",
-    "ServerConfig",
-    "default_instance_id",
-]
-
 # [ha]'s advisory lock key: the first 8 bytes of SHA-256("pg-reaper"), a signed bigint.
 # -2719498840538813096; pg_locks shows it as classid 3661784630, objid 2325278040, objsubid 1.
 DEFAULT_LOCK_KEY = int.from_bytes(hashlib.sha256(b"pg-reaper").digest()[:8], "big", signed=True)

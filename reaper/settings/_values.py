@@ -15,17 +15,6 @@ from pydantic import BeforeValidator, PlainSerializer
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = [
-    "ClientNetwork",
-    "Name",
-    "Network",
-    "Percentage",
-    "Regex",
-    "did_you_mean",
-    "readable_password_file",
-    "toml_repr",
-]
-
 
 def _compile_regex(value: object) -> re.Pattern[str]:
     if isinstance(value, re.Pattern):
