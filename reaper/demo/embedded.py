@@ -17,7 +17,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Self, TypedDict, Unpack
 
-from psycopg.conninfo import make_conninfo
+from reaper.conninfo import make_conninfo
 
 from reaper.demo import datadir
 from reaper.demo.binaries import SUPPORTED_MAJORS, binaries
