@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self, TypedDict, Unpack
 
 from reaper.conninfo import make_conninfo
-
 from reaper.demo import datadir
 from reaper.demo.binaries import SUPPORTED_MAJORS, binaries
 from reaper.demo.programs import (
