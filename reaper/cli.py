@@ -1,4 +1,5 @@
-"""The `pg-reaper` command. Human output goes to stdout, logs to stderr.
+"""The `pg-reaper` command: parses the command line and hands each command to its module. Human
+output goes to stdout, logs to stderr.
 
 Exit codes: 0 success; 1 a server could not be polled or a signal failed; 2 usage or config error.
 """
@@ -6,53 +7,37 @@ Exit codes: 0 success; 1 a server could not be polled or a signal failed; 2 usag
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
-import tomli_w
-
-from reaper import clusters, version_text
-from reaper.commands import doctor
-from reaper.commands import kill as operate
-from reaper.demo.embedded import SUPPORTED_MAJORS
+from reaper import version_text
+from reaper.commands import doctor, kill, kill_output, oneshot, sessions, victims
+from reaper.commands.oneshot import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from reaper.demo.binaries import SUPPORTED_MAJORS
 from reaper.observe import audit
-from reaper.observe.log import configure, get_logger
-from reaper.output import render_json, render_table
-from reaper.pg.connection import PostgresError
+from reaper.observe.log import configure
 from reaper.settings import (
     ConfigError,
-    ServerConfig,
     Settings,
     load_settings,
     resolve_config_path,
 )
-from reaper.sweep import Mode, SweepReport, connect, sweep
+from reaper.sweep import connect
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from reaper.pg.activity import ServerConnection
+    from reaper.settings import ServerConfig
 
 __all__ = ["main"]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 # The daemon's audit table is checked before it starts (`once` and `kill` check theirs on their
 # audit sink's own connection, as they start it).
 _AUDITED = frozenset({"run"})
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
-# The one-shot commands reach this many servers at once at most, each on its own connection with
-# its own timeouts: a dead or hung server costs one connect_timeout (or statement_timeout + 2 s)
-# in parallel with the others, not in series. Bounded so that a fleet is not dialled all at once.
-_MAX_PARALLEL = 16
-
-T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in _AUDITED and (unusable := audit.preflight(settings)) is not None:
         # A table that cannot be written is said now, not found out by rows dropped later.
         print(f"pg-reaper: audit: {unusable}", file=sys.stderr)
+        return EXIT_USAGE
+    if oneshot.unknown_server(settings, getattr(args, "server", None)):
         return EXIT_USAGE
     if args.command == "run":
         return _run(settings, args)
@@ -138,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sessions_command.add_argument("--server", metavar="NAME", help="only this server")
     sessions_command.add_argument(
-        "--by", choices=operate.GROUPINGS, default="state", help="what to count by (default: state)"
+        "--by",
+        choices=sessions.GROUPINGS,
+        default="state",
+        help="what to count by (default: state)",
     )
     sessions_command.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
@@ -198,102 +188,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass(frozen=True, slots=True)
-class _Unreached:
-    """A server whose session could not be opened (or its identity read)."""
-
-    error: str
-    seconds: float
-
-
-def _reach(
-    conn: ServerConnection, *, identify: bool
-) -> clusters.ClusterIdentity | _Unreached | None:
-    """Open `conn`'s session; with `identify`, read which cluster it is on."""
-    started = time.perf_counter()
-    try:
-        conn.connect()
-        return clusters.identify(conn) if identify else None
-    except PostgresError as exc:
-        return _Unreached(str(exc), time.perf_counter() - started)
-
-
-def _on_every_server(
-    settings: Settings,
-    servers: Sequence[ServerConfig],
-    *,
-    work: Callable[[ServerConfig, ServerConnection], T],
-    unreached: Callable[[ServerConfig, ServerConnection, _Unreached], T],
-) -> list[T] | None:
-    """`work` on every server at once (`_MAX_PARALLEL` at most), each on its own connection; the
-    results in config order. A server that could not be reached gets `unreached` instead of a
-    second wait. None, said on stderr, when two of them are one cluster: then nothing was done.
-    """
-    conns = [connect(server, settings) for server in servers]
-    identify = len(servers) > 1  # one entry is one cluster: nothing to compare
-    try:
-        with ThreadPoolExecutor(
-            max_workers=max(1, min(_MAX_PARALLEL, len(servers))),
-            thread_name_prefix="pg-reaper-server",
-        ) as pool:
-            reached = list(pool.map(lambda conn: _reach(conn, identify=identify), conns))
-            identities = {
-                server.name: found
-                for server, found in zip(servers, reached, strict=True)
-                if isinstance(found, clusters.ClusterIdentity)
-            }
-            if duplicates := clusters.duplicates(servers, identities):
-                for duplicate in duplicates:
-                    print(f"pg-reaper: {duplicate.message}", file=sys.stderr)
-                return None
-
-            def run(server: ServerConfig, conn: ServerConnection, found: object) -> T:
-                if isinstance(found, _Unreached):
-                    return unreached(server, conn, found)
-                return work(server, conn)
-
-            return list(pool.map(run, servers, conns, reached))
-    finally:
-        for conn in conns:
-            conn.close()
-
-
-def _run_all(
-    settings: Settings,
-    *,
-    mode: Mode,
-    only: str | None = None,
-    sink: audit.AuditSink | None = None,
-) -> list[SweepReport] | None:
-    dry_run = settings.reaper.dry_run or mode == "preview"
-
-    def run(server: ServerConfig, conn: ServerConnection) -> SweepReport:
-        return sweep(conn, server=server, settings=settings, mode=mode, audit=sink)
-
-    def unreached(server: ServerConfig, _conn: ServerConnection, why: _Unreached) -> SweepReport:
-        duration_ms = round(why.seconds * 1000, 1)
-        return SweepReport(
-            server=server.name, dry_run=dry_run, duration_ms=duration_ms, error=why.error
-        )
-
-    reports = _on_every_server(settings, _selected(settings, only), work=run, unreached=unreached)
-    if reports is not None and mode == "reap":
-        for report in reports:
-            if report.error is not None:
-                get_logger().error("poll_failed", server=report.server, error=report.error)
-    return reports
-
-
-def _print_reports(reports: list[SweepReport], *, settings: Settings, as_json: bool) -> int:
-    failed = any(r.failed for r in reports)
-    if as_json:
-        document = render_json(reports, include_query=settings.log.include_query)
-        print(json.dumps(document, indent=2, ensure_ascii=False))
-    else:
-        print(render_table(reports))
-    return EXIT_FAILED if failed else EXIT_OK
-
-
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     from reaper.daemon.process import Daemon  # noqa: PLC0415 - the one-shot commands do without it
 
@@ -313,15 +207,12 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _once(settings: Settings, args: argparse.Namespace) -> int:
-    if _unknown_server(settings, args.server):
-        return EXIT_USAGE
     if (sink := _audit_sink(settings)) is None:
         return EXIT_USAGE
     try:
-        reports = _run_all(settings, mode="reap", only=args.server, sink=sink)
-        if reports is None:
-            return EXIT_USAGE
-        return _print_reports(reports, settings=settings, as_json=args.json)
+        return oneshot.sweep_every_server(
+            settings, mode="reap", only=args.server, as_json=args.json, audit=sink
+        )
     finally:
         sink.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
 
@@ -338,93 +229,51 @@ def _audit_sink(settings: Settings) -> audit.AuditSink | None:
     return sink
 
 
-def _selected(settings: Settings, name: str | None) -> list[ServerConfig]:
-    """Every server, or only the one `--server NAME` names."""
-    return [s for s in settings.servers if name is None or s.name == name]
-
-
-def _unknown_server(settings: Settings, name: str | None) -> bool:
-    """Say so when `--server NAME` names no configured server."""
-    names = [s.name for s in settings.servers]
-    if name is None or name in names:
-        return False
-    print(
-        f"pg-reaper: --server {name!r} is not configured (servers: {', '.join(names)})",
-        file=sys.stderr,
-    )
-    return True
-
-
 def _preview(settings: Settings, args: argparse.Namespace) -> int:
-    if _unknown_server(settings, args.server):
-        return EXIT_USAGE
-    reports = _run_all(settings, mode="preview", only=args.server)
-    if reports is None:
-        return EXIT_USAGE
-    return _print_reports(reports, settings=settings, as_json=args.json)
+    return oneshot.sweep_every_server(settings, mode="preview", only=args.server, as_json=args.json)
 
 
 def _doctor(settings: Settings, args: argparse.Namespace) -> int:
-    if _unknown_server(settings, args.server):
-        return EXIT_USAGE
-
-    def run(server: ServerConfig, conn: ServerConnection) -> doctor.ServerReport:
+    def examine(server: ServerConfig, conn: ServerConnection) -> doctor.ServerReport:
         policies = settings.policies_for(server)
         return doctor.examine(conn, server=server.name, policies=policies)
 
-    def unreached(
-        server: ServerConfig, conn: ServerConnection, why: _Unreached
-    ) -> doctor.ServerReport:
-        return doctor.unreachable(server=server.name, target=conn.target, error=why.error)
-
-    servers = _selected(settings, args.server)
-    reports = _on_every_server(settings, servers, work=run, unreached=unreached)
-    if reports is None:
-        return EXIT_USAGE
-    if args.json:
-        print(json.dumps(doctor.render_json(reports), indent=2, ensure_ascii=False))
-    else:
-        print(doctor.render_text(reports))
-    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+    return oneshot.print_every_server(
+        settings,
+        args.server,
+        work=examine,
+        unreachable=doctor.unreachable,
+        as_json=args.json,
+        text=doctor.render_text,
+        document=doctor.render_json,
+    )
 
 
 def _sessions(settings: Settings, args: argparse.Namespace) -> int:
-    if _unknown_server(settings, args.server):
-        return EXIT_USAGE
+    def census(server: ServerConfig, conn: ServerConnection) -> sessions.SessionCounts:
+        return sessions.census(conn, server=server.name, by=args.by)
 
-    def run(server: ServerConfig, conn: ServerConnection) -> operate.SessionCounts:
-        return operate.census(conn, server=server.name, by=args.by)
-
-    def unreached(
-        server: ServerConfig, conn: ServerConnection, why: _Unreached
-    ) -> operate.SessionCounts:
-        return operate.SessionCounts(
-            server=server.name, target=conn.target, by=args.by, error=why.error
-        )
-
-    servers = _selected(settings, args.server)
-    reports = _on_every_server(settings, servers, work=run, unreached=unreached)
-    if reports is None:
-        return EXIT_USAGE
-    if args.json:
-        print(json.dumps(operate.render_counts_json(reports), indent=2, ensure_ascii=False))
-    else:
-        print(operate.render_counts_text(reports))
-    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+    return oneshot.print_every_server(
+        settings,
+        args.server,
+        work=census,
+        unreachable=functools.partial(sessions.SessionCounts, by=args.by),
+        as_json=args.json,
+        text=sessions.render_counts_text,
+        document=sessions.render_counts_json,
+    )
 
 
 def _kill(settings: Settings, args: argparse.Namespace) -> int:
-    if _unknown_server(settings, args.server):
-        return EXIT_USAGE
     try:
-        target = operate.kill_target(
+        target = victims.kill_target(
             database=args.database,
             user=args.user,
             application=args.application,
             client_addr=args.client_addr,
             block=args.block_connections,
         )
-        wait = operate.parse_wait(args.wait)
+        wait = victims.parse_wait(args.wait)
     except ValueError as exc:
         print(f"pg-reaper: kill: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -438,15 +287,17 @@ def _kill(settings: Settings, args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
 
-    def confirm(plan: operate.KillPlan) -> bool:
-        return operate.ask_on_terminal(plan, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+    def confirm(plan: kill.KillPlan) -> bool:
+        return kill_output.ask_on_terminal(
+            plan, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr
+        )
 
     server = next(s for s in settings.servers if s.name == args.server)
     if (sink := _audit_sink(settings)) is None:
         return EXIT_USAGE
     try:
         with connect(server, settings) as conn:
-            report = operate.kill(
+            report = kill.kill(
                 conn,
                 server=server.name,
                 target=target,
@@ -460,36 +311,21 @@ def _kill(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         sink.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
     config_path = str(resolve_config_path(args.config))
-    print(operate.render_kill(report, config_path=config_path))
+    print(kill_output.render_kill(report, config_path=config_path))
     return EXIT_FAILED if report.failed else EXIT_OK
 
 
 def _unblock(settings: Settings, args: argparse.Namespace) -> int:
-    if _unknown_server(settings, args.server):
-        return EXIT_USAGE
     server = next(s for s in settings.servers if s.name == args.server)
     with connect(server, settings) as conn:
-        error = operate.unblock(conn, server=server.name, database=args.database)
+        error = kill.unblock(conn, server=server.name, database=args.database)
     if error is not None:
         print(f"pg-reaper: unblock: {error}", file=sys.stderr)
         return EXIT_FAILED
-    print(operate.render_unblocked(server.name, args.database))
+    print(kill_output.render_unblocked(server.name, args.database))
     return EXIT_OK
 
 
 def _check_config(settings: Settings, _args: argparse.Namespace) -> int:
-    print(tomli_w.dumps(_without_none_keys(settings.redacted())), end="")
+    print(oneshot.effective_config(settings), end="")
     return EXIT_OK
-
-
-def _without_none_keys(table: dict[str, Any]) -> dict[str, Any]:
-    """TOML has no null: an unset optional key is left out, as in the file."""
-
-    def clean(value: object) -> object:
-        if isinstance(value, dict):
-            return _without_none_keys(value)
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    return {k: clean(v) for k, v in table.items() if v is not None}

@@ -10,14 +10,24 @@ from reaper.sweep import audit_fields
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from reaper.policy import Session
     from reaper.sweep import SweepReport
 
-__all__ = ["render_json", "render_table", "safe_text"]
+__all__ = [
+    "SESSION_COLUMNS",
+    "human_duration",
+    "render_json",
+    "render_table",
+    "safe_text",
+    "session_cells",
+    "table_lines",
+]
 
 # C0 and C1 controls, and the Unicode characters that break or reorder a line on a terminal:
 # line and paragraph separators, and bidirectional marks, embeddings, overrides and isolates.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-_COLUMNS = (
+# The columns of a session in every table of sessions (`once`, `preview`, `kill`).
+SESSION_COLUMNS = (
     "server",
     "pid",
     "user",
@@ -26,9 +36,8 @@ _COLUMNS = (
     "client",
     "state",
     "idle for",
-    "policy",
-    "result",
 )
+_COLUMNS = (*SESSION_COLUMNS, "policy", "result")
 _WIDTH = 28
 
 
@@ -60,33 +69,57 @@ def human_duration(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
+def table_lines(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    right_from: int | None = None,
+    indent: str = "",
+) -> list[str]:
+    """Aligned columns two spaces apart, the header line first, trailing blanks cut; column
+    `right_from` and those after it are right-aligned (numbers). Cells are shown as they are:
+    make them printable first (`safe_text`)."""
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        aligned = (
+            c.rjust(w) if right_from is not None and i >= right_from else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        return indent + "  ".join(aligned).rstrip()
+
+    return [line(headers), *(line(row) for row in rows)]
+
+
+def session_cells(server: str, session: Session) -> tuple[str, ...]:
+    """A session in the `SESSION_COLUMNS`, every cell printable."""
+    values = (
+        server,
+        str(session.pid),
+        session.user,
+        session.database,
+        session.application,
+        session.client_addr or "local",
+        session.state,
+        human_duration(session.idle_seconds),
+    )
+    return tuple(safe_text(v) for v in values)
+
+
 def render_table(reports: Sequence[SweepReport]) -> str:
+    """`once` and `preview`: a line per candidate, then one summary line per server."""
     rows = [
         (
-            report.server,
-            str(o.decision.session.pid),
-            o.decision.session.user,
-            o.decision.session.database,
-            o.decision.session.application,
-            o.decision.session.client_addr or "local",
-            o.decision.session.state,
-            human_duration(o.decision.session.idle_seconds),
-            o.policy,
-            o.result.value,
+            *session_cells(report.server, o.decision.session),
+            safe_text(o.policy),
+            safe_text(o.result.value),
         )
         for report in reports
         for o in report.outcomes
     ]
     lines: list[str] = []
     if rows:
-        cells = [[safe_text(v) for v in row] for row in rows]
-        widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(_COLUMNS)]
-        header = "  ".join(h.upper().ljust(w) for h, w in zip(_COLUMNS, widths, strict=True))
-        lines.append(header.rstrip())
-        lines.extend(
-            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in cells
-        )
+        lines.extend(table_lines([c.upper() for c in _COLUMNS], rows))
         lines.append("")
     for report in reports:
         lines.append(_summary(report))

@@ -21,13 +21,8 @@ import pytest
 from psycopg import sql
 
 from reaper.cli import main
-from reaper.commands.kill import (
-    KillTarget,
-    _describe_blockers,
-    kill_target,
-    parse_client_addr,
-    select_victims,
-)
+from reaper.commands.kill import _describe_blockers
+from reaper.commands.victims import KillTarget, kill_target, parse_client_addr, select_victims
 from reaper.policy import Session
 from tests.servers import ADMIN_APPLICATION, usable
 

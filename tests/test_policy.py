@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from reaper.policy import (
     CLIENT_BACKEND,
     Decision,
     Plan,
+    Rule,
     ServerFacts,
     Session,
     can_signal,
@@ -124,7 +125,7 @@ CATCH_ALL = make_policy("catch-all", states=list(ALL_STATES), max_connection_age
 def test_idle_session_past_max_idle_matches_with_a_reason_naming_the_threshold() -> None:
     decision = decide(make_session(idle_seconds=61.0), IDLE_60S)
     assert decision.matched
-    assert decision.policy is IDLE_60S
+    assert decision.policy == Rule.of(IDLE_60S)
     assert decision.reason == "idle 61s > max_idle 60s"
 
 
@@ -158,7 +159,7 @@ def test_each_default_state_matches_a_default_policy(state: str) -> None:
     assert policy.states == IDLE_STATES
     decision = decide(make_session(state=state, idle_seconds=120.0), policy)
     assert decision.matched
-    assert decision.policy is policy
+    assert decision.policy == Rule.of(policy)
 
 
 @pytest.mark.parametrize("state", ["active", "fastpath function call", "disabled"])
@@ -408,19 +409,32 @@ def test_exclusions_win_over_inclusions(fields: dict[str, Any], reason: str) -> 
 # --- policy order ------------------------------------------------------------------------------
 
 
+def test_a_decision_carries_what_acting_on_it_needs_of_its_policy() -> None:
+    runaway = make_policy(
+        "runaway", states=["active"], max_runtime=60, action="cancel", escalate_after=30
+    )
+    decision = decide(make_session(state="active", runtime_seconds=61.0), runaway)
+    assert decision.policy == Rule(
+        name="runaway", action="cancel", escalate_after=timedelta(seconds=30)
+    )
+    assert decide(make_session(idle_seconds=61.0), IDLE_60S).policy == Rule(
+        name="idle", action="terminate", escalate_after=None
+    )
+
+
 def test_first_matching_policy_names_the_session_even_if_a_later_one_matches() -> None:
     first = make_policy("first", max_idle=60)
     second = make_policy("second", max_idle=30, action="log")
     session = make_session(idle_seconds=120.0)
-    assert decide(session, first, second).policy is first
-    assert decide(session, second, first).policy is second
+    assert decide(session, first, second).policy == Rule.of(first)
+    assert decide(session, second, first).policy == Rule.of(second)
 
 
 def test_a_later_policy_names_the_session_when_earlier_ones_do_not_match() -> None:
     scoped = make_policy("scoped", max_idle=60, users=["batch"])
     broad = make_policy("broad", max_idle=60)
     decision = decide(make_session(idle_seconds=120.0), scoped, broad)
-    assert decision.policy is broad
+    assert decision.policy == Rule.of(broad)
 
 
 def test_unmatched_session_reason_lists_every_policy_miss() -> None:
@@ -533,7 +547,7 @@ def test_disabled_state_is_matched_only_when_a_policy_lists_it() -> None:
     assert not decide(session, default).matched
     listing = make_policy("listing", states=["disabled"], max_connection_age=1)
     decision = decide(session, default, listing)
-    assert decision.policy is listing
+    assert decision.policy == Rule.of(listing)
 
 
 # --- can_signal ----------------------------------------------------------------------------------
@@ -630,7 +644,7 @@ def test_log_victims_do_not_count_against_the_cap() -> None:
     assert pids(result.log) == [1, 2, 5]
     assert pids(result.signal) == [3]
     assert pids(result.deferred) == [4]
-    assert all(d.policy is audit for d in result.log)
+    assert all(d.policy == Rule.of(audit) for d in result.log)
 
 
 def test_sessions_the_reaper_may_not_signal_are_denied_and_do_not_count_against_the_cap() -> None:
@@ -839,18 +853,21 @@ def test_plan_never_touches_what_the_hard_rules_spare(
 ) -> None:
     sessions, facts = drawn
     result = plan(sessions, policies, reaper=reaper, facts=facts)
+    named = {p.name: p for p in policies}
     for decision in (*result.signal, *result.log, *result.deferred, *result.denied):
         session = decision.session
         assert decision.policy is not None
+        policy = named[decision.policy.name]
+        assert decision.policy == Rule.of(policy)
         assert session.backend_type == CLIENT_BACKEND
         assert session.pid != facts.own_pid
         assert not (session.application == APPLICATION_NAME and session.signaller)
         assert session.state is not None
         assert session.user not in reaper.protect_users
         assert not any(p.search(session.application) for p in reaper.protect_applications)
-        assert session.state in decision.policy.states
+        assert session.state in policy.states
         if session.state == "disabled":
-            assert "disabled" in decision.policy.states
+            assert "disabled" in policy.states
 
 
 @hypothesis_settings(max_examples=200, deadline=None)
@@ -944,9 +961,12 @@ def test_a_matched_session_exceeds_a_threshold_of_the_first_policy_that_scopes_i
         decision = evaluate(session, policies, reaper=reaper, facts=facts)
         if decision.policy is None:
             continue
+        # Policy names are unique (the config rejects duplicates), so the name finds the policy.
+        index = [p.name for p in policies].index(decision.policy.name)
+        assert decision.policy == Rule.of(policies[index])
         exceeded = [
             key
-            for key, limit in decision.policy.thresholds.items()
+            for key, limit in policies[index].thresholds.items()
             if (age := getattr(session, age_attribute[key])) is not None
             and age > limit.total_seconds()
             # a query runs only in an active state: an idle session has no runtime
@@ -955,7 +975,6 @@ def test_a_matched_session_exceeds_a_threshold_of_the_first_policy_that_scopes_i
         assert exceeded, decision.reason
         assert all(f"> {key} " in decision.reason for key in exceeded)
         # No earlier policy would have named it.
-        index = policies.index(decision.policy)
         for earlier in policies[:index]:
             assert not evaluate(session, [earlier], reaper=reaper, facts=facts).matched
 

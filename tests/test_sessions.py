@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from reaper.cli import main
-from reaper.commands.kill import Count, count_groups, count_states
+from reaper.commands.sessions import Count, count_groups, count_states
 from reaper.policy import Session
 
 if TYPE_CHECKING:

@@ -1,12 +1,14 @@
-"""Unit tests of reaper/settings.py: durations, defaults, environment overrides, secrets."""
+"""Unit tests of reaper/settings/: durations, defaults, environment overrides, secrets."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
+import sys
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -25,9 +27,6 @@ from reaper.settings import (
     resolve_config_path,
 )
 from tests.config_helpers import MINIMAL, PASSWORD, clean_environment  # noqa: F401 - clean_environment is an autouse fixture
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 def _load(tmp_path: Path, text: str) -> Settings:
@@ -501,3 +500,17 @@ def test_escalate_after_only_with_cancel(tmp_path: Path) -> None:
         "still running the query it was cancelled for)"
     )
     assert caught.value.problems == (expected,)
+
+
+def test_the_config_model_and_the_policy_engine_import_no_database_driver() -> None:
+    # Checked in a fresh interpreter: this test process has long imported psycopg.
+    code = "import reaper.policy, reaper.settings, sys; assert 'psycopg' not in sys.modules"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr

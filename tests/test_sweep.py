@@ -15,7 +15,7 @@ import pytest
 from reaper.audit_event import COLUMNS, AuditEvent
 from reaper.observe.audit import AuditSink
 from reaper.observe.log import get_logger
-from reaper.policy import Decision, Result, Session
+from reaper.policy import Decision, Result, Rule, Session
 from reaper.settings import PolicyConfig, Settings
 from reaper.sweep import (
     Cancels,
@@ -51,7 +51,9 @@ def _outcome(
         policy = make_policy("idle", states=["active"], max_runtime="1s", action=action)
     else:
         policy = make_policy("idle", max_idle="1s", action=action)
-    decision = Decision(session=session or make_session(), policy=policy, reason="idle for 10s")
+    decision = Decision(
+        session=session or make_session(), policy=Rule.of(policy), reason="idle for 10s"
+    )
     return Outcome(decision=decision, result=result, detail=detail, escalated=escalated)
 
 
@@ -201,14 +203,15 @@ def _session(pid: int, *, started: int = 0, changed: int = 0) -> Session:
     )
 
 
-def _policy(name: str = "runaway") -> PolicyConfig:
-    return PolicyConfig(
+def _policy(name: str = "runaway") -> Rule:
+    policy = PolicyConfig(
         name=name,
         states=("active",),
         max_runtime=timedelta(seconds=60),
         action="cancel",
         escalate_after=timedelta(seconds=30),
     )
+    return Rule.of(policy)
 
 
 class _Clock:

@@ -1,421 +1,49 @@
-"""Operator workflows: `pg-reaper sessions`, `kill` and `unblock`.
+"""`pg-reaper kill` and `unblock`: the workflow.
 
-`sessions` counts one server's client sessions by state, database, role or application, against
-the server's usable slots and each role's and database's connection limit. `kill` terminates
-every client session that matches the operator's filters, in any state, through the daemon's
-race-safe path (`ServerConnection.signal`) and with the daemon's audit events; with `block` it
-first stops new connections to the database, then waits until nothing uses it any more, so that
-DROP DATABASE or ALTER DATABASE ... RENAME succeeds right after. `unblock` lets connections in
-again.
-
-Pure cores (`count_states`, `count_groups`, `select_victims`) behind thin shells (`census`,
-`kill`, `unblock`) that talk to the server only through `ServerConnection`.
+`kill` terminates every client session that matches the operator's filters (`victims`), in any
+state, through the daemon's race-safe path (`ServerConnection.signal`) and with the daemon's
+audit events; with `block` it first stops new connections to the database, then waits until
+nothing uses it any more, so that DROP DATABASE or ALTER DATABASE ... RENAME succeeds right
+after. `unblock` lets connections in again. What the operator sees is `kill_output`'s.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import shlex
 import time
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-from reaper.commands.doctor import Connections
-from reaper.identifiers import quote_identifier
+from reaper.commands.victims import hidden_matches, select_victims
 from reaper.observe.log import get_logger
-from reaper.output import human_duration, render_table, safe_text
+from reaper.output import safe_text
 from reaper.pg.connection import PostgresError
-from reaper.pg.doctor import connection_limits
 from reaper.pg.kill import allow_connections, database_blockers
-from reaper.policy import CLIENT_BACKEND, Decision, Result, ServerFacts, Session, in_networks
-from reaper.settings import ALL_STATES, PolicyConfig, parse_duration
+from reaper.policy import CLIENT_BACKEND, HIDDEN_BACKEND, Decision, Result, Rule
 from reaper.sweep import Outcome, SweepReport, audit_event, visibility_warnings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from datetime import datetime, timedelta
 
+    from reaper.commands.victims import KillTarget
     from reaper.observe.audit import AuditSink
-    from reaper.pg.activity import ServerConnection
-    from reaper.settings import ClientNetwork
+    from reaper.pg.activity import ServerConnection, Snapshot
+    from reaper.policy import ServerFacts, Session
 
-__all__ = [
-    "GROUPINGS",
-    "KILL_POLICY",
-    "Count",
-    "KillPlan",
-    "KillReport",
-    "KillTarget",
-    "SessionCounts",
-    "ask_on_terminal",
-    "census",
-    "count_groups",
-    "count_states",
-    "hidden_matches",
-    "kill",
-    "kill_target",
-    "parse_client_addr",
-    "parse_wait",
-    "render_counts_json",
-    "render_counts_text",
-    "render_kill",
-    "render_unblocked",
-    "render_victims",
-    "select_victims",
-    "unblock",
-]
+    _Key = tuple[int, datetime | None]
 
-Grouping = Literal["state", "database", "user", "application"]
-GROUPINGS: tuple[Grouping, ...] = ("state", "database", "user", "application")
-# The state of a row the reaper's role may not see (NULL in pg_stat_activity): the metrics'
-# `state="unknown"` too.
-UNKNOWN_STATE = "unknown"
-_HIDDEN = "unknown"  # poll.sql's backend_type for a row whose kind is hidden
+__all__ = ["KILL_RULE", "KillPlan", "KillReport", "kill", "unblock"]
 
-# Every victim of `kill` is decided by this one synthetic policy: the audit events, the table
-# and the JSON of `once` then say `policy = "kill"`, `action = "terminate"` with no special case.
-# Built without validation: it matches nothing by itself (select_victims decides).
-KILL_POLICY = PolicyConfig.model_construct(name="kill", states=ALL_STATES, action="terminate")
+# Every victim of `kill` is decided by this one rule: the audit events, the table and the JSON
+# of `once` then say `policy = "kill"`, `action = "terminate"` with no special case.
+KILL_RULE = Rule(name="kill", action="terminate")
 
 # Backends that go away once the client sessions of a database are terminated: a parallel
 # worker ends with its leader. Any other kind (walsender, logical replication worker,
 # background worker) and prepared transactions stay: kill reports them instead of waiting.
 _ENDED_BY_KILL = frozenset({CLIENT_BACKEND, "parallel worker"})
 _PAUSE_SECONDS = 0.05
-
-
-# --- sessions: the pure core ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Count:
-    """Client sessions of one state, database, role or application."""
-
-    name: str | None  # None: not visible to the reaper's role (no pg_read_all_stats)
-    sessions: int
-    connection_limit: int | None = None  # rolconnlimit / datconnlimit when >= 0
-
-    @property
-    def percent(self) -> float | None:
-        if self.connection_limit is None:
-            return None
-        if self.connection_limit <= 0:
-            return 100.0
-        return 100.0 * self.sessions / self.connection_limit
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SessionCounts:
-    """`pg-reaper sessions` for one server."""
-
-    server: str
-    target: str  # host:port, never a secret
-    by: Grouping
-    error: str | None = None
-    connections: Connections | None = None
-    states: tuple[Count, ...] = ()
-    groups: tuple[Count, ...] = ()  # by `by`; the states again for "state"
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def count_states(sessions: Iterable[Session]) -> tuple[Count, ...]:
-    """Client sessions by state: every state PostgreSQL reports, 0 included, then `unknown`
-    (a row the reaper's role may not see); a state unknown to pg-reaper is listed by its name."""
-    counts = dict.fromkeys((*ALL_STATES, UNKNOWN_STATE), 0)
-    for session in sessions:
-        state = UNKNOWN_STATE if session.state is None else session.state
-        counts[state] = counts.get(state, 0) + 1
-    return tuple(Count(name=name, sessions=n) for name, n in counts.items())
-
-
-def count_groups(
-    sessions: Iterable[Session], *, by: Grouping, limits: Sequence[Mapping[str, Any]] = ()
-) -> tuple[Count, ...]:
-    """Client sessions per database, role or application, most first. A role or database with
-    a connection limit (`limits`: doctor_limits.sql rows) is listed with it, even without
-    sessions."""
-    if by == "state":
-        return count_states(sessions)
-    kind = {"database": "database", "user": "role"}.get(by)
-    limit_of: dict[str | None, int] = {
-        row["name"]: row["connection_limit"] for row in limits if row["kind"] == kind
-    }
-    counts: dict[str | None, int] = dict.fromkeys(limit_of, 0)
-    for session in sessions:
-        key = _group_key(session, by)
-        counts[key] = counts.get(key, 0) + 1
-    groups = [
-        Count(name=k, sessions=n, connection_limit=limit_of.get(k)) for k, n in counts.items()
-    ]
-    return tuple(sorted(groups, key=lambda c: (-c.sessions, c.name is None, c.name or "")))
-
-
-def _group_key(session: Session, by: Grouping) -> str | None:
-    if by == "database":
-        return session.database
-    if by == "user":
-        return session.user
-    # The application of a hidden row is NULL, not an empty application_name.
-    return None if session.backend_type == _HIDDEN else session.application
-
-
-def _connections(row: Mapping[str, Any], sessions: Sequence[Session]) -> Connections:
-    """The server's slots (doctor_connections.sql), with the sessions counted from the poll so
-    that every number shown comes from one snapshot."""
-    return Connections(
-        client_sessions=len(sessions),
-        hidden_sessions=sum(s.backend_type == _HIDDEN for s in sessions),
-        disabled_sessions=sum(s.state == "disabled" for s in sessions),
-        max_connections=row["max_connections"],
-        superuser_reserved_connections=row["superuser_reserved_connections"],
-        reserved_connections=row["reserved_connections"],
-    )
-
-
-# --- sessions: the shell and output -----------------------------------------------------------
-
-
-def census(conn: ServerConnection, *, server: str, by: Grouping) -> SessionCounts:
-    """Count one server's client sessions; an unreachable server is reported, not raised."""
-    try:
-        snapshot = conn.poll()
-        rows = connection_limits(conn)
-    except PostgresError as exc:
-        return SessionCounts(server=server, target=conn.target, by=by, error=str(exc))
-    if not rows["connections"]:
-        return SessionCounts(server=server, target=conn.target, by=by, error="no answer")
-    sessions = snapshot.sessions
-    return SessionCounts(
-        server=server,
-        target=conn.target,
-        by=by,
-        connections=_connections(rows["connections"][0], sessions),
-        states=count_states(sessions),
-        groups=count_groups(sessions, by=by, limits=rows["limits"]),
-    )
-
-
-_GROUP_HEADERS = {"state": "STATE", "database": "DATABASE", "user": "USER", "application": "APP"}
-
-
-def render_counts_text(reports: Sequence[SessionCounts]) -> str:
-    """Per server: one line of connection usage, then a table of the counts."""
-    return "\n\n".join(_counts_text(report) for report in reports)
-
-
-def _counts_text(report: SessionCounts) -> str:
-    title = f"{safe_text(report.server, width=63)} ({safe_text(report.target, width=200)})"
-    if report.connections is None:
-        return f"{title}: cannot be reached: {report.error}"
-    conns = report.connections
-    reserved = (
-        f", {conns.reserved_connections} reserved_connections"
-        if conns.reserved_connections is not None
-        else ""
-    )
-    usage = (
-        f"{title}: {conns.client_sessions} client sessions of {conns.usable} usable slots "
-        f"({conns.percent:.0f}%): max_connections {conns.max_connections}, "
-        f"{conns.superuser_reserved_connections} superuser_reserved_connections{reserved}"
-    )
-    lines = [usage]
-    header = _GROUP_HEADERS[report.by]
-    if report.by == "state":
-        rows = [(c.name or UNKNOWN_STATE, str(c.sessions)) for c in report.groups]
-        lines.extend(_table((header, "SESSIONS"), rows, right=1, indent="  "))
-    else:
-        limited = [
-            (_group_name(c.name), str(c.sessions), _limit_text(c), _percent_text(c))
-            for c in report.groups
-        ]
-        lines.extend(
-            _table((header, "SESSIONS", "LIMIT", "USE"), limited, right=1, indent="  ")
-            if limited
-            else ["  (no client session)"]
-        )
-    if conns.hidden_sessions:
-        lines.append(
-            f"  warning: {conns.hidden_sessions} sessions are hidden from the reaper's role "
-            "(no pg_read_all_stats): their state, kind and application are unknown"
-        )
-    return "\n".join(lines)
-
-
-def _group_name(name: str | None) -> str:
-    if name is None:
-        return "(not visible)"
-    return safe_text(name, width=63) if name else "(empty)"
-
-
-def _limit_text(count: Count) -> str:
-    return "-" if count.connection_limit is None else str(count.connection_limit)
-
-
-def _percent_text(count: Count) -> str:
-    percent = count.percent
-    return "-" if percent is None else f"{percent:.0f}%"
-
-
-def render_counts_json(reports: Sequence[SessionCounts]) -> dict[str, Any]:
-    return {
-        "servers": [_counts_json(report) for report in reports],
-        "ok": all(r.ok for r in reports),
-    }
-
-
-def _counts_json(report: SessionCounts) -> dict[str, Any]:
-    conns = report.connections
-    return {
-        "server": report.server,
-        "target": report.target,
-        "ok": report.ok,
-        "error": report.error,
-        "client_sessions": conns.client_sessions if conns else None,
-        "hidden_sessions": conns.hidden_sessions if conns else None,
-        "max_connections": conns.max_connections if conns else None,
-        "superuser_reserved_connections": conns.superuser_reserved_connections if conns else None,
-        "reserved_connections": conns.reserved_connections if conns else None,
-        "usable": conns.usable if conns else None,
-        "percent": round(conns.percent, 1) if conns else None,
-        "states": {c.name: c.sessions for c in report.states},
-        "by": report.by,
-        "groups": [
-            {
-                "name": c.name,
-                "sessions": c.sessions,
-                "connection_limit": c.connection_limit,
-                "percent": None if c.percent is None else round(c.percent, 1),
-            }
-            for c in report.groups
-        ],
-    }
-
-
-# --- kill: the pure core ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KillTarget:
-    """What `kill` terminates: client sessions matching every filter given (at least one)."""
-
-    database: str | None = None
-    user: str | None = None
-    application: re.Pattern[str] | None = None  # re.search
-    client_addr: ClientNetwork | None = None  # "local": a Unix-socket session
-
-    def matches(self, session: Session) -> bool:
-        if self.database is not None and session.database != self.database:
-            return False
-        if self.user is not None and session.user != self.user:
-            return False
-        if self.application is not None and not self.application.search(session.application):
-            return False
-        return self.client_addr is None or in_networks(session.client_addr, [self.client_addr])
-
-    def describe(self) -> str:
-        """The filters as a shell would take them: `--database shop --user 'we"ird'`."""
-        words: list[str] = []
-        for option, value in (
-            ("--database", self.database),
-            ("--user", self.user),
-            ("--application", self.application.pattern if self.application else None),
-            ("--client-addr", None if self.client_addr is None else str(self.client_addr)),
-        ):
-            if value is not None:
-                words += [option, value]
-        return shlex.join(words)
-
-
-def kill_target(
-    *,
-    database: str | None = None,
-    user: str | None = None,
-    application: str | None = None,
-    client_addr: str | None = None,
-    block: bool = False,
-) -> KillTarget:
-    """The validated filters of `kill`; `ValueError` naming the option that is wrong."""
-    if database is None and user is None and application is None and client_addr is None:
-        raise ValueError("name at least one of --database, --user, --application, --client-addr")
-    if block and database is None:
-        raise ValueError("--block-connections needs --database")
-    if block and (user is not None or application is not None or client_addr is not None):
-        raise ValueError(
-            "--block-connections empties the whole database: it cannot be combined with "
-            "--user, --application or --client-addr"
-        )
-    pattern = None
-    if application is not None:
-        try:
-            pattern = re.compile(application)
-        except re.error as exc:
-            raise ValueError(f"--application: invalid regex {application!r}: {exc}") from None
-    network = None
-    if client_addr is not None:
-        try:
-            network = parse_client_addr(client_addr)
-        except ValueError as exc:
-            raise ValueError(f"--client-addr: {exc}") from None
-    return KillTarget(database=database, user=user, application=pattern, client_addr=network)
-
-
-def parse_wait(value: str) -> timedelta:
-    """`--wait`: a duration such as "10s" or "1m30s" (0 does not wait)."""
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise ValueError(f"--wait: {exc}") from None
-
-
-def parse_client_addr(value: str) -> ClientNetwork:
-    """A CIDR (a bare address is its /32 or /128) or `local` for Unix-socket sessions."""
-    if value == "local":
-        return "local"
-    try:
-        return ipaddress.ip_network(value.strip(), strict=True)
-    except ValueError as exc:
-        raise ValueError(f"invalid CIDR {value!r}: {exc} (or 'local')") from None
-
-
-def select_victims(
-    sessions: Iterable[Session], target: KillTarget, *, own_pid: int
-) -> tuple[Session, ...]:
-    """The client sessions `kill` terminates, in any state, oldest in its state first.
-
-    Never the reaper's own session, never a backend that is not a client (walsenders,
-    autovacuum, background and parallel workers), never a row whose kind is hidden from the
-    reaper's role. Other pg-reapers' sessions are not spared: a database to be dropped needs
-    them gone too.
-    """
-    chosen = [
-        s
-        for s in sessions
-        if s.backend_type == CLIENT_BACKEND and s.pid != own_pid and target.matches(s)
-    ]
-    return tuple(sorted(chosen, key=lambda s: (-s.age_in_state, s.pid)))
-
-
-def hidden_matches(sessions: Iterable[Session], target: KillTarget) -> int:
-    """Rows hidden from the reaper's role whose database and role (all it can see of them)
-    match: sessions `kill` cannot terminate, nor even tell apart from other backends."""
-    return sum(
-        s.backend_type == _HIDDEN
-        and (target.database is None or s.database == target.database)
-        and (target.user is None or s.user == target.user)
-        for s in sessions
-    )
-
-
-def _key(session: Session) -> tuple[int, datetime | None]:
-    """One backend: a pid may be reused by a newer backend, its backend_start not."""
-    return session.pid, session.backend_start
-
-
-# --- kill: the shell --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -496,78 +124,123 @@ def kill(  # noqa: PLR0913 - one keyword per option of the command
     """
     log = get_logger(server=server)
     started = time.perf_counter()
-
-    def elapsed() -> float:
-        return round((time.perf_counter() - started) * 1000, 1)
-
     failure: str | None = None
     try:
         snapshot = conn.poll(include_query=include_query)
     except PostgresError as exc:
         failure = str(exc)
-    if failure is not None:
+    if failure is not None:  # logged outside the except: it is PostgreSQL's word, no traceback
         log.error("poll_failed", error=failure)
-        return KillReport(server=server, dry_run=dry_run, duration_ms=elapsed(), error=failure)
-    own_pid = snapshot.facts.own_pid
-    plan = KillPlan(
-        server=server,
-        target=target,
-        block=block,
-        dry_run=dry_run,
-        facts=snapshot.facts,
-        sessions=snapshot.sessions,
-        victims=select_victims(snapshot.sessions, target, own_pid=own_pid),
-        warnings=_kill_warnings(snapshot.facts, snapshot.sessions, target),
-    )
+        return KillReport(
+            server=server, dry_run=dry_run, duration_ms=_ms_since(started), error=failure
+        )
+    plan = _plan(snapshot, server=server, target=target, block=block, dry_run=dry_run)
     for warning in plan.warnings:
         log.warning("privileges_insufficient", detail=warning)
     if confirm is not None and (plan.victims or block) and not confirm(plan):
         return KillReport(
-            server=server, dry_run=dry_run, duration_ms=elapsed(), plan=plan, confirmed=False
+            server=server,
+            dry_run=dry_run,
+            duration_ms=_ms_since(started),
+            plan=plan,
+            confirmed=False,
         )
     if dry_run:
-        outcomes = tuple(_outcome(v, plan, Result.DRY_RUN, None) for v in plan.victims)
-        for outcome in outcomes:
-            audit_event(
-                log, outcome, server=server, dry_run=True, include_query=include_query, sink=audit
-            )
-        report = KillReport(
-            server=server, dry_run=True, duration_ms=0, plan=plan, outcomes=outcomes
-        )
+        report = _pretend(plan, log=log, include_query=include_query, sink=audit)
     else:
-        report = _terminate(
-            conn, plan, wait=wait, log=log, include_query=include_query, audit=audit
-        )
-    report = replace(report, duration_ms=elapsed())
+        report = _terminate(conn, plan, wait=wait, log=log, include_query=include_query, sink=audit)
+    report = replace(report, duration_ms=_ms_since(started))
+    _log_completed(log, report, plan)
+    return report
+
+
+def unblock(conn: ServerConnection, *, server: str, database: str) -> str | None:
+    """ALTER DATABASE ... WITH ALLOW_CONNECTIONS true; the error, or None."""
+    log = get_logger(server=server)
+    refused = _allow_connections(conn, database, allow=True)
+    if refused is not None:
+        log.error("unblock_connections_failed", database=database, error=refused)
+        return refused
+    log.info("connections_unblocked", database=database)
+    return None
+
+
+def _log_completed(
+    log: Any,  # noqa: ANN401 - structlog's bound loggers are untyped proxies
+    report: KillReport,
+    plan: KillPlan,
+) -> None:
     log.info(
         "kill_completed",
-        database=target.database,
+        database=plan.target.database,
         blocked=report.blocked,
-        dry_run=dry_run,
+        dry_run=plan.dry_run,
         victims=len(report.outcomes),
         terminated=sum(o.result is Result.TERMINATED for o in report.outcomes),
         failed=sum(o.result.is_failure for o in report.outcomes),
         remaining=len(report.remaining),
         duration_ms=report.duration_ms,
     )
-    return report
 
 
-def _terminate(  # noqa: C901 - one loop: signal, re-poll, wait, each step says why
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _plan(
+    snapshot: Snapshot, *, server: str, target: KillTarget, block: bool, dry_run: bool
+) -> KillPlan:
+    facts, sessions = snapshot.facts, snapshot.sessions
+    warnings = list(visibility_warnings(facts, sessions))
+    hidden = hidden_matches(sessions, target)
+    if hidden:
+        warnings.append(
+            f"{hidden} sessions that may match are hidden from role {facts.role!r} (no "
+            "pg_read_all_stats): kill cannot terminate them"
+        )
+    return KillPlan(
+        server=server,
+        target=target,
+        block=block,
+        dry_run=dry_run,
+        facts=facts,
+        sessions=sessions,
+        victims=select_victims(sessions, target, own_pid=facts.own_pid),
+        warnings=tuple(warnings),
+    )
+
+
+def _pretend(
+    plan: KillPlan,
+    *,
+    log: Any,  # noqa: ANN401 - structlog's bound loggers are untyped proxies
+    include_query: bool,
+    sink: AuditSink | None,
+) -> KillReport:
+    """A dry run: every victim audited as `dry_run`, nothing signalled."""
+    outcomes = tuple(_outcome(v, plan, Result.DRY_RUN, None) for v in plan.victims)
+    for outcome in outcomes:
+        audit_event(
+            log, outcome, server=plan.server, dry_run=True, include_query=include_query, sink=sink
+        )
+    return KillReport(server=plan.server, dry_run=True, duration_ms=0, plan=plan, outcomes=outcomes)
+
+
+def _terminate(
     conn: ServerConnection,
     plan: KillPlan,
     *,
     wait: timedelta,
     log: Any,  # noqa: ANN401 - structlog's bound loggers are untyped proxies
     include_query: bool,
-    audit: AuditSink | None,
+    sink: AuditSink | None,
 ) -> KillReport:
-    target = plan.target
-    own_pid = plan.facts.own_pid
-    database = target.database
+    """Block the database if asked, then signal, re-poll and wait until the victims are gone,
+    nothing is left to wait for, or `wait` has passed."""
     started = time.monotonic()
     deadline = started + wait.total_seconds()
     blocked = False
+    database = plan.target.database
     if plan.block and database is not None:
         refused = _allow_connections(conn, database, allow=False)
         if refused is not None:
@@ -577,88 +250,120 @@ def _terminate(  # noqa: C901 - one loop: signal, re-poll, wait, each step says 
             )
         blocked = True
         log.warning("connections_blocked", database=database)
-    latest: dict[tuple[int, datetime | None], Outcome] = {}
-    todo: Sequence[Session] = plan.victims
-    error: str | None = None
-    blockers: list[dict[str, Any]] = []
-    present: set[tuple[int, datetime | None]] = set()
-    while True:
-        try:
-            results = conn.signal(todo, action="terminate")
-        except PostgresError as exc:
-            results = {v.pid: (Result.ERROR, str(exc)) for v in todo}
-            error = str(exc)
-        for victim in todo:
-            result, detail = results.get(victim.pid, (Result.ERROR, "no result"))
-            outcome = _outcome(victim, plan, result, detail)
-            latest[_key(victim)] = outcome
-            if result is not Result.CHANGED:  # retried below; audited once it is final
-                audit_event(
-                    log,
-                    outcome,
-                    server=plan.server,
-                    dry_run=False,
-                    include_query=include_query,
-                    sink=audit,
-                )
-        if error is not None:
-            break
-        try:
-            snapshot = conn.poll(include_query=include_query)
-            current = select_victims(snapshot.sessions, target, own_pid=own_pid)
-            blockers = database_blockers(conn, database) if blocked and database else []
-        except PostgresError as exc:
-            error = str(exc)
-            break
-        present = {_key(s) for s in snapshot.sessions}
-        # A victim that changed state is signalled again with what it looks like now; with
-        # block, so is any session that got into the database before the block took effect.
-        todo = [
-            s
-            for s in current
-            if (_key(s) not in latest and blocked)
-            or (_key(s) in latest and latest[_key(s)].result is Result.CHANGED)
-        ]
-        waiting = [
-            k
-            for k, o in latest.items()
-            if k in present and o.result in {Result.TERMINATED, Result.CHANGED}
-        ]
-        # Sessions that could not be signalled (denied, error) will not leave: no use waiting.
-        stuck = {o.decision.session.pid for o in latest.values() if o.result.is_failure}
-        leaving = [b for b in blockers if b["kind"] in _ENDED_BY_KILL and b["pid"] not in stuck]
-        if not todo and not waiting and not leaving:
-            break
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(_PAUSE_SECONDS)
-    for outcome in latest.values():
-        if outcome.result is Result.CHANGED:
-            audit_event(
-                log,
-                outcome,
-                server=plan.server,
-                dry_run=False,
-                include_query=include_query,
-                sink=audit,
-            )
-    lingering = tuple(
-        o.decision.session.pid
-        for k, o in latest.items()
-        if o.result is Result.TERMINATED and k in present
-    )
-    return KillReport(
+    audit = partial(
+        audit_event,
+        log,
         server=plan.server,
         dry_run=False,
-        duration_ms=0,
-        plan=plan,
-        error=error,
-        outcomes=tuple(latest.values()),
-        blocked=blocked,
-        waited_seconds=round(time.monotonic() - started, 3),
-        remaining=_describe_blockers(blockers) if error is None else (),
-        lingering=lingering,
+        include_query=include_query,
+        sink=sink,
     )
+    run = _Termination(conn=conn, plan=plan, blocked=blocked, audit=audit)
+    todo: Sequence[Session] = plan.victims
+    while True:
+        run.signal(todo)
+        # Re-poll (unless the signal failed): who changed state under it, who got in before
+        # the block, who has not exited yet.
+        again = None if run.error is not None else run.repoll(include_query=include_query)
+        if again is None or run.settled(again) or time.monotonic() >= deadline:
+            break
+        todo = again
+        # Wait: a terminated backend takes a moment to exit, a parallel worker to follow it.
+        time.sleep(_PAUSE_SECONDS)
+    return run.report(waited_seconds=round(time.monotonic() - started, 3))
+
+
+@dataclass(slots=True, kw_only=True)
+class _Termination:
+    """One `kill` while it signals, re-polls and waits: the latest outcome of each backend
+    signalled, and what the last poll saw."""
+
+    conn: ServerConnection
+    plan: KillPlan
+    blocked: bool
+    audit: Callable[[Outcome], None]
+    latest: dict[_Key, Outcome] = field(default_factory=dict)
+    present: set[_Key] = field(default_factory=set)  # the backends on the server at the poll
+    blockers: list[dict[str, Any]] = field(default_factory=list)  # kill_blockers.sql rows
+    error: str | None = None  # a signal or a poll failed: the run ends
+
+    def signal(self, todo: Sequence[Session]) -> None:
+        """Signal `todo` race-safely and note each outcome. A victim that changed state under
+        the signal is retried and audited once its outcome is final; the others now."""
+        try:
+            results = self.conn.signal(todo, action="terminate")
+        except PostgresError as exc:
+            results = {v.pid: (Result.ERROR, str(exc)) for v in todo}
+            self.error = str(exc)
+        for victim in todo:
+            result, detail = results.get(victim.pid, (Result.ERROR, "no result"))
+            outcome = _outcome(victim, self.plan, result, detail)
+            self.latest[_key(victim)] = outcome
+            if result is not Result.CHANGED:
+                self.audit(outcome)
+
+    def repoll(self, *, include_query: bool) -> list[Session] | None:
+        """Poll again to see who is left: the sessions to signal next (None: the poll failed).
+
+        A victim that changed state is signalled again with what it looks like now; with
+        block, so is any session that got into the database before the block took effect.
+        """
+        plan, database = self.plan, self.plan.target.database
+        try:
+            snapshot = self.conn.poll(include_query=include_query)
+            current = select_victims(snapshot.sessions, plan.target, own_pid=plan.facts.own_pid)
+            self.blockers = (
+                database_blockers(self.conn, database) if self.blocked and database else []
+            )
+        except PostgresError as exc:
+            self.error = str(exc)
+            return None
+        self.present = {_key(s) for s in snapshot.sessions}
+        latest = self.latest
+        return [
+            s
+            for s in current
+            if (_key(s) not in latest and self.blocked)
+            or (_key(s) in latest and latest[_key(s)].result is Result.CHANGED)
+        ]
+
+    def settled(self, todo: Sequence[Session]) -> bool:
+        """Nothing to signal, no victim signalled still on the server, and nothing left in the
+        database that will leave by itself: no use waiting any longer."""
+        waiting = [
+            k
+            for k, o in self.latest.items()
+            if k in self.present and o.result in {Result.TERMINATED, Result.CHANGED}
+        ]
+        # Sessions that could not be signalled (denied, error) will not leave: no use waiting.
+        stuck = {o.decision.session.pid for o in self.latest.values() if o.result.is_failure}
+        leaving = [
+            b for b in self.blockers if b["kind"] in _ENDED_BY_KILL and b["pid"] not in stuck
+        ]
+        return not todo and not waiting and not leaving
+
+    def report(self, *, waited_seconds: float) -> KillReport:
+        """The run's report; the victims still `changed` after the last retry are audited so."""
+        for outcome in self.latest.values():
+            if outcome.result is Result.CHANGED:
+                self.audit(outcome)
+        lingering = tuple(
+            o.decision.session.pid
+            for k, o in self.latest.items()
+            if o.result is Result.TERMINATED and k in self.present
+        )
+        return KillReport(
+            server=self.plan.server,
+            dry_run=False,
+            duration_ms=0,
+            plan=self.plan,
+            error=self.error,
+            outcomes=tuple(self.latest.values()),
+            blocked=self.blocked,
+            waited_seconds=waited_seconds,
+            remaining=_describe_blockers(self.blockers) if self.error is None else (),
+            lingering=lingering,
+        )
 
 
 def _describe_blockers(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
@@ -674,7 +379,7 @@ def _describe_blockers(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
         "walsender": "logical replication from this database: stop its consumer (the "
         "subscriber, pg_recvlogical)",
         "logical replication worker": "ALTER SUBSCRIPTION ... DISABLE on this database first",
-        _HIDDEN: "hidden from the reaper's role: GRANT pg_read_all_stats to it",
+        HIDDEN_BACKEND: "hidden from the reaper's role: GRANT pg_read_all_stats to it",
     }
     lines = []
     for kind, labels in pids.items():
@@ -684,19 +389,6 @@ def _describe_blockers(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
         hint = advice.get(kind, "not a client session: pg-reaper does not terminate it")
         lines.append(f"{len(labels)} {kind} ({what} {shown}{more}): {hint}")
     return tuple(lines)
-
-
-def _kill_warnings(
-    facts: ServerFacts, sessions: tuple[Session, ...], target: KillTarget
-) -> tuple[str, ...]:
-    warnings = list(visibility_warnings(facts, sessions))
-    hidden = hidden_matches(sessions, target)
-    if hidden:
-        warnings.append(
-            f"{hidden} sessions that may match are hidden from role {facts.role!r} (no "
-            "pg_read_all_stats): kill cannot terminate them"
-        )
-    return tuple(warnings)
 
 
 def _allow_connections(conn: ServerConnection, database: str, *, allow: bool) -> str | None:
@@ -711,160 +403,10 @@ def _allow_connections(conn: ServerConnection, database: str, *, allow: bool) ->
 def _outcome(session: Session, plan: KillPlan, result: Result, detail: str | None) -> Outcome:
     block = " --block-connections" if plan.block else ""
     reason = f"pg-reaper kill {plan.target.describe()}{block}"
-    decision = Decision(session=session, policy=KILL_POLICY, reason=reason)
+    decision = Decision(session=session, policy=KILL_RULE, reason=reason)
     return Outcome(decision=decision, result=result, detail=detail)
 
 
-def unblock(conn: ServerConnection, *, server: str, database: str) -> str | None:
-    """ALTER DATABASE ... WITH ALLOW_CONNECTIONS true; the error, or None."""
-    log = get_logger(server=server)
-    refused = _allow_connections(conn, database, allow=True)
-    if refused is not None:
-        log.error("unblock_connections_failed", database=database, error=refused)
-        return refused
-    log.info("connections_unblocked", database=database)
-    return None
-
-
-def render_unblocked(server: str, database: str) -> str:
-    return (
-        f"{safe_text(server, width=63)}: database {_database(database)} accepts connections again"
-    )
-
-
-# --- kill: the operator's terminal ------------------------------------------------------------
-
-
-_VICTIM_COLUMNS = (
-    "server",
-    "pid",
-    "user",
-    "database",
-    "application",
-    "client",
-    "state",
-    "idle for",
-)
-
-
-def render_victims(plan: KillPlan) -> str:
-    """The sessions `kill` is about to terminate, in the columns of `once`'s table."""
-    rows = [
-        (
-            plan.server,
-            str(s.pid),
-            s.user,
-            s.database,
-            s.application,
-            s.client_addr or "local",
-            s.state,
-            human_duration(s.idle_seconds),
-        )
-        for s in plan.victims
-    ]
-    cells = [[safe_text(v) for v in row] for row in rows]
-    return "\n".join(_table(tuple(c.upper() for c in _VICTIM_COLUMNS), cells))
-
-
-def ask_on_terminal(plan: KillPlan, *, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> bool:
-    """List the victims on stdout, then ask on stderr; only `y` or `yes` says yes."""
-    if plan.victims:
-        print(render_victims(plan), file=stdout)
-        print(file=stdout)
-    for warning in plan.warnings:
-        print(f"warning: {warning}", file=stderr)
-    count = len(plan.victims)
-    sessions = f"{count} session{'s' if count != 1 else ''}"
-    server = safe_text(plan.server, width=63)
-    if plan.block and plan.target.database is not None:
-        database = _database(plan.target.database)
-        question = f"Block connections to database {database} and terminate {sessions} on {server}?"
-    else:
-        question = f"Terminate {sessions} on {server}?"
-    print(f"{question} [y/N] ", end="", file=stderr, flush=True)
-    answer = stdin.readline()
-    if not answer.endswith("\n"):
-        print(file=stderr)  # end of input (Ctrl-D): nothing echoed the end of the line
-    return answer.strip().lower() in {"y", "yes"}
-
-
-def render_kill(report: KillReport, *, config_path: str) -> str:
-    """`once`'s table and summary line, then what became of the database and the wait."""
-    if not report.confirmed:
-        return "nothing terminated: not confirmed"
-    plan = report.plan
-    lines = [render_table([report.as_sweep_report()])]
-    if plan is None:
-        return lines[0]
-    database = _database(plan.target.database or "")
-    if report.dry_run and plan.block:
-        lines.append(
-            f"  dry run: connections to database {database} would be blocked first, then "
-            "pg-reaper would wait for it to empty"
-        )
-    if report.blocked:
-        lines.append(f"  connections to database {database} are blocked")
-        if report.remaining:
-            lines.extend(
-                f"  database {database} still in use after {report.waited_seconds:g}s: {line}"
-                for line in report.remaining
-            )
-        elif report.error is None:
-            lines.append(
-                f"  database {database} has no session left ({report.waited_seconds:g}s): "
-                "DROP DATABASE or ALTER DATABASE ... RENAME can run now"
-            )
-        unblock_command = shlex.join(
-            [
-                "pg-reaper",
-                "unblock",
-                "-c",
-                config_path,
-                "--server",
-                plan.server,
-                "--database",
-                plan.target.database or "",
-            ]
-        )
-        lines.append(f"  to let connections in again: {safe_text(unblock_command, width=400)}")
-    if report.lingering:
-        pids = ", ".join(str(p) for p in report.lingering)
-        lines.append(
-            f"  warning: terminated but still on the server after {report.waited_seconds:g}s: "
-            f"pid {pids}"
-        )
-    if report.error is not None:
-        lines.append(f"  error: {report.error}")
-    if not report.outcomes and not report.dry_run and report.error is None:
-        lines.append(f"  no client session matches {plan.target.describe()}")
-    return "\n".join(lines)
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def _database(name: str) -> str:
-    """A database name as SQL would write it (shop, "we""ird'; db"), printable."""
-    return safe_text(quote_identifier(name), width=200)
-
-
-def _table(
-    headers: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    *,
-    right: int | None = None,
-    indent: str = "",
-) -> list[str]:
-    """Aligned columns; column `right` and those after it are right-aligned (numbers)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (
-            indent
-            + "  ".join(
-                c.rjust(w) if right is not None and i >= right else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-        )
-
-    return [line(headers), *(line(row) for row in rows)]
+def _key(session: Session) -> _Key:
+    """One backend: a pid may be reused by a newer backend, its backend_start not."""
+    return session.pid, session.backend_start

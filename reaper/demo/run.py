@@ -8,7 +8,6 @@ it happens. Ctrl-C (or `--duration`) stops it; everything started is stopped and
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Self
 
 from reaper.daemon.process import Daemon
 from reaper.demo.embedded import EmbeddedPostgres
+from reaper.demo.programs import free_port
 from reaper.observe.log import configure
 from reaper.pg.activity import ServerConnection
 from reaper.settings import load_settings
@@ -86,7 +86,7 @@ def run_demo(*, major: int = 18, duration: float | None = None) -> int:
         # Over the Unix socket, where the throwaway server trusts local sessions: no password. The
         # socket directory is mode 0700, so no other local account gets that trust.
         dsn = f"host={pg.socket_dir} port={pg.port} dbname=postgres user={pg.superuser}"
-        port = _free_port()
+        port = free_port()
         config = Path(tmp) / "config.toml"
         config.write_text(CONFIG.format(dsn=dsn, max_idle=MAX_IDLE_SECONDS, metrics_port=port))
         say(f"The config ({config}):\n")
@@ -170,12 +170,6 @@ class _Clients:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def say(text: str) -> None:

@@ -12,8 +12,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from datetime import datetime
 
-    from reaper.policy import Session
-    from reaper.settings import PolicyConfig
+    from reaper.policy import Rule, Session
 
 __all__ = ["Cancels", "LoggedEpisodes", "Memory"]
 
@@ -74,7 +73,7 @@ class Cancels(_PerBackend[_Cancelled]):
     def remember(self, session: Session, *, policy: str) -> None:
         self._put(session, _Cancelled(policy, session.state_change, self.clock()))
 
-    def due_in(self, session: Session, policy: PolicyConfig) -> float | None:
+    def due_in(self, session: Session, policy: Rule) -> float | None:
         """Seconds until `session`, cancelled by `policy` and still running the same query,
         is to be terminated (0 or less: now); None if it was not cancelled for this query."""
         entry = self._get(session)
