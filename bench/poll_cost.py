@@ -243,7 +243,7 @@ def wall_ms(conn: psycopg.Connection[TupleRow], variant: Variant) -> float:
 
 def product_variant(conn: psycopg.Connection[TupleRow]) -> str:
     """Which of the product's two statements a poll runs on this server, by the product's rule
-    (reaper.activity.poll_reads_every_role) after a first poll that reads every role."""
+    (reaper.pg.activity.poll_reads_every_role) after a first poll that reads every role."""
     rows = conn.execute(POLL_SQL, PARAMS).fetchall()
     sessions = sum(1 for row in rows if row[0] is not None)  # pid
     roles = sum(1 for row in rows if row[0] is None and row[3] is not None)  # role_oid

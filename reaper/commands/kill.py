@@ -20,7 +20,7 @@ from reaper.output import safe_text
 from reaper.pg.connection import PostgresError
 from reaper.pg.kill import allow_connections, database_blockers
 from reaper.policy import CLIENT_BACKEND, HIDDEN_BACKEND, Decision, Result, Rule
-from reaper.sweep import Outcome, SweepReport, audit_event, visibility_warnings
+from reaper.sweep import Outcome, ServerRun, SweepReport, audit_event, visibility_warnings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -61,16 +61,12 @@ class KillPlan:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class KillReport:
-    """What `kill` did on one server."""
+class KillReport(ServerRun):
+    """What `kill` did on one server; `error`: the server could not be polled, or refused to
+    block."""
 
-    server: str
-    dry_run: bool
-    duration_ms: float
     plan: KillPlan | None = None
-    error: str | None = None  # the server could not be polled, or refused to block
     confirmed: bool = True
-    outcomes: tuple[Outcome, ...] = ()
     blocked: bool = False  # connections to the database are blocked (by this run)
     waited_seconds: float = 0.0
     remaining: tuple[str, ...] = ()  # what still keeps the database in use (with block)

@@ -6,7 +6,14 @@ each outcome into an audit event, `memory` what the daemon keeps of a server bet
 
 from reaper.sweep.cycle import HaLock, Mode, connect, sweep, visibility_warnings
 from reaper.sweep.memory import Cancels, LoggedEpisodes, Memory
-from reaper.sweep.report import Outcome, SweepReport, audit_event, audit_fields, audit_record
+from reaper.sweep.report import (
+    Outcome,
+    ServerRun,
+    SweepReport,
+    audit_event,
+    audit_fields,
+    audit_record,
+)
 
 __all__ = [
     "Cancels",
@@ -15,6 +22,7 @@ __all__ = [
     "Memory",
     "Mode",
     "Outcome",
+    "ServerRun",
     "SweepReport",
     "audit_event",
     "audit_fields",

@@ -4,7 +4,7 @@ policy engine), act (signal, or not), report (the report, its audit events and i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from reaper.identifiers import quote_identifier
@@ -73,9 +73,13 @@ class _Cycle:
     lock: HaLock | None
     memory: Memory | None
     audit: AuditSink | None
-    policies: tuple[PolicyConfig, ...]  # the server's
-    started: float
-    log: Any  # structlog's bound logger, with the server's name
+    started: float = field(default_factory=time.perf_counter)
+    policies: tuple[PolicyConfig, ...] = field(init=False)  # the server's
+    log: Any = field(init=False)  # structlog's bound logger, with the server's name
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policies", self.settings.policies_for(self.server))
+        object.__setattr__(self, "log", get_logger(server=self.server.name))
 
     @property
     def dry_run(self) -> bool:
@@ -111,9 +115,6 @@ def sweep(  # noqa: PLR0913 - keyword-only, each one a collaborator of the cycle
         lock=lock,
         memory=memory,
         audit=audit,
-        policies=settings.policies_for(server),
-        started=time.perf_counter(),
-        log=get_logger(server=server.name),
     )
     try:
         seen = _observe(conn, cycle)

@@ -39,14 +39,20 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SweepReport:
+class ServerRun:
+    """What one run of pg-reaper did on one server: a cycle (`SweepReport`) or a `kill`."""
+
     server: str
     dry_run: bool
     duration_ms: float
     error: str | None = None
+    outcomes: tuple[Outcome, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepReport(ServerRun):
     facts: ServerFacts | None = None
     sessions: tuple[Session, ...] = ()
-    outcomes: tuple[Outcome, ...] = ()
     warnings: tuple[str, ...] = ()
     # Seconds from the poll until the next session would become eligible (0: victims were
     # deferred by the cap); None when no session is on its way to any threshold.
