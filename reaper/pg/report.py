@@ -145,7 +145,7 @@ def _check_table(conn: Connection, table: tuple[str, str]) -> None:
     where = f"{conn.target}: the audit table {shown}"
     if not rows or not rows[0]["present"]:
         raise AuditTableUnreadable(
-            f"{where} does not exist: pg-reaper makes it when `run`, `once` or `kill` first "
+            f"{where} does not exist: pg-reaper makes it when run, once or kill first "
             "start with this [audit] section; check [audit] dsn and table (docs/audit.md)"
         )
     found = rows[0]

@@ -1,13 +1,13 @@
 -- The leak report (docs/report.md): can the audit table be read, and safely? Looked up in the
 -- catalogs, which needs no privilege on the schema (unlike to_regclass). No row: no such
--- schema. relation NULL: no such table.
--- A SELECT runs code of the table's owner as the reader in two ways only: a view (its
--- functions run as whoever reads it) and row-level security (its policies' expressions run as
--- the reader). The report reads a plain or partitioned table, whose row security is off, or
--- is not applied to the reader (a superuser, BYPASSRLS), or is its owner's, the reader's or a
--- superuser's; and its columns must have the types pg-reaper
--- writes (the parameters columns and types: a column of another type could bring its owner's
--- operators into the GROUP BY).
+-- schema; present false: no such table.
+-- A SELECT runs code of the table's owner as the reader in two ways: a view (its functions run
+-- as whoever reads it) and row-level security (its policies' expressions run as the reader).
+-- So the report reads only a plain or partitioned table whose row security is off, does not
+-- apply to the reader (a superuser or a BYPASSRLS role), or is owned by the reader or a
+-- superuser. And the columns it reads must have the types pg-reaper writes (the parameters
+-- columns and types): a column of another type could bring its owner's operators into the
+-- GROUP BY.
 SELECT current_user AS reader,
        c.oid IS NOT NULL AS present,
        c.relkind IN ('r', 'p') AS is_table,
