@@ -146,6 +146,33 @@ def test_missing_pg_read_all_stats_is_a_loud_problem_with_the_grant_that_fixes_i
     assert problem.fix == "GRANT pg_read_all_stats TO reaper_blind"
 
 
+def test_query_filters_without_pg_read_all_stats_are_a_warning_naming_the_policies() -> None:
+    listeners = PolicyConfig(
+        name="listeners", max_idle=timedelta(hours=1), exclude_queries=["^LISTEN"]
+    )
+    reports = PolicyConfig(name="reports", max_idle=timedelta(hours=1), queries=["^SELECT"])
+    plain = PolicyConfig(name="idle", max_idle=timedelta(hours=1))
+    blind = make_state(role="reaper_blind", read_all_stats=False)
+    diagnosis = diagnose(blind, policies=[listeners, plain, reports])
+    (warning,) = [w for w in diagnosis.warnings if "last query" in w.message]
+    assert warning.message.startswith(
+        "policies 'listeners', 'reports' filter on the last query (queries, exclude_queries)"
+    )
+    assert "'exclude_queries' spares them all" in warning.message
+    assert warning.fix == "GRANT pg_read_all_stats TO reaper_blind"
+    (one,) = [
+        w.message
+        for w in diagnose(blind, policies=[listeners]).warnings
+        if "last query" in w.message
+    ]
+    assert one.startswith("policy 'listeners' filters on the last query")
+    # Seen, or not used: nothing to say.
+    assert not [
+        w for w in diagnose(make_state(), policies=[listeners]).warnings if "query" in w.message
+    ]
+    assert not [w for w in diagnose(blind, policies=[plain]).warnings if "query" in w.message]
+
+
 def test_missing_pg_signal_backend_is_a_problem() -> None:
     (problem,) = diagnose(make_state(signal_backend=False)).problems
     assert "lacks pg_signal_backend" in problem.message
