@@ -450,7 +450,7 @@ def test_a_waiter_that_waited_less_than_when_blocking_does_not_make_its_blocker_
     decision = decide(blocker(blocking=(7, 8), lock_wait_seconds=29.5), BLOCKERS)
     assert not decision.matched
     assert (
-        decision.reason == "blockers: blocks pids 7, 8; longest lock wait 30s < when_blocking 30s"
+        decision.reason == "blockers: blocks pids 7, 8; longest lock wait 29s < when_blocking 30s"
     )
     fresh = decide(blocker(blocking=(7,), lock_wait_seconds=0.0), BLOCKERS)
     assert not fresh.matched

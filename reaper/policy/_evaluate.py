@@ -199,7 +199,8 @@ def blocking(session: Session, threshold: float) -> tuple[bool, str]:
         shown += f" and {more} more"
     said = (
         f"blocks pid{'s' if len(session.blocking) > 1 else ''} {shown}; "
-        f"longest lock wait {_seconds(wait)}"
+        # Whole seconds cut, not rounded: a wait of 29.6 s is not shown as 30s < 30s.
+        f"longest lock wait {f'{int(wait)}s' if wait >= 10 else _seconds(wait)}"
     )
     if wait >= threshold:
         return True, f"{said} >= when_blocking {_seconds(threshold)}"
