@@ -26,6 +26,7 @@ from reaper.pg.activity import ServerConnection
 from reaper.policy import Result, plan
 from reaper.settings import PolicyConfig, ReaperSection
 from tests.servers import Sessions, TestServer, usable, wait_for
+from tests.test_daemon import RunningDaemon, daemon_config
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -339,3 +340,36 @@ def test_a_waiter_replaced_by_a_newer_one_is_not_a_wait_long_enough(
     again = reaper.signal([victim.session], action="terminate")
     assert again[victim.session.pid][0] is Result.TERMINATED
     assert pg.wait_gone(victim.session.pid)
+
+
+def test_the_daemon_terminates_a_blocker_about_when_its_waiter_has_waited_when_blocking(
+    pg: TestServer, rows: Rows, tmp_path: Path
+) -> None:
+    # The interval is long: the daemon polls at least once per when_blocking, and again when
+    # a waiter it has seen reaches it.
+    config = daemon_config(
+        tmp_path / "config.toml",
+        servers={f"pg{pg.major}": pg.dsn()},
+        policies=BLOCKERS.replace('"1s"', '"3s"'),
+        port=None,
+        interval="30s",
+        min_interval="1s",
+    )
+    daemon = RunningDaemon(config, port=None)
+    try:
+        daemon.wait_event("poll_completed", timeout=20)
+        time.sleep(0.7)  # not in step with the daemon's polls
+        blocker, row = rows.holder("blocker")
+        waiter = rows.waiter(row, "waiter")
+        due = time.monotonic() + 3.0
+
+        assert pg.wait_gone(blocker.info.backend_pid, timeout=15)
+        late = time.monotonic() - due
+
+        assert late < 2.5, f"terminated {late:.2f} s after its waiter had waited when_blocking"
+        assert waiter.finished()
+        event = daemon.wait_event("session_reaped", pid=blocker.info.backend_pid, timeout=5)
+        assert event["result"] == "terminated"
+        assert event["reason"].startswith(f"blocks pid {waiter.pid}; longest lock wait ")
+    finally:
+        daemon.stop()
