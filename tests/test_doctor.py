@@ -437,6 +437,24 @@ def test_a_reaper_without_pg_read_all_stats_fails_loudly_with_the_grant(
 
 
 @pytest.mark.integration
+def test_query_filters_without_pg_read_all_stats_get_a_warning_from_doctor(
+    pg: TestServer, write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    listeners = IDLE_POLICY + "exclude_queries = ['^LISTEN']\n"
+    blind = write_config(listeners, dsn=pg.dsn(user="reaper_blind", password="reaper_blind"))
+
+    code, text = run_doctor_text(capsys, blind)
+
+    assert code == 1  # the missing privilege itself is a problem
+    (line,) = [line for line in text.splitlines() if "last query" in line]
+    assert line.startswith("  warning: policy 'idle' filters on the last query"), line
+    # With the privilege, nothing to say about it.
+    seeing = write_config(listeners, dsn=pg.dsn(user="reaper_lp", password="reaper_lp"))
+    code, text = run_doctor_text(capsys, seeing)
+    assert "last query" not in text
+
+
+@pytest.mark.integration
 def test_a_least_privilege_reaper_has_no_privilege_problem(
     pg: TestServer, write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
