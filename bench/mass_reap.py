@@ -51,7 +51,8 @@ from reaper.settings import load_settings
 from reaper.sweep import connect, sweep
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
+    from datetime import timedelta
 
     from psycopg.rows import TupleRow
 
@@ -175,19 +176,24 @@ class TimedConnection(ServerConnection):
     poll_seconds = 0.0
     signal_seconds = 0.0
 
-    def poll(self, *, include_query: bool = False) -> Snapshot:
+    def poll(self, *, include_query: bool = False, include_blocking: bool = False) -> Snapshot:
         started = time.perf_counter()
         try:
-            return super().poll(include_query=include_query)
+            return super().poll(include_query=include_query, include_blocking=include_blocking)
         finally:
             self.poll_seconds += time.perf_counter() - started
 
     def signal(
-        self, victims: Sequence[Session], *, action: Action, lock_key: int | None = None
+        self,
+        victims: Sequence[Session],
+        *,
+        action: Action,
+        lock_key: int | None = None,
+        blocking: Mapping[int, timedelta] | None = None,
     ) -> dict[int, tuple[Result, str | None]]:
         started = time.perf_counter()
         try:
-            return super().signal(victims, action=action, lock_key=lock_key)
+            return super().signal(victims, action=action, lock_key=lock_key, blocking=blocking)
         finally:
             self.signal_seconds += time.perf_counter() - started
 

@@ -62,7 +62,7 @@ REAPER_ROLE = "bench_reaper"
 TARGET_RATIO = 1.0
 OPEN_WORKERS = 8
 WARMUP = 5
-PARAMS = {"include_query": False}
+PARAMS = {"include_query": False, "include_blocking": False}
 
 BARE_SQL = "SELECT * FROM pg_stat_activity"
 # The set-returning function that both read, alone: the floor. It looks every backend up in the
@@ -134,6 +134,7 @@ class Variant:
     kind: str  # baseline | floor | product | previous | candidate
     statements: tuple[str, ...]  # run one after the other; the cost is their sum
     description: str
+    blocking: bool = False  # the poll's include_blocking (a policy with when_blocking)
 
 
 VARIANTS = (
@@ -152,6 +153,14 @@ VARIANTS = (
         (POLL_BACKEND_ROLES_SQL,),
         "reaper.pg.activity.POLL_BACKEND_ROLES_SQL: the same with role rows only for the roles "
         "that have a backend, which the product runs when there are more roles than sessions",
+    ),
+    Variant(
+        "poll-blk",
+        "product",
+        (POLL_SQL,),
+        "reaper.pg.activity.POLL_SQL with include_blocking: what a server with a when_blocking "
+        "policy pays (pg_locks, and pg_blocking_pids per waiting backend)",
+        blocking=True,
     ),
     Variant(
         "previous",
@@ -216,8 +225,15 @@ def prepare_roles(pg: EmbeddedPostgres, extra: int) -> None:
 # --------------------------------------------------------------------------- measuring
 
 
-def _params(statement: str) -> dict[str, Any] | None:
-    return PARAMS if "%(include_query)s" in statement else None
+def _params(statement: str, variant: Variant | None = None) -> dict[str, Any] | None:
+    if "%(include_query)s" not in statement:
+        return None
+    blocking = variant is not None and variant.blocking
+    return (
+        {**PARAMS, "include_blocking": blocking}
+        if "%(include_blocking)s" in statement
+        else {"include_query": False}
+    )
 
 
 def server_ms(conn: psycopg.Connection[TupleRow], variant: Variant) -> float:
@@ -225,7 +241,7 @@ def server_ms(conn: psycopg.Connection[TupleRow], variant: Variant) -> float:
     for statement in variant.statements:
         cur = conn.execute(
             "EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) " + statement,
-            _params(statement),
+            _params(statement, variant),
             prepare=True,
         )
         row = cur.fetchone()
@@ -237,7 +253,7 @@ def server_ms(conn: psycopg.Connection[TupleRow], variant: Variant) -> float:
 def wall_ms(conn: psycopg.Connection[TupleRow], variant: Variant) -> float:
     started = time.perf_counter()
     for statement in variant.statements:
-        conn.execute(statement, _params(statement), prepare=True).fetchall()
+        conn.execute(statement, _params(statement, variant), prepare=True).fetchall()
     return (time.perf_counter() - started) * 1000.0
 
 
@@ -254,7 +270,7 @@ def measure(conn: psycopg.Connection[TupleRow], step: Step, repetitions: int) ->
     step.product = product_variant(conn)
     for variant in VARIANTS:
         step.rows[variant.name] = sum(
-            len(conn.execute(statement, _params(statement)).fetchall())
+            len(conn.execute(statement, _params(statement, variant)).fetchall())
             for statement in variant.statements
         )
         step.server_ms[variant.name] = []

@@ -146,6 +146,33 @@ def test_missing_pg_read_all_stats_is_a_loud_problem_with_the_grant_that_fixes_i
     assert problem.fix == "GRANT pg_read_all_stats TO reaper_blind"
 
 
+def test_query_filters_without_pg_read_all_stats_are_a_warning_naming_the_policies() -> None:
+    listeners = PolicyConfig(
+        name="listeners", max_idle=timedelta(hours=1), exclude_queries=["^LISTEN"]
+    )
+    reports = PolicyConfig(name="reports", max_idle=timedelta(hours=1), queries=["^SELECT"])
+    plain = PolicyConfig(name="idle", max_idle=timedelta(hours=1))
+    blind = make_state(role="reaper_blind", read_all_stats=False)
+    diagnosis = diagnose(blind, policies=[listeners, plain, reports])
+    (warning,) = [w for w in diagnosis.warnings if "last query" in w.message]
+    assert warning.message.startswith(
+        "policies 'listeners', 'reports' filter on the last query (queries, exclude_queries)"
+    )
+    assert "'exclude_queries' spares them all" in warning.message
+    assert warning.fix == "GRANT pg_read_all_stats TO reaper_blind"
+    (one,) = [
+        w.message
+        for w in diagnose(blind, policies=[listeners]).warnings
+        if "last query" in w.message
+    ]
+    assert one.startswith("policy 'listeners' filters on the last query")
+    # Seen, or not used: nothing to say.
+    assert not [
+        w for w in diagnose(make_state(), policies=[listeners]).warnings if "query" in w.message
+    ]
+    assert not [w for w in diagnose(blind, policies=[plain]).warnings if "query" in w.message]
+
+
 def test_missing_pg_signal_backend_is_a_problem() -> None:
     (problem,) = diagnose(make_state(signal_backend=False)).problems
     assert "lacks pg_signal_backend" in problem.message
@@ -407,6 +434,24 @@ def test_a_reaper_without_pg_read_all_stats_fails_loudly_with_the_grant(
     assert line.startswith("  PROBLEM: ROLE reaper_blind LACKS pg_read_all_stats")
     assert line.endswith("— fix: GRANT pg_read_all_stats TO reaper_blind")
     assert f"PostgreSQL {pg.major}" in text
+
+
+@pytest.mark.integration
+def test_query_filters_without_pg_read_all_stats_get_a_warning_from_doctor(
+    pg: TestServer, write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    listeners = IDLE_POLICY + "exclude_queries = ['^LISTEN']\n"
+    blind = write_config(listeners, dsn=pg.dsn(user="reaper_blind", password="reaper_blind"))
+
+    code, text = run_doctor_text(capsys, blind)
+
+    assert code == 1  # the missing privilege itself is a problem
+    (line,) = [line for line in text.splitlines() if "last query" in line]
+    assert line.startswith("  warning: policy 'idle' filters on the last query"), line
+    # With the privilege, nothing to say about it.
+    seeing = write_config(listeners, dsn=pg.dsn(user="reaper_lp", password="reaper_lp"))
+    code, text = run_doctor_text(capsys, seeing)
+    assert "last query" not in text
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -58,6 +59,9 @@ def make_session(
     superuser: bool = False,
     member: bool = False,
     signaller: bool = False,
+    query: str | None = None,
+    blocking: tuple[int, ...] = (),
+    lock_wait_seconds: float | None = None,
 ) -> Session:
     """A client session with sensible defaults: an idle web app connection from 10.1.2.3."""
     return Session(
@@ -77,6 +81,9 @@ def make_session(
         superuser=superuser,
         member=member,
         signaller=signaller,
+        query=query,
+        blocking=blocking,
+        lock_wait_seconds=lock_wait_seconds,
     )
 
 
@@ -406,6 +413,172 @@ def test_exclusions_win_over_inclusions(fields: dict[str, Any], reason: str) -> 
     assert decision.reason == f"idle: {reason}"
 
 
+# --- when_blocking -----------------------------------------------------------------------------
+
+BLOCKERS = make_policy("blockers", states=["idle in transaction"], when_blocking="30s")
+
+
+def blocker(**fields: Any) -> Session:
+    """An idle-in-transaction session, idle 10 s, in a transaction for 20 s."""
+    defaults: dict[str, Any] = {
+        "state": "idle in transaction",
+        "idle_seconds": 10.0,
+        "transaction_seconds": 20.0,
+    }
+    return make_session(**{**defaults, **fields})
+
+
+def test_a_session_blocking_a_lock_wait_past_when_blocking_matches_naming_the_waiters() -> None:
+    decision = decide(blocker(blocking=(4243, 4242), lock_wait_seconds=42.4), BLOCKERS)
+    assert decision.matched
+    assert decision.reason == "blocks pids 4243, 4242; longest lock wait 42s >= when_blocking 30s"
+
+
+def test_a_wait_of_exactly_when_blocking_is_enough() -> None:
+    decision = decide(blocker(blocking=(7,), lock_wait_seconds=30.0), BLOCKERS)
+    assert decision.matched
+    assert decision.reason == "blocks pid 7; longest lock wait 30s >= when_blocking 30s"
+
+
+def test_a_session_that_blocks_nobody_is_spared_by_when_blocking() -> None:
+    decision = decide(blocker(idle_seconds=3600.0, transaction_seconds=3600.0), BLOCKERS)
+    assert not decision.matched
+    assert decision.reason == "blockers: blocks no backend"
+
+
+def test_a_waiter_that_waited_less_than_when_blocking_does_not_make_its_blocker_match() -> None:
+    decision = decide(blocker(blocking=(7, 8), lock_wait_seconds=29.5), BLOCKERS)
+    assert not decision.matched
+    assert (
+        decision.reason == "blockers: blocks pids 7, 8; longest lock wait 29s < when_blocking 30s"
+    )
+    fresh = decide(blocker(blocking=(7,), lock_wait_seconds=0.0), BLOCKERS)
+    assert not fresh.matched
+
+
+def test_when_blocking_is_scoped_by_states_and_the_other_filters() -> None:
+    blocking: dict[str, Any] = {"blocking": (7,), "lock_wait_seconds": 60.0}
+    assert not decide(make_session(state="active", **blocking), BLOCKERS).matched
+    assert not decide(make_session(state="idle", **blocking), BLOCKERS).matched
+    scoped = make_policy(
+        "blockers", states=["idle in transaction"], when_blocking=30, exclude_users=["batch"]
+    )
+    assert decide(blocker(user="app", **blocking), scoped).matched
+    assert not decide(blocker(user="batch", **blocking), scoped).matched
+
+
+def test_with_an_age_threshold_when_blocking_must_hold_too() -> None:
+    # "Idle in transaction for 5 minutes AND blocking someone for 30 s": the two together;
+    # either alone is two policies (the first match wins).
+    both = make_policy(
+        "blockers", states=["idle in transaction"], max_idle="5m", when_blocking="30s"
+    )
+    blocks: dict[str, Any] = {"blocking": (7,), "lock_wait_seconds": 60.0}
+    assert not decide(blocker(idle_seconds=60.0, **blocks), both).matched
+    assert decide(blocker(idle_seconds=60.0, **blocks), both).reason == (
+        "blockers: under every threshold"
+    )
+    assert not decide(blocker(idle_seconds=600.0), both).matched
+    matched = decide(blocker(idle_seconds=600.0, **blocks), both)
+    assert matched.matched
+    assert matched.reason == (
+        "idle 600s > max_idle 300s, blocks pid 7; longest lock wait 60s >= when_blocking 30s"
+    )
+
+
+def test_a_reason_names_at_most_ten_blocked_pids() -> None:
+    decision = decide(blocker(blocking=tuple(range(100, 125)), lock_wait_seconds=31.0), BLOCKERS)
+    assert decision.reason.startswith(
+        "blocks pids 100, 101, 102, 103, 104, 105, 106, 107, 108, 109 and 15 more;"
+    )
+
+
+def test_a_decision_of_a_when_blocking_policy_carries_its_threshold() -> None:
+    decision = decide(blocker(blocking=(7,), lock_wait_seconds=31.0), BLOCKERS)
+    assert decision.policy == Rule(
+        name="blockers", action="terminate", when_blocking=timedelta(seconds=30)
+    )
+
+
+def test_seconds_until_a_blocker_is_eligible_is_what_its_longest_waiter_lacks() -> None:
+    from reaper.policy import seconds_until_eligible  # noqa: PLC0415
+
+    def until(session: Session, *policies: PolicyConfig) -> float | None:
+        return seconds_until_eligible(session, policies, reaper=REAPER, facts=FACTS)
+
+    assert until(blocker(blocking=(7,), lock_wait_seconds=12.0), BLOCKERS) == 18.0
+    # Nobody waits for it: it may block someone at any time, which the interval bounds.
+    assert until(blocker(), BLOCKERS) is None
+    both = make_policy("both", states=["idle in transaction"], max_idle=100, when_blocking=30)
+    # Both must hold: the later of the two.
+    assert until(blocker(idle_seconds=10.0, blocking=(7,), lock_wait_seconds=12.0), both) == 90.0
+    assert until(blocker(idle_seconds=90.0, blocking=(7,), lock_wait_seconds=12.0), both) == 18.0
+
+
+# --- last-query filters ------------------------------------------------------------------------
+
+LISTENERS_SPARED = make_policy("idle", max_idle=60, exclude_queries=[r"^\s*LISTEN"])
+
+
+@pytest.mark.parametrize(
+    ("query", "matched"),
+    [
+        ("LISTEN orders", False),
+        ("  listen orders", True),  # regexes are case-sensitive, as everywhere in the file
+        ("\n\tLISTEN orders", False),
+        ("SELECT 1", True),
+        ("", True),  # a session that never ran a statement
+    ],
+)
+def test_exclude_queries_spares_sessions_whose_last_query_matches(
+    query: str, *, matched: bool
+) -> None:
+    decision = decide(make_session(idle_seconds=3600.0, query=query), LISTENERS_SPARED)
+    assert decision.matched is matched
+    if not matched:
+        assert decision.reason == "idle: last query excluded"
+
+
+def test_queries_matches_only_sessions_whose_last_query_matches() -> None:
+    reports = make_policy("reports", max_idle=60, queries=["^SELECT .* FROM report_"])
+    assert decide(make_session(idle_seconds=61.0, query="SELECT * FROM report_q3"), reports).matched
+    miss = decide(make_session(idle_seconds=61.0, query="SELECT * FROM orders"), reports)
+    assert not miss.matched
+    assert miss.reason == "reports: last query not listed"
+
+
+@pytest.mark.parametrize("query", [None, "<insufficient privilege>"])
+@pytest.mark.parametrize(
+    "filters", [{"queries": ["."]}, {"exclude_queries": ["^LISTEN"]}, {"queries": ["^$|."]}]
+)
+def test_a_last_query_the_reaper_cannot_read_is_never_killed_by_a_query_filter(
+    query: str | None, filters: dict[str, Any]
+) -> None:
+    policy = make_policy("idle", max_idle=60, **filters)
+    decision = decide(make_session(idle_seconds=3600.0, query=query), policy)
+    assert not decision.matched
+    assert decision.reason == (
+        "idle: last query not visible to the reaper's role (pg_read_all_stats?)"
+    )
+
+
+def test_a_policy_without_query_filters_does_not_look_at_the_query() -> None:
+    assert decide(make_session(idle_seconds=61.0, query=None), IDLE_60S).matched
+
+
+def test_the_query_text_is_never_in_a_reason_nor_in_a_sessions_repr() -> None:
+    secret = "SELECT 'card 4111 1111 1111 1111'"
+    session = make_session(idle_seconds=61.0, query=secret)
+    for policy in (
+        make_policy("q", max_idle=60, queries=["card"]),
+        make_policy("q", max_idle=60, queries=["nothing"]),
+        make_policy("q", max_idle=60, exclude_queries=["card"]),
+    ):
+        decision = decide(session, policy)
+        assert "4111" not in decision.reason
+        assert "4111" not in repr(decision)
+
+
 # --- policy order ------------------------------------------------------------------------------
 
 
@@ -418,7 +591,7 @@ def test_a_decision_carries_what_acting_on_it_needs_of_its_policy() -> None:
         name="runaway", action="cancel", escalate_after=timedelta(seconds=30)
     )
     assert decide(make_session(idle_seconds=61.0), IDLE_60S).policy == Rule(
-        name="idle", action="terminate", escalate_after=None
+        name="idle", action="terminate", escalate_after=None, when_blocking=None
     )
 
 
@@ -715,6 +888,9 @@ OTHER_BACKENDS = (
     "checkpointer",
 )
 THRESHOLDS = ("max_idle", "max_runtime", "max_transaction_age", "max_connection_age")
+# Last query texts, None and "<insufficient privilege>" being texts the reaper cannot read.
+QUERIES = (None, "<insufficient privilege>", "", "LISTEN jobs", "  LISTEN jobs", "SELECT 1")
+QUERY_REGEXES = (r"^\s*LISTEN", "LISTEN", "^SELECT", "^$", ".")
 
 ages = st.none() | st.integers(0, 300).map(float) | st.floats(0, 300, allow_nan=False)
 
@@ -741,6 +917,9 @@ session_fields: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
         "superuser": st.booleans(),
         "member": st.booleans(),
         "signaller": st.booleans(),
+        "query": st.sampled_from(QUERIES),
+        "blocking": st.lists(st.integers(1, 99_999), max_size=3, unique=True).map(tuple),
+        "lock_wait_seconds": ages,
     }
 )
 
@@ -801,6 +980,10 @@ def policy_configs(draw: st.DrawFn, name: str) -> PolicyConfig:
         keys.append(draw(st.sampled_from(THRESHOLDS)))
     for key in keys:
         fields[key] = draw(seconds)
+    if draw(one_in_four):
+        fields["when_blocking"] = draw(seconds)
+    for field in ("queries", "exclude_queries"):
+        fields[field] = draw(_unique_subset(QUERY_REGEXES)) if draw(one_in_four) else []
     if draw(one_in_twenty):
         fields["action"] = "cancel"
     elif all(s in ACTIVE_STATES for s in states):
@@ -972,11 +1155,75 @@ def test_a_matched_session_exceeds_a_threshold_of_the_first_policy_that_scopes_i
             # a query runs only in an active state: an idle session has no runtime
             and (key != "max_runtime" or session.state in {"active", "fastpath function call"})
         ]
-        assert exceeded, decision.reason
+        policy = policies[index]
+        assert exceeded or not policy.thresholds, decision.reason
         assert all(f"> {key} " in decision.reason for key in exceeded)
+        if policy.when_blocking is not None:
+            # Every condition must hold: one age threshold (if any is set) and when_blocking.
+            assert session.blocking
+            wait = session.lock_wait_seconds or 0.0
+            assert wait >= policy.when_blocking.total_seconds()
+            assert f">= when_blocking {int(policy.when_blocking.total_seconds())}s" in (
+                decision.reason
+            )
+        text = session.query
+        if policy.queries or policy.exclude_queries:
+            # A text the reaper cannot read never gets a session killed by a query filter.
+            assert text is not None
+            assert text != "<insufficient privilege>"
+            assert not policy.queries or any(p.search(text) for p in policy.queries)
+            assert not any(p.search(text) for p in policy.exclude_queries)
+        if text:
+            assert text not in decision.reason
         # No earlier policy would have named it.
         for earlier in policies[:index]:
             assert not evaluate(session, [earlier], reaper=reaper, facts=facts).matched
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    blocked=st.lists(st.integers(1, 99_999), max_size=3, unique=True),
+    wait=ages,
+    idle=ages,
+    threshold=seconds,
+    max_idle=st.none() | seconds,
+)
+def test_when_blocking_matches_exactly_a_blocker_whose_longest_waiter_waited_long_enough(
+    blocked: list[int], wait: float | None, idle: float | None, threshold: int, max_idle: int | None
+) -> None:
+    policy = make_policy(
+        "blockers", states=["idle in transaction"], when_blocking=threshold, max_idle=max_idle
+    )
+    session = blocker(blocking=tuple(blocked), lock_wait_seconds=wait, idle_seconds=idle)
+    # An oracle from the docs: blocks someone who has waited at least when_blocking, and (with
+    # max_idle) idle for longer than max_idle.
+    expected = bool(blocked) and (wait or 0.0) >= threshold
+    if max_idle is not None:
+        expected = expected and idle is not None and idle > max_idle
+    assert decide(session, policy).matched is expected
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    query=st.sampled_from(QUERIES) | st.text(max_size=20),
+    included=_unique_subset(QUERY_REGEXES),
+    excluded=_unique_subset(QUERY_REGEXES),
+)
+def test_query_filters_match_exactly_a_readable_text_listed_and_not_excluded(
+    query: str | None, included: list[str], excluded: list[str]
+) -> None:
+    policy = make_policy("q", max_idle=60, queries=included, exclude_queries=excluded)
+    session = make_session(idle_seconds=61.0, query=query)
+    readable = query is not None and query != "<insufficient privilege>"
+    if not included and not excluded:
+        expected = True  # no query filter: the text is not even looked at
+    else:
+        expected = (
+            readable
+            and (not included or any(re.search(p, query or "") for p in included))
+            and not any(re.search(p, query or "") for p in excluded)
+        )
+    assert decide(session, policy).matched is expected
 
 
 def test_ipv4_client_on_an_ipv6_socket_is_matched_as_ipv4() -> None:

@@ -168,8 +168,12 @@ def test_defaults_from_design(tmp_path: Path) -> None:
         "exclude_users",
         "exclude_applications",
         "exclude_client_addrs",
+        "queries",
+        "exclude_queries",
     ):
         assert getattr(policy, key) == (), key
+    assert policy.when_blocking is None
+    assert not policy.reads_queries
 
 
 def test_values_are_parsed_into_types(tmp_path: Path) -> None:
@@ -190,6 +194,36 @@ client_addrs = ["10.0.0.0/8", "local", "fd00::/8"]
     assert policy.applications[0].search("web-1") is not None
     assert policy.applications[0].search("psql") is None
     assert [str(a) for a in policy.client_addrs] == ["10.0.0.0/8", "local", "fd00::/8"]
+
+
+def test_when_blocking_alone_is_a_threshold_and_query_filters_are_regexes(
+    tmp_path: Path,
+) -> None:
+    settings = _load(
+        tmp_path,
+        MINIMAL
+        + """
+[[policies]]
+name = "blockers"
+states = ["idle in transaction"]
+when_blocking = "30s"
+
+[[policies]]
+name = "listeners"
+max_idle = "1h"
+queries = ['^SELECT']
+exclude_queries = ['(?i)^\\s*LISTEN\\b']
+""",
+    )
+    blockers, listeners = settings.policies[1:]
+    assert blockers.when_blocking == timedelta(seconds=30)
+    assert blockers.blocking_seconds == 30.0
+    assert blockers.thresholds == {}  # no age threshold: when_blocking alone
+    assert not blockers.reads_queries
+    assert listeners.reads_queries
+    assert listeners.exclude_queries[0].search("  listen jobs") is not None
+    assert listeners.exclude_queries[0].search("SELECT 'LISTEN'") is None
+    assert listeners.queries[0].search("SELECT 1") is not None
 
 
 @pytest.mark.parametrize(("length", "valid"), [(1, True), (63, True), (64, False)])

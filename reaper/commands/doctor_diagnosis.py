@@ -84,6 +84,7 @@ def diagnose(state: ServerState, *, policies: Sequence[PolicyConfig] = ()) -> Di
     warnings: list[Finding] = []
     notes: list[str] = []
     _privileges(state, problems, warnings, notes)
+    _query_filters(state, policies, warnings)
     _visibility(state, problems, warnings)
     _connections(state.connections, problems, warnings)
     for limit in state.limits:
@@ -127,6 +128,28 @@ def _privileges(
         )
     if (note := _reserved_connections(state)) is not None:
         notes.append(note)
+
+
+def _query_filters(
+    state: ServerState, policies: Sequence[PolicyConfig], warnings: list[Finding]
+) -> None:
+    """Policies that filter on the last query, which other roles' sessions hide without
+    pg_read_all_stats: `queries` then matches none of them and `exclude_queries` spares all."""
+    priv = state.privileges
+    if priv.superuser or priv.read_all_stats:
+        return
+    named = [repr(p.name) for p in policies if p.reads_queries]
+    if named:
+        warnings.append(
+            Finding(
+                message=f"{'policies' if len(named) > 1 else 'policy'} {', '.join(named)} "
+                f"filter{'' if len(named) > 1 else 's'} on the last query (queries, "
+                "exclude_queries), which role "
+                f"{escaped(priv.role)} cannot read for other roles' sessions: 'queries' matches "
+                "none of them and 'exclude_queries' spares them all",
+                fix=f"GRANT pg_read_all_stats TO {quote_identifier(priv.role)}",
+            )
+        )
 
 
 def _reserved_connections(state: ServerState) -> str | None:

@@ -26,11 +26,12 @@ def delay_for(
     """Seconds from the start of this cycle of `server` to its next one."""
     # A pressure policy cannot match before pressure appears, which `interval` bounds; its
     # (often short) thresholds must not make a quiet server be polled every min_interval.
+    # when_blocking too: a lock wait that begins just after a poll is seen before it is due.
     thresholds = [
         t.total_seconds()
         for p in settings.policies_for(server)
         if not p.pressure
-        for t in p.thresholds.values()
+        for t in (*p.thresholds.values(), *filter(None, [p.when_blocking]))
     ]
     return next_delay(
         report,

@@ -22,7 +22,7 @@ from reaper.policy import (
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from datetime import datetime
+    from datetime import datetime, timedelta
 
 __all__ = ["ServerConnection", "Snapshot", "poll_reads_every_role"]
 
@@ -36,7 +36,10 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 _DETAILS = {
     "denied": "permission denied: a superuser's session, or the reaper's role lacks "
     "pg_signal_backend",
+    "unblocked": "no longer blocks a backend waiting for a lock for when_blocking",
 }
+# Results of signal.sql that are another Result's special case.
+_RESULTS = {"unblocked": Result.CHANGED}
 FACTS_SQL = query("facts")
 # One statement: session, role, database and clock rows (see poll.sql), put together by poll();
 # with a row for every role, or only for the roles that have a backend (poll_reads_every_role).
@@ -63,11 +66,21 @@ def _age(now: datetime, then: datetime | None) -> float | None:
     return None if then is None else (now - then).total_seconds()
 
 
+@dataclass(frozen=True, slots=True)
+class _Blocker:
+    """A blocker row of poll.sql: the backends waiting behind one backend, and since when the
+    longest of them has waited."""
+
+    blocked: tuple[int, ...]
+    since: datetime
+
+
 def _session(
     row: Mapping[str, Any],
     roles: Mapping[int, Mapping[str, Any]],
     databases: Mapping[int, str],
     now: datetime,
+    blockers: Mapping[int, _Blocker],
 ) -> Session | None:
     """A session row of poll.sql with its role's and database's names; None for a hidden row
     (NULL backend_type) whose role or database has no name, as pg_stat_activity would show it."""
@@ -78,6 +91,7 @@ def _session(
     user = None if role is None else role["name"]
     if role is None and row["role_oid"] is not None:
         user = DROPPED_ROLE  # its role was dropped while it stayed connected
+    blocker = blockers.get(row["pid"])
     return Session(
         pid=row["pid"],
         backend_type=row["backend_type"] or "unknown",
@@ -96,6 +110,9 @@ def _session(
         member=False if role is None else role["member"],
         signaller=False if role is None else role["signaller"],
         query=row["query"],  # NULL unless include_query
+        blocking=() if blocker is None else blocker.blocked,
+        # A wait that began after the poll's now() (a few microseconds apart) has not lasted.
+        lock_wait_seconds=None if blocker is None else max(0.0, _age(now, blocker.since) or 0.0),
     )
 
 
@@ -134,16 +151,20 @@ class ServerConnection(Connection):
             self._facts = ServerFacts(**rows[0])
         return self._facts
 
-    def poll(self, *, include_query: bool = False) -> Snapshot:
-        """Every client backend, as the server sees it now: one statement (poll.sql)."""
+    def poll(self, *, include_query: bool = False, include_blocking: bool = False) -> Snapshot:
+        """Every client backend, as the server sees it now: one statement (poll.sql). The
+        last query's text only with `include_query`; which backends each session blocks (for
+        when_blocking) only with `include_blocking`."""
         facts = self.facts()
         every_role = self._every_role
         rows = self.run(
-            POLL_SQL if every_role else POLL_BACKEND_ROLES_SQL, {"include_query": include_query}
+            POLL_SQL if every_role else POLL_BACKEND_ROLES_SQL,
+            {"include_query": include_query, "include_blocking": include_blocking},
         )
         session_rows: list[dict[str, Any]] = []
         roles: dict[int, dict[str, Any]] = {}
         databases: dict[int, str] = {}
+        blockers: dict[int, _Blocker] = {}
         now: datetime | None = None
         for row in rows:
             if row["pid"] is not None:
@@ -152,6 +173,9 @@ class ServerConnection(Connection):
                 roles[row["role_oid"]] = row
             elif row["database_oid"] is not None:
                 databases[row["database_oid"]] = row["name"]
+            elif row["blocker"] is not None:
+                blocked = tuple(sorted(pid for pid in row["blocked"] if pid is not None))
+                blockers[row["blocker"]] = _Blocker(blocked, row["wait_start"])
             else:
                 now = row["now"]
         if now is None:  # the clock row is always there
@@ -162,7 +186,7 @@ class ServerConnection(Connection):
         sessions = tuple(
             session
             for row in session_rows
-            if (session := _session(row, roles, databases, now)) is not None
+            if (session := _session(row, roles, databases, now, blockers)) is not None
         )
         # How full the server is, for connection pressure: counted in the poll's own rows (the
         # reaper's session included), so that the counts and the sessions agree. Client backends
@@ -185,7 +209,12 @@ class ServerConnection(Connection):
         return Snapshot(facts=facts, sessions=sessions)
 
     def signal(
-        self, victims: Sequence[Session], *, action: Action, lock_key: int | None = None
+        self,
+        victims: Sequence[Session],
+        *,
+        action: Action,
+        lock_key: int | None = None,
+        blocking: Mapping[int, timedelta] | None = None,
     ) -> dict[int, tuple[Result, str | None]]:
         """Signal `victims` race-safely; one (result, detail) per pid, whatever befalls the others.
 
@@ -193,19 +222,26 @@ class ServerConnection(Connection):
         all the same, each victim is retried in a statement of its own so that one failure stays
         its own (a victim signalled before the failure then reports `gone`). With `lock_key`,
         the statement signals only if this session holds that advisory lock ([ha]); otherwise
-        every victim reports `not_leader`.
+        every victim reports `not_leader`. A victim with a threshold in `blocking` (by pid: the
+        when_blocking of the policy that chose it) is signalled only if it still blocks a backend
+        that has waited that long; otherwise it is `changed`.
         """
         if not victims:
             return {}
+        blocking = blocking or {}
         try:
-            return self._signal_batch(victims, action=action, lock_key=lock_key)
+            return self._signal_batch(victims, action=action, lock_key=lock_key, blocking=blocking)
         except PostgresError as exc:
             if exc.lost:
                 raise
         results: dict[int, tuple[Result, str | None]] = {}
         for victim in victims:
             try:
-                results.update(self._signal_batch([victim], action=action, lock_key=lock_key))
+                results.update(
+                    self._signal_batch(
+                        [victim], action=action, lock_key=lock_key, blocking=blocking
+                    )
+                )
             except PostgresError as exc:
                 if exc.lost:
                     raise
@@ -214,7 +250,12 @@ class ServerConnection(Connection):
         return results
 
     def _signal_batch(
-        self, victims: Sequence[Session], *, action: Action, lock_key: int | None
+        self,
+        victims: Sequence[Session],
+        *,
+        action: Action,
+        lock_key: int | None,
+        blocking: Mapping[int, timedelta],
     ) -> dict[int, tuple[Result, str | None]]:
         query = sql.SQL(SIGNAL_SQL).format(signal=_SIGNAL_FUNCTIONS[action])
         params = {
@@ -223,6 +264,7 @@ class ServerConnection(Connection):
             "backend_starts": [v.backend_start for v in victims],
             "state_changes": [v.state_change for v in victims],
             "states": [v.state for v in victims],
+            "blocking": [blocking.get(v.pid) for v in victims],
         }
         # A statement that failed on a working session leaves it open: each victim is then
         # retried on it (signal), under the same advisory lock.
@@ -231,7 +273,7 @@ class ServerConnection(Connection):
         return {
             row["pid"]: (signalled, None)
             if row["result"] == "signalled"
-            else (Result(row["result"]), _DETAILS.get(row["result"]))
+            else (_RESULTS.get(row["result"]) or Result(row["result"]), _DETAILS.get(row["result"]))
             for row in rows
         }
 

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     Take = Callable[[Session, PolicyConfig, str], tuple[bool, str]]
 
 _RUNNING_STATES = frozenset({"active", "fastpath function call"})
+# What pg_stat_activity.query holds for a session whose text the reaper's role may not read.
+INSUFFICIENT_PRIVILEGE = "<insufficient privilege>"
+# How many blocked pids a reason names (the rest are counted).
+_PIDS_SHOWN = 10
 _AGE_LABELS = {
     "max_idle": "idle",
     "max_runtime": "running",
@@ -101,15 +105,37 @@ def seconds_until_eligible(
         # until then (the interval bounds the wait).
         if policy.pressure and not session_pressure(session, policy, facts)[0]:
             continue
-        for key, limit in policy.limits:
-            age = _age(session, key)
-            if age is None:
-                continue
-            if policy.pressure and age > limit:
-                continue  # past it, spared only by the policy's allowance: nothing to wait for
-            left = max(0.0, limit - age)
+        left = _time_left(session, policy)
+        if left is not None:
             soonest = left if soonest is None else min(soonest, left)
     return soonest
+
+
+def _time_left(session: Session, policy: PolicyConfig) -> float | None:
+    """How long until `session` meets `policy`'s thresholds, staying as it is; None if it
+    cannot (no age known, or it blocks no backend for when_blocking)."""
+    lefts = []
+    for key, limit in policy.limits:
+        age = _age(session, key)
+        if age is None:
+            continue
+        if policy.pressure and age > limit:
+            continue  # past it, spared only by the policy's allowance: nothing to wait for
+        lefts.append(max(0.0, limit - age))
+    if policy.limits and not lefts:
+        return None
+    left = min(lefts, default=0.0)
+    threshold = policy.blocking_seconds
+    if threshold is not None:
+        # A lock wait grows with the clock while the waiter waits; a session that blocks no
+        # backend now may start to at any time, which the interval bounds.
+        if not session.blocking:
+            return None
+        wait = session.lock_wait_seconds or 0.0
+        if policy.pressure and wait >= threshold:
+            return None  # met, spared only by the policy's allowance
+        left = max(left, threshold - wait, 0.0)
+    return left
 
 
 def hard_exclusion(  # noqa: PLR0911 - one return per rule reads best
@@ -143,8 +169,16 @@ def _match(session: Session, policy: PolicyConfig, facts: ServerFacts) -> tuple[
         for key, limit in policy.limits
         if (age := _age(session, key)) is not None and age > limit
     ]
-    if not exceeded:
+    if policy.limits and not exceeded:
         return False, "under every threshold"
+    # when_blocking is a condition of its own: with age thresholds, one of them exceeded AND
+    # a lock wait it blocks long enough (docs/configuration.md).
+    threshold = policy.blocking_seconds
+    if threshold is not None:
+        blocks, why = blocking(session, threshold)
+        if not blocks:
+            return False, why
+        exceeded.append(why)
     if policy.pressure:
         holds, why = session_pressure(session, policy, facts)
         if not holds:
@@ -153,7 +187,55 @@ def _match(session: Session, policy: PolicyConfig, facts: ServerFacts) -> tuple[
     return True, ", ".join(exceeded)
 
 
-def _filtered_out(session: Session, policy: PolicyConfig) -> str | None:  # noqa: PLR0911
+def blocking(session: Session, threshold: float) -> tuple[bool, str]:
+    """Whether `session` blocks a backend whose lock wait began at least `threshold` seconds
+    ago (when_blocking), and why: the pids it blocks and the longest wait among them."""
+    if not session.blocking:
+        return False, "blocks no backend"
+    wait = max(session.lock_wait_seconds or 0.0, 0.0)
+    shown = ", ".join(str(pid) for pid in session.blocking[:_PIDS_SHOWN])
+    more = len(session.blocking) - _PIDS_SHOWN
+    if more > 0:
+        shown += f" and {more} more"
+    said = (
+        f"blocks pid{'s' if len(session.blocking) > 1 else ''} {shown}; "
+        # Whole seconds cut, not rounded: a wait of 29.6 s is not shown as 30s < 30s.
+        f"longest lock wait {f'{int(wait)}s' if wait >= 10 else _seconds(wait)}"
+    )
+    if wait >= threshold:
+        return True, f"{said} >= when_blocking {_seconds(threshold)}"
+    return False, f"{said} < when_blocking {_seconds(threshold)}"
+
+
+def query_text(session: Session) -> str | None:
+    """The session's last query, if the reaper's role could read it (None otherwise)."""
+    if session.query is None or session.query == INSUFFICIENT_PRIVILEGE:
+        return None
+    return session.query
+
+
+def _filtered_out(session: Session, policy: PolicyConfig) -> str | None:
+    """Why the policy's state, scope and query filters leave `session` out, or None."""
+    return _scope_filtered_out(session, policy) or _query_filtered_out(session, policy)
+
+
+def _query_filtered_out(session: Session, policy: PolicyConfig) -> str | None:
+    """Why the policy's last-query filters leave `session` out, or None. A text the reaper
+    cannot read matches no `queries` and is spared by `exclude_queries`: never a kill by
+    mistake."""
+    if not policy.reads_queries:
+        return None
+    text = query_text(session)
+    if text is None:
+        return "last query not visible to the reaper's role (pg_read_all_stats?)"
+    if policy.queries and not any(p.search(text) for p in policy.queries):
+        return "last query not listed"
+    if any(p.search(text) for p in policy.exclude_queries):
+        return "last query excluded"
+    return None
+
+
+def _scope_filtered_out(session: Session, policy: PolicyConfig) -> str | None:  # noqa: PLR0911
     """Why the policy's state and scope filters leave `session` out, or None if they do not."""
     if session.state not in policy.states:
         return f"state {session.state!r} not in states"

@@ -31,7 +31,9 @@ class Result(StrEnum):
     LOGGED = "logged"
     DRY_RUN = "dry_run"
     GONE = "gone"  # the backend exited before the signal
-    CHANGED = "changed"  # it became active, or its pid now belongs to another backend
+    # It became active, or its pid now belongs to another backend, or (when_blocking) it no
+    # longer blocks a backend that has waited long enough.
+    CHANGED = "changed"
     DENIED = "denied"  # the reaper's role may not signal it
     ERROR = "error"
     DEFERRED = "deferred"  # held back by max_terminations_per_cycle
@@ -72,7 +74,15 @@ class Session:
     # The session's role could be a pg-reaper's (pg_signal_backend's privileges, or the reaper's
     # own role): only then does application_name 'pg-reaper' spare it.
     signaller: bool = False
-    query: str | None = None
+    # The last query's text: read only when a policy filters on it (queries, exclude_queries) or
+    # [log] include_query is set; shown only with include_query. Kept out of repr: it may hold
+    # personal data. "<insufficient privilege>" when the reaper's role may not read it.
+    query: str | None = field(default=None, repr=False)
+    # Read only when a policy has when_blocking: the backends whose lock waits it blocks
+    # (pg_blocking_pids), in pid order, and how long the longest of them has waited, by the
+    # server's clock (now() - pg_locks.waitstart; None when it blocks none).
+    blocking: tuple[int, ...] = ()
+    lock_wait_seconds: float | None = None
 
     @property
     def age_in_state(self) -> float:
@@ -128,16 +138,23 @@ class ServerFacts:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Rule:
     """The policy behind a decision, as much of it as acting on the decision needs: its name
-    (the audit's and the metrics'), its action, and how long a cancelled query may go on
-    running before the session is terminated (escalate_after)."""
+    (the audit's and the metrics'), its action, how long a cancelled query may go on running
+    before the session is terminated (escalate_after), and how long a lock wait the session
+    must still be blocking when it is signalled (when_blocking)."""
 
     name: str
     action: Action
     escalate_after: timedelta | None = None
+    when_blocking: timedelta | None = None
 
     @classmethod
     def of(cls, policy: PolicyConfig) -> Rule:
-        return cls(name=policy.name, action=policy.action, escalate_after=policy.escalate_after)
+        return cls(
+            name=policy.name,
+            action=policy.action,
+            escalate_after=policy.escalate_after,
+            when_blocking=policy.when_blocking,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -197,6 +197,8 @@ class ServerConfig(_Section):
 
 # A policy's age thresholds, in the order its reasons name them.
 THRESHOLDS = ("max_idle", "max_runtime", "max_transaction_age", "max_connection_age")
+# What a policy needs at least one of: an age threshold, or when_blocking (which alone is enough).
+CONDITIONS = (*THRESHOLDS, "when_blocking")
 
 
 class PolicyConfig(_Section):
@@ -210,6 +212,9 @@ class PolicyConfig(_Section):
     # exceed this share of the usable slots, or of the session's role's connection limit.
     when_connections_above: Percentage | None = None
     when_role_connections_above: Percentage | None = None
+    # Blockers (docs/configuration.md): the policy matches a session only while it blocks a
+    # backend whose lock wait began at least this long ago (pg_blocking_pids, pg_locks.waitstart).
+    when_blocking: PositiveDuration | None = None
     databases: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
     applications: tuple[Regex, ...] = ()
@@ -218,6 +223,9 @@ class PolicyConfig(_Section):
     exclude_users: tuple[str, ...] = ()
     exclude_applications: tuple[Regex, ...] = ()
     exclude_client_addrs: tuple[Network, ...] = ()
+    # Regexes (re.search) on the session's last query text: a heuristic (docs/configuration.md).
+    queries: tuple[Regex, ...] = ()
+    exclude_queries: tuple[Regex, ...] = ()
     action: Literal["terminate", "cancel", "log"] = "terminate"
     # Cancel-then-terminate: a session cancelled by this policy that still runs the same query
     # this long after the cancel is terminated.
@@ -238,8 +246,8 @@ class PolicyConfig(_Section):
 
     @model_validator(mode="after")
     def _thresholds(self) -> Self:
-        if all(getattr(self, t) is None for t in THRESHOLDS):
-            raise ValueError("needs at least one of " + ", ".join(THRESHOLDS))
+        if all(getattr(self, t) is None for t in CONDITIONS):
+            raise ValueError("needs at least one of " + ", ".join(CONDITIONS))
         active = [s for s in self.states if s in ACTIVE_STATES]
         if self.max_idle is not None and active:
             raise ValueError(
@@ -274,6 +282,16 @@ class PolicyConfig(_Section):
     def limits(self) -> tuple[tuple[str, float], ...]:
         """The thresholds set, in seconds, in the order of `thresholds`."""
         return tuple((key, value.total_seconds()) for key, value in self.thresholds.items())
+
+    @cached_property
+    def blocking_seconds(self) -> float | None:
+        """when_blocking in seconds; None when the policy has none."""
+        return None if self.when_blocking is None else self.when_blocking.total_seconds()
+
+    @property
+    def reads_queries(self) -> bool:
+        """Whether the policy looks at the sessions' last query text (queries, exclude_queries)."""
+        return bool(self.queries or self.exclude_queries)
 
     @cached_property
     def pressure(self) -> dict[str, int]:

@@ -82,8 +82,16 @@ def _signal(
             results[d.session.pid] = (Result.ESCALATION_PENDING, None)
     for action in ("terminate", "cancel"):
         sessions = [d.session for d in actions[action]]
+        # A victim of a when_blocking policy must still block when it is signalled.
+        blocking = {
+            d.session.pid: d.policy.when_blocking
+            for d in actions[action]
+            if d.policy is not None and d.policy.when_blocking is not None
+        }
         try:
-            results.update(conn.signal(sessions, action=action, lock_key=lock_key))
+            results.update(
+                conn.signal(sessions, action=action, lock_key=lock_key, blocking=blocking)
+            )
         except PostgresError as exc:
             results.update({s.pid: (Result.ERROR, str(exc)) for s in sessions})
     if cancels is not None:

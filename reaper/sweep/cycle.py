@@ -155,7 +155,13 @@ class _Seen:
 
 def _observe(conn: ServerConnection, cycle: _Cycle) -> _Seen:
     """Poll the server, then ([ha]) see whether this session leads it."""
-    snapshot = conn.poll(include_query=cycle.settings.log.include_query)
+    # What costs the server more is read only when a policy of this server needs it: the query
+    # text (shown only with [log] include_query), and the lock waits each session blocks.
+    snapshot = conn.poll(
+        include_query=cycle.settings.log.include_query
+        or any(p.reads_queries for p in cycle.policies),
+        include_blocking=any(p.when_blocking is not None for p in cycle.policies),
+    )
     leadership = None if cycle.lock is None else cycle.lock.lead(conn)
     return _Seen(
         snapshot=snapshot,

@@ -1,9 +1,11 @@
--- One poll of a server, in one statement (PostgreSQL 14-18), as four kinds of rows told apart by
+-- One poll of a server, in one statement (PostgreSQL 14-18), as five kinds of rows told apart by
 -- the key column that is set (reaper/pg/activity.py puts them together):
 --   session   (pid set)                        a client session, as pg_stat_get_activity has it
 --   role      (role_oid set, pid NULL)         one per role: name, superuser, member, limit
 --             (every role, or only the roles that have a backend: see below)
 --   database  (database_oid set, pid NULL)     one per database: name
+--   blocker   (blocker set)                    a backend that blocks lock waits: which, since when
+--             (only with %(include_blocking)s: see below)
 --   clock     (only now set)                   the server's now()
 -- Cheaper for the server than SELECT * FROM pg_stat_activity (bench/poll_cost.py): the per-session
 -- rows come from pg_stat_get_activity(NULL) alone, with no join and no per-row computation; names
@@ -29,6 +31,8 @@
 -- at every poll: ALTER ROLE ... CONNECTION LIMIT takes effect at once); the reaper counts its
 -- client sessions in this poll's own session rows, as PostgreSQL counts against the limit
 -- (client backends only). PostgreSQL does not apply a role's limit to a superuser; -1 is none.
+-- The query text is read only with %(include_query)s: a policy filters on it (queries,
+-- exclude_queries) or [log] include_query is set.
 SELECT a.pid,
        a.backend_type,
        a.datid AS database_oid,
@@ -46,6 +50,9 @@ SELECT a.pid,
        NULL::boolean AS member,
        NULL::boolean AS signaller,
        NULL::int4 AS connection_limit,
+       NULL::int4 AS blocker,
+       NULL::int4[] AS blocked,
+       NULL::timestamptz AS wait_start,
        NULL::timestamptz AS now
 FROM pg_catalog.pg_stat_get_activity(NULL) AS a
 WHERE a.backend_type = 'client backend'
@@ -57,7 +64,7 @@ SELECT NULL, NULL, NULL, r.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        pg_catalog.pg_has_role(r.oid, 'USAGE'),
        pg_catalog.pg_has_role(r.oid, 'pg_signal_backend', 'USAGE') OR r.rolname = current_user,
        CASE WHEN r.rolconnlimit >= 0 AND r.rolcanlogin AND NOT r.rolsuper THEN r.rolconnlimit END,
-       NULL
+       NULL, NULL, NULL, NULL
 FROM pg_catalog.pg_roles AS r
 -- One row per role costs about what one backend costs through pg_stat_get_backend_idset(), so the
 -- reaper reads every role unless the server has more roles than sessions (activity.py decides).
@@ -66,8 +73,27 @@ WHERE {every_role}
    OR r.oid IN (SELECT pg_catalog.pg_stat_get_backend_userid(b) FROM pg_catalog.pg_stat_get_backend_idset() AS b)
 UNION ALL
 SELECT NULL, NULL, d.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       d.datname, NULL, NULL, NULL, NULL, NULL
+       d.datname, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM pg_catalog.pg_database AS d
 UNION ALL
+-- Blockers, for when_blocking, only with %(include_blocking)s (a false parameter is a one-time
+-- filter: pg_locks and pg_blocking_pids are not even read). Both take every lock-manager
+-- partition lock for a moment: pg_blocking_pids is called once per backend waiting for a lock,
+-- not once per session. A row per backend that blocks at least one waiter: the waiters' pids and
+-- the earliest start of their waits (pg_locks.waitstart, 14+, by the server's clock; NULL for a
+-- moment after a wait begins: counted as now). pg_blocking_pids counts the holders of a
+-- conflicting lock and the waiters queued ahead; 0 stands for a prepared transaction. The lock
+-- manager is read live, not from the activity snapshot: a few microseconds apart.
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, NULL, pg_catalog.now()
+       NULL, NULL, NULL, NULL, NULL,
+       b.blocker,
+       pg_catalog.array_agg(DISTINCT w.pid),
+       pg_catalog.min(coalesce(w.waitstart, pg_catalog.now())),
+       NULL
+FROM pg_catalog.pg_locks AS w
+CROSS JOIN LATERAL pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS b(blocker)
+WHERE %(include_blocking)s AND NOT w.granted AND w.pid IS NOT NULL AND b.blocker <> 0
+GROUP BY b.blocker
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, pg_catalog.now()

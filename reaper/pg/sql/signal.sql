@@ -2,6 +2,11 @@
 -- pg_stat_get_activity and signalled only if backend_start, state_change and state are still
 -- what the poll saw: a session that became active since, or a pid now used by another backend,
 -- is left alone. Every victim gets its own result row.
+-- A victim chosen for blocking (when_blocking: its threshold in %(blocking)s, NULL for the
+-- others) is signalled only if it still blocks a backend whose lock wait began at least that
+-- long before this statement: one that committed or rolled back since (when its state did not
+-- change either), or whose waiters gave up or got their lock, is 'unblocked' (reported as
+-- changed). pg_locks and pg_blocking_pids read the lock manager live, at each victim's turn.
 -- The permission rule of pg_signal_backend() (signalfuncs.c) is checked before the call: a
 -- permission ERROR would abort the statement after earlier victims were already signalled
 -- (signals are not transactional), leaving their results unknown. Only a superuser signals a
@@ -27,8 +32,9 @@ SELECT v.pid, x.result
 FROM ROWS FROM (pg_catalog.unnest(%(pids)s::int4[]),
                 pg_catalog.unnest(%(backend_starts)s::timestamptz[]),
                 pg_catalog.unnest(%(state_changes)s::timestamptz[]),
-                pg_catalog.unnest(%(states)s::text[]))
-     WITH ORDINALITY AS v(pid, backend_start, state_change, state, ord)
+                pg_catalog.unnest(%(states)s::text[]),
+                pg_catalog.unnest(%(blocking)s::interval[]))
+     WITH ORDINALITY AS v(pid, backend_start, state_change, state, blocking, ord)
 CROSS JOIN (SELECT %(lock_key)s::int8 IS NULL
                    OR EXISTS (SELECT 1
                               FROM pg_catalog.pg_locks l
@@ -47,6 +53,13 @@ CROSS JOIN LATERAL (
                WHEN s.backend_start IS DISTINCT FROM v.backend_start
                  OR s.state_change IS DISTINCT FROM v.state_change
                  OR s.state IS DISTINCT FROM v.state THEN 'changed'
+               WHEN v.blocking IS NOT NULL
+                AND NOT EXISTS (SELECT 1
+                                FROM pg_catalog.pg_locks AS w
+                                WHERE NOT w.granted
+                                  AND w.waitstart <= pg_catalog.now() - v.blocking
+                                  AND v.pid = ANY (pg_catalog.pg_blocking_pids(w.pid)))
+                    THEN 'unblocked'
                WHEN NOT (me.rolsuper
                          OR (coalesce(s.usesysid, 0::oid) <> 0::oid
                              AND NOT coalesce(r.rolsuper, false)
