@@ -17,6 +17,7 @@ from reaper.commands.oneshot import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from reaper.demo.binaries import SUPPORTED_MAJORS
 from reaper.observe import audit
 from reaper.observe.log import configure
+from reaper.observe.notifications import Notifications
 from reaper.settings import (
     ConfigError,
     Settings,
@@ -38,6 +39,8 @@ __all__ = ["main"]
 _AUDITED = frozenset({"run"})
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
+# ... and sends its [notify] messages, giving the URLs this long at most (beside the audit rows).
+_NOTIFY_FLUSH_TIMEOUT = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,12 +212,21 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 def _once(settings: Settings, args: argparse.Namespace) -> int:
     if (sink := _audit_sink(settings)) is None:
         return EXIT_USAGE
+    notifications = Notifications()
+    notifications.start(settings)
     try:
         return oneshot.sweep_every_server(
-            settings, mode="reap", only=args.server, as_json=args.json, audit=sink
+            settings,
+            mode="reap",
+            only=args.server,
+            as_json=args.json,
+            audit=sink,
+            notifications=notifications,
         )
     finally:
+        notifications.drain()  # sends while the audit rows are written
         sink.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
+        notifications.stop(timeout=_NOTIFY_FLUSH_TIMEOUT)
 
 
 def _audit_sink(settings: Settings) -> audit.AuditSink | None:
