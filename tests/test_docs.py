@@ -173,10 +173,12 @@ def test_documented_toml_passes_check_config(
 
 
 def test_toml_blocks_are_found_in_every_place() -> None:
-    kinds = {b.where.split(":")[0].split("[")[0]: b.kind for b in BLOCKS}
-    assert kinds["README.md"] == "whole"
-    assert kinds["docs/configuration.md"] == "invalid"
-    assert kinds["docs/ha.md"] == "fragment"
+    kinds: dict[str, set[str]] = {}
+    for block in BLOCKS:
+        kinds.setdefault(block.where.split(":")[0].split("[")[0], set()).add(block.kind)
+    assert kinds["README.md"] == {"whole"}
+    assert kinds["docs/configuration.md"] >= {"invalid", "fragment"}
+    assert kinds["docs/ha.md"] == {"fragment"}
     assert "deploy/kubernetes/sidecar.yaml" in kinds
     assert "deploy/kubernetes/central.yaml" in kinds
 

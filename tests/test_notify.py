@@ -9,6 +9,7 @@ import io
 import json
 import signal
 import string
+import subprocess
 import sys
 import textwrap
 import threading
@@ -280,6 +281,29 @@ def test_urls_without_apprise_installed_say_to_install_the_extra(
     assert not load_settings(path).notify.enabled
 
 
+def test_apprise_is_loaded_only_when_notify_has_urls(tmp_path: Path) -> None:
+    """The reaping path imports no apprise unless [notify] is configured."""
+    path = tmp_path / "config.toml"
+    path.write_text(MINIMAL, encoding="utf-8")
+    probe = (
+        "import sys\n"
+        "from reaper.cli import main\n"
+        "from reaper.daemon import process, scheduler\n"
+        "from reaper.observe import notifications\n"
+        f"assert main(['check-config', '-c', {str(path)!r}]) == 0\n"
+        "assert 'apprise' not in sys.modules, 'apprise imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    path.write_text(notify_section("json://127.0.0.1:1/x") + MINIMAL, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "apprise imported" in result.stderr  # the probe can tell
+
+
 def test_a_bad_url_from_the_environment_is_named_and_not_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,7 +357,7 @@ def test_a_message_counts_by_policy_and_lists_the_oldest_victims_never_a_query()
     assert "Oldest (3 of 5):" in body
     oldest = body.split("Oldest (3 of 5):\n")[1].splitlines()
     assert [line.split(",")[0].strip() for line in oldest] == ["pid 3", "pid 13", "pid 12"]
-    assert '"idle in transaction" for 2h' in oldest[0]
+    assert "from 10.1.2.3: idle in transaction for 2h (policy stuck, terminated)" in oldest[0]
     assert 'application "web3"' in oldest[1]
     assert "SELECT" not in body
 

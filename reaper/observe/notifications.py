@@ -17,6 +17,7 @@ message says so) make a message: an [ha] follower, which signals nothing, has no
 from __future__ import annotations
 
 import collections
+import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from reaper.observe.log import get_logger
 from reaper.policy import Result
-from reaper.settings import format_duration, load_apprise, redact_url
+from reaper.settings import ALL_STATES, format_duration, load_apprise, redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -230,13 +231,27 @@ def _describe(victim: Victim) -> str:
         )
         if value is not None
     )
-    origin = "local" if victim.client_addr is None else _quoted(victim.client_addr)
     age = format_duration(timedelta(seconds=round(victim.age)))
-    state = _quoted(victim.state) if victim.state is not None else "unknown state"
+    # The policy's name comes from the config (printable); the rest from the server.
     return (
-        f"pid {victim.pid}, {where}, from {origin}: {state} for {age} "
-        f"({_quoted(victim.policy)}, {victim.done})"
+        f"pid {victim.pid}, {where}, from {_address(victim.client_addr)}: "
+        f"{_state(victim.state)} for {age} (policy {victim.policy or '-'}, {victim.done})"
     )
+
+
+def _address(client_addr: str | None) -> str:
+    if client_addr is None:
+        return "local"
+    try:
+        return str(ipaddress.ip_address(client_addr))
+    except ValueError:
+        return _quoted(client_addr)
+
+
+def _state(state: str | None) -> str:
+    if state is None:
+        return "unknown state"
+    return state if state in ALL_STATES else _quoted(state)
 
 
 def _quoted(text: str) -> str:

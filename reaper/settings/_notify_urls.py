@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import warnings
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,9 @@ _PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
 _QUIET_LOGGERS = ("apprise", "urllib3")
 
 
+_plugins_loaded = threading.Event()
+
+
 class AppriseMissing(Exception):  # noqa: N818 - a reason, said as it is
     """[notify] urls are set, and apprise is not installed."""
 
@@ -71,11 +75,13 @@ def load_apprise() -> ModuleType:
         import apprise  # noqa: PLC0415 - an optional extra, imported only when configured
     except ImportError:
         raise AppriseMissing(f"apprise is not installed: {INSTALL_HINT}") from None
-    # Apprise loads its plugins on first use; its e-mail plugin imports the standard library's
-    # imghdr, deprecated before Python 3.13 (a DeprecationWarning, an error where warnings are).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        apprise.Apprise.instantiate("json://localhost")
+    if not _plugins_loaded.is_set():
+        # Apprise loads its plugins on first use; its e-mail plugin imports the standard
+        # library's imghdr, deprecated before Python 3.13 (an error where warnings are errors).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            apprise.Apprise.instantiate("json://localhost")
+        _plugins_loaded.set()
     return apprise
 
 
