@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from reaper import version_text
@@ -39,7 +40,7 @@ __all__ = ["main"]
 _AUDITED = frozenset({"run"})
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
-# ... and sends its [notify] messages, giving the URLs this long at most (beside the audit rows).
+# ... and sends its [notify] messages meanwhile, giving the URLs as long at most.
 _NOTIFY_FLUSH_TIMEOUT = 5.0
 
 
@@ -225,8 +226,9 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
         )
     finally:
         notifications.drain()  # sends while the audit rows are written
+        deadline = time.monotonic() + _NOTIFY_FLUSH_TIMEOUT
         sink.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
-        notifications.stop(timeout=_NOTIFY_FLUSH_TIMEOUT)
+        notifications.stop(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _audit_sink(settings: Settings) -> audit.AuditSink | None:

@@ -713,7 +713,7 @@ def test_run_under_a_storm_sends_one_message_per_cooldown_and_the_rest_at_sigter
     for wave in range(3):  # three cycles that each reap one session
         conn = sessions.idle(application=f"notify-storm-{wave}")
         daemon.wait_until(_gone(conn), timeout=10, what=f"wave {wave} reaped")
-    assert _reaping_cycles(daemon) == 3
+    daemon.wait_until(lambda: _reaping_cycles(daemon) == 3, timeout=5, what="3 reaping cycles")
     receiver.wait(1)
     time.sleep(1)
     assert len(receiver.received()) == 1  # the other two wait for the window to end

@@ -37,8 +37,7 @@ _STOP_TIMEOUT = 8.0
 # holds; it gets 2 s as well when a reload replaces it.
 _AUDIT_FLUSH_TIMEOUT = 2.0
 _SHUTDOWN_BUDGET = 9.5
-# [notify]: the messages still pending at SIGTERM get the same (sent meanwhile, beside the
-# audit rows), within the same budget.
+# [notify]: the messages still pending at SIGTERM are sent meanwhile, in as long at most.
 _NOTIFY_FLUSH_TIMEOUT = 2.0
 # With [reaper] watch_config, how often the config file is read to see whether it changed (a
 # mounted Kubernetes ConfigMap is updated in place, and nobody sends SIGHUP).
@@ -194,10 +193,11 @@ class Daemon:
         started = time.monotonic()
         abandoned = self._scheduler.stop(timeout=_STOP_TIMEOUT)
         self._notifications.drain()  # sends while the audit rows are written
+        flushed_by = time.monotonic() + _NOTIFY_FLUSH_TIMEOUT
         left = _SHUTDOWN_BUDGET - (time.monotonic() - started)
         self._audit.stop(timeout=max(0.0, min(_AUDIT_FLUSH_TIMEOUT, left)))
-        left = _SHUTDOWN_BUDGET - (time.monotonic() - started)
-        self._notifications.stop(timeout=max(0.0, min(_NOTIFY_FLUSH_TIMEOUT, left)))
+        left = min(flushed_by, started + _SHUTDOWN_BUDGET) - time.monotonic()
+        self._notifications.stop(timeout=max(0.0, left))
         if self._http is not None:
             self._http.stop()
         self._log.info("daemon_stopped")
