@@ -654,8 +654,11 @@ def _daemon(
     return daemon
 
 
-def _gone(conn: psycopg.Connection[Any]) -> Callable[[], bool]:
-    return lambda: not usable(conn)
+def _gone(pg: TestServer, conn: psycopg.Connection[Any]) -> Callable[[], bool]:
+    """Whether `conn`'s backend has exited, in the server's view (a client-side check would run
+    a statement, and keep the session from ever being idle)."""
+    pid = conn.info.backend_pid
+    return lambda: not pg.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid])
 
 
 def _reaping_cycles(daemon: RunningDaemon) -> int:
@@ -682,7 +685,7 @@ def test_run_sends_one_message_per_cycle_that_reaped(
     (first,) = receiver.wait(1)
     assert first["title"] == f"pg-reaper on pg{pg.major}: 3 terminated"
     late = sessions.idle(application="notify-run-late")
-    daemon.wait_until(lambda: not usable(late), timeout=10, what="the late session reaped")
+    daemon.wait_until(_gone(pg, late), timeout=10, what="the late session reaped")
     messages = receiver.wait(2)
     time.sleep(2.5)  # a further cycle or two, with nothing to reap
     assert len(receiver.received()) == _reaping_cycles(daemon) == 2
@@ -712,7 +715,7 @@ def test_run_under_a_storm_sends_one_message_per_cooldown_and_the_rest_at_sigter
     )
     for wave in range(3):  # three cycles that each reap one session
         conn = sessions.idle(application=f"notify-storm-{wave}")
-        daemon.wait_until(_gone(conn), timeout=10, what=f"wave {wave} reaped")
+        daemon.wait_until(_gone(pg, conn), timeout=10, what=f"wave {wave} reaped")
     daemon.wait_until(lambda: _reaping_cycles(daemon) == 3, timeout=5, what="3 reaping cycles")
     receiver.wait(1)
     time.sleep(1)
@@ -744,7 +747,7 @@ def test_a_hanging_receiver_never_delays_reaping_and_is_counted(
     for wave in range(3):
         conn = sessions.idle(application=f"notify-slow-{wave}")
         opened = time.monotonic()
-        daemon.wait_until(_gone(conn), timeout=10, what=f"wave {wave} reaped")
+        daemon.wait_until(_gone(pg, conn), timeout=10, what=f"wave {wave} reaped")
         # Reaped about a second after it became eligible, as without [notify]; the receiver
         # holds each message for 2 s meanwhile.
         assert time.monotonic() - opened < 4.5
@@ -793,7 +796,7 @@ def test_an_ha_follower_sends_nothing(
         (leader,) = [i for i, d in enumerate(daemons) if d.value("pg_reaper_leader", server=server)]
         for wave in range(2):
             conn = sessions.idle(application=f"notify-ha-{wave}")
-            wait_for(_gone(conn), timeout=10, what=f"wave {wave} reaped")
+            wait_for(_gone(pg, conn), timeout=10, what=f"wave {wave} reaped")
         receivers[leader].wait(1)
         follower = daemons[1 - leader]
         polls = len(follower.events("poll_completed"))

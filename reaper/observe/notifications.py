@@ -460,6 +460,8 @@ class Notifications:
                 ok = bool(target.service.notify(body=body, title=title))
             except Exception:  # noqa: BLE001 - a plugin's bug is a failed delivery
                 ok = False
+            if self._stopped:
+                return  # given up on by `stop`, which counted this message unsent
             if ok:
                 delivered += 1
                 if target.failing:
