@@ -10,10 +10,11 @@ import argparse
 import functools
 import sys
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from reaper import version_text
-from reaper.commands import doctor, kill, kill_output, oneshot, sessions, victims
+from reaper.commands import doctor, kill, kill_output, oneshot, report, sessions, victims
 from reaper.commands.oneshot import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from reaper.demo.binaries import SUPPORTED_MAJORS
 from reaper.observe import audit
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sessions": _sessions,
         "kill": _kill,
         "unblock": _unblock,
+        "report": _report,
     }[args.command]
     return handler(settings, args)
 
@@ -175,6 +177,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     unblock_command.add_argument("--server", metavar="NAME", required=True, help="the server")
     unblock_command.add_argument("--database", metavar="NAME", required=True, help="the database")
+
+    report_command = command(
+        "report",
+        "the leak report, from the audit table: sessions reaped and idle time reclaimed per "
+        "application, role, database, client, policy or server (docs/report.md)",
+    )
+    report_command.add_argument(
+        "--since",
+        metavar="DURATION",
+        help=f"the window: this long up to now (default: {report.DEFAULT_SINCE})",
+    )
+    report_command.add_argument(
+        "--from",
+        dest="start",
+        metavar="TIME",
+        help="the window's start, ISO 8601 (UTC if no offset)",
+    )
+    report_command.add_argument(
+        "--to", dest="end", metavar="TIME", help="with --from: the window's end (default: now)"
+    )
+    report_command.add_argument(
+        "--by",
+        choices=report.GROUPINGS,
+        default="application",
+        help="what to group by (default: application)",
+    )
+    report_command.add_argument(
+        "--top",
+        type=report.parse_top,
+        default=report.DEFAULT_TOP,
+        metavar="N",
+        help=f"the N groups that leak most (default: {report.DEFAULT_TOP})",
+    )
+    # Any name in the audit table, not only this config's servers: the table holds the fleet's.
+    report_command.add_argument(
+        "--server", dest="audit_server", metavar="NAME", help="only the sessions of this server"
+    )
+    report_format = report_command.add_mutually_exclusive_group()
+    report_format.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    report_format.add_argument(
+        "--csv", action="store_true", help="CSV on stdout: a header, a line per group"
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -338,6 +382,23 @@ def _unblock(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(kill_output.render_unblocked(server.name, args.database))
     return EXIT_OK
+
+
+def _report(settings: Settings, args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    try:
+        window = report.parse_window(since=args.since, start=args.start, end=args.end, now=now)
+    except ValueError as exc:
+        print(f"pg-reaper: report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return report.report(
+        settings,
+        by=args.by,
+        window=window,
+        top=args.top,
+        server=args.audit_server,
+        output="json" if args.json else "csv" if args.csv else "text",
+    )
 
 
 def _check_config(settings: Settings, _args: argparse.Namespace) -> int:

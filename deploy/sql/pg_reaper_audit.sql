@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS reaper.audit (
 ALTER TABLE reaper.audit ADD COLUMN IF NOT EXISTS instance text;
 CREATE INDEX IF NOT EXISTS audit_logged_at_idx ON reaper.audit (logged_at);
 
--- Writing only: pg-reaper never reads, changes or deletes rows. Give SELECT to whoever reads the
--- audit (GRANT SELECT ON reaper.audit TO ...), and keep old rows with a DELETE of your own.
+-- Writing only: the daemon never reads, changes or deletes rows. Give SELECT to whoever reads the
+-- audit (GRANT SELECT ON reaper.audit TO ...): `pg-reaper report` reads it as the role of its
+-- [audit] dsn (docs/report.md). Keep old rows with a DELETE of your own.
 GRANT INSERT ON reaper.audit TO "pg-reaper";

@@ -2,5 +2,6 @@
 
 `connection` opens pg-reaper's pinned session and turns every driver failure into one
 `PostgresError`; each feature's queries live beside their SQL (`sql/*.sql`): `activity` (poll and
-race-safe signal), `ha` (the advisory lock), `audit` (the audit table), `doctor` and `kill`.
+race-safe signal), `ha` (the advisory lock), `audit` (the audit table), `doctor`, `kill` and
+`report` (the leak report's reads of the audit table).
 """
