@@ -388,6 +388,17 @@ def test_a_dry_run_says_what_would_have_been_done() -> None:
     assert "Dry run: no session was signalled." in body
 
 
+def test_cycles_summed_across_the_end_of_a_dry_run_are_not_called_a_dry_run() -> None:
+    dry = summarize(_report(_outcome(Result.DRY_RUN), dry_run=True), keep=5)
+    real = summarize(_report(_outcome(pid=2)), keep=5)
+    assert dry is not None
+    assert real is not None
+    title, body = render(dry.plus(real, keep=5), instance="i", prefix="pg-reaper")
+    assert title == "pg-reaper on primary: 1 terminated, 1 would terminate"
+    assert "Dry run" not in body
+    assert "2 cycles" in body
+
+
 # --- delivery, without a database --------------------------------------------------------------
 
 

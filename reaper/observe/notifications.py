@@ -109,7 +109,7 @@ class Summary:
     counts: dict[tuple[str, str], int]
     failed: dict[str, int]  # reason -> victims that could not be signalled
     victims: tuple[Victim, ...]  # the oldest, at most [notify] victims
-    dry_run: bool
+    dry_run: bool  # every cycle summed was a dry run
 
     @property
     def sessions(self) -> int:
@@ -128,7 +128,7 @@ class Summary:
             counts=dict(counts),
             failed=dict(failed),
             victims=_oldest((*self.victims, *other.victims), keep),
-            dry_run=self.dry_run or other.dry_run,
+            dry_run=self.dry_run and other.dry_run,  # a reload may end a dry run mid-window
         )
 
 
