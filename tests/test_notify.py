@@ -506,6 +506,22 @@ def test_a_receiver_that_is_down_is_counted_logged_once_and_never_named(
     assert TOKEN not in logs.getvalue()
 
 
+def test_a_reload_sends_the_next_message_to_the_new_urls(receiver: Receiver) -> None:
+    sink, _, _ = _sink(receiver.url, extra='cooldown = "0s"')
+    sink.submit(_report(_outcome(pid=1)))
+    receiver.wait(1)
+    other = Receiver()
+    try:
+        sink.reconfigure(settings_with(notify_section(other.url, extra='title = "db-team"')))
+        sink.submit(_report(_outcome(pid=2)))
+        sink.stop(timeout=5)
+        (message,) = other.received()
+        assert message["title"] == "db-team on primary: 1 terminated"
+        assert len(receiver.received()) == 1
+    finally:
+        other.close()
+
+
 def test_without_urls_nothing_is_started_and_submit_does_nothing() -> None:
     sink = Notifications()
     sink.start(settings_with(""))
@@ -767,6 +783,7 @@ def test_a_hanging_receiver_never_delays_reaping_and_is_counted(
     )
     failed = daemon.wait_event("notify_failed")
     assert failed["url"] == f"json://…@127.0.0.1:{hanging.port}/…"
+    assert TOKEN not in daemon.get("/metrics")[1]
     started = time.monotonic()
     daemon.send(signal.SIGTERM)
     assert daemon.wait_exit(timeout=10) == 0
