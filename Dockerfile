@@ -21,11 +21,13 @@ COPY pyproject.toml README.md ./
 COPY reaper/ reaper/
 
 # psycopg[binary], pydantic-core and the rest come as manylinux wheels: no compiler needed.
+# With the extra [notify] (apprise), so that [notify] urls work in the image as they are.
 # pip and setuptools are removed from the venv afterwards: the image never installs anything.
 RUN python -m venv /opt/pg-reaper \
-    && /opt/pg-reaper/bin/pip install --no-cache-dir . \
+    && /opt/pg-reaper/bin/pip install --no-cache-dir ".[notify]" \
     && /opt/pg-reaper/bin/pip uninstall --yes --no-cache-dir pip setuptools \
-    && /opt/pg-reaper/bin/pg-reaper --version
+    && /opt/pg-reaper/bin/pg-reaper --version \
+    && /opt/pg-reaper/bin/python -c "import apprise"
 
 
 FROM python:3.11.14-slim-bookworm

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from reaper.commands.oneshot import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from reaper.demo.binaries import SUPPORTED_MAJORS
 from reaper.observe import audit
 from reaper.observe.log import configure
+from reaper.observe.notifications import Notifications
 from reaper.settings import (
     ConfigError,
     Settings,
@@ -39,6 +41,8 @@ __all__ = ["main"]
 _AUDITED = frozenset({"run"})
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
+# ... and sends its [notify] messages meanwhile, giving the URLs as long at most.
+_NOTIFY_FLUSH_TIMEOUT = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,12 +257,22 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 def _once(settings: Settings, args: argparse.Namespace) -> int:
     if (sink := _audit_sink(settings)) is None:
         return EXIT_USAGE
+    notifications = Notifications()
+    notifications.start(settings)
     try:
         return oneshot.sweep_every_server(
-            settings, mode="reap", only=args.server, as_json=args.json, audit=sink
+            settings,
+            mode="reap",
+            only=args.server,
+            as_json=args.json,
+            audit=sink,
+            notifications=notifications,
         )
     finally:
+        notifications.drain()  # sends while the audit rows are written
+        deadline = time.monotonic() + _NOTIFY_FLUSH_TIMEOUT
         sink.stop(timeout=_AUDIT_FLUSH_TIMEOUT)
+        notifications.stop(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _audit_sink(settings: Settings) -> audit.AuditSink | None:

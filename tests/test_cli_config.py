@@ -524,6 +524,7 @@ def test_config_example_is_valid_and_documents_every_key(
         "log": effective["log"],
         "audit": effective["audit"],
         "ha": effective["ha"],
+        "notify": effective["notify"],
         "servers": effective["servers"][0],
         "policies": effective["policies"][0],
     }

@@ -240,7 +240,8 @@ def test_dockerfile_runs_pg_reaper_as_documented() -> None:
     healthcheck = next(i for i in last_stage if i.startswith("HEALTHCHECK "))
     assert f"http://127.0.0.1:{METRICS_PORT}/healthz" in healthcheck
     assert any("COPY --from=build /opt/pg-reaper /opt/pg-reaper" in i for i in last_stage)
-    assert any("pip install --no-cache-dir ." in i for i in instructions)
+    assert any('pip install --no-cache-dir ".[notify]"' in i for i in instructions)
+    assert any('/opt/pg-reaper/bin/python -c "import apprise"' in i for i in instructions)
 
 
 def test_dockerignore_sends_only_what_the_build_copies() -> None:

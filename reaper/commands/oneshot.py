@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from reaper.observe.audit import AuditSink
+    from reaper.observe.notifications import Notifications
     from reaper.pg.activity import ServerConnection
     from reaper.settings import ServerConfig, Settings
 
@@ -180,10 +181,11 @@ def sweep_every_server(
     only: str | None = None,
     as_json: bool,
     audit: AuditSink | None = None,
+    notifications: Notifications | None = None,
 ) -> int:
     """`once` (mode reap) or `preview`: one sweep of every server (or of `only`), printed; the
-    audit events of `once` also go to `audit`."""
-    reports = _sweep_all(settings, mode=mode, only=only, audit=audit)
+    audit events of `once` also go to `audit`, and what it reaped to `notifications`."""
+    reports = _sweep_all(settings, mode=mode, only=only, audit=audit, notifications=notifications)
     if reports is None:
         return EXIT_USAGE
     if as_json:
@@ -194,12 +196,20 @@ def sweep_every_server(
 
 
 def _sweep_all(
-    settings: Settings, *, mode: Mode, only: str | None = None, audit: AuditSink | None = None
+    settings: Settings,
+    *,
+    mode: Mode,
+    only: str | None = None,
+    audit: AuditSink | None = None,
+    notifications: Notifications | None = None,
 ) -> list[SweepReport] | None:
     dry_run = settings.reaper.dry_run or mode == "preview"
 
     def run(server: ServerConfig, conn: ServerConnection) -> SweepReport:
-        return sweep(conn, server=server, settings=settings, mode=mode, audit=audit)
+        report = sweep(conn, server=server, settings=settings, mode=mode, audit=audit)
+        if notifications is not None and mode == "reap" and report.ok:
+            notifications.submit(report)  # only queued: sent while the other servers are swept
+        return report
 
     def unreached(server: ServerConfig, _conn: ServerConnection, why: Unreached) -> SweepReport:
         duration_ms = round(why.seconds * 1000, 1)

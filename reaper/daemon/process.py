@@ -21,6 +21,7 @@ from reaper.daemon.scheduler import Scheduler
 from reaper.observe.audit import AuditSink
 from reaper.observe.log import configure, get_logger
 from reaper.observe.metrics import Metrics
+from reaper.observe.notifications import Notifications
 from reaper.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ _STOP_TIMEOUT = 8.0
 # holds; it gets 2 s as well when a reload replaces it.
 _AUDIT_FLUSH_TIMEOUT = 2.0
 _SHUTDOWN_BUDGET = 9.5
+# [notify]: the messages still pending at SIGTERM are sent meanwhile, in as long at most.
+_NOTIFY_FLUSH_TIMEOUT = 2.0
 # With [reaper] watch_config, how often the config file is read to see whether it changed (a
 # mounted Kubernetes ConfigMap is updated in place, and nobody sends SIGHUP).
 WATCH_INTERVAL = 5.0
@@ -57,8 +60,11 @@ class Daemon:
         self._settings = settings
         self._metrics = Metrics()
         self._audit = AuditSink(metrics=self._metrics)
+        self._notifications = Notifications(metrics=self._metrics)
         self._notifier = Notifier()
-        self._scheduler = Scheduler(settings, metrics=self._metrics, audit=self._audit)
+        self._scheduler = Scheduler(
+            settings, metrics=self._metrics, audit=self._audit, notifications=self._notifications
+        )
         self._wake = threading.Event()
         self._reload_requested = False
         self._stop_requested: str | None = None
@@ -81,6 +87,7 @@ class Daemon:
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self._audit.start(self._settings)  # before the first cycle's events
+        self._notifications.start(self._settings)
         self._scheduler.start()
         if self._http is not None:
             self._http.start()
@@ -168,6 +175,7 @@ class Daemon:
                 )
             configure(settings.log)
             self._audit.reconfigure(settings, timeout=_AUDIT_FLUSH_TIMEOUT)
+            self._notifications.reconfigure(settings)
             self._scheduler.apply(settings)
             self._settings = settings
             self._metrics.config_reload_ok.set(1)
@@ -184,8 +192,12 @@ class Daemon:
         self._log.info("daemon_stopping", signal=self._stop_requested)
         started = time.monotonic()
         abandoned = self._scheduler.stop(timeout=_STOP_TIMEOUT)
+        self._notifications.drain()  # sends while the audit rows are written
+        flushed_by = time.monotonic() + _NOTIFY_FLUSH_TIMEOUT
         left = _SHUTDOWN_BUDGET - (time.monotonic() - started)
         self._audit.stop(timeout=max(0.0, min(_AUDIT_FLUSH_TIMEOUT, left)))
+        left = min(flushed_by, started + _SHUTDOWN_BUDGET) - time.monotonic()
+        self._notifications.stop(timeout=max(0.0, left))
         if self._http is not None:
             self._http.stop()
         self._log.info("daemon_stopped")

@@ -33,6 +33,7 @@ from reaper.sweep import Memory, SweepReport, connect, sweep
 if TYPE_CHECKING:
     from reaper.observe.audit import AuditSink
     from reaper.observe.metrics import Metrics
+    from reaper.observe.notifications import Notifications
     from reaper.pg.activity import ServerConnection
     from reaper.settings import ServerConfig, Settings
 
@@ -75,11 +76,17 @@ class Scheduler:
     """The daemon's reaping machinery: workers, their jobs, and their metrics."""
 
     def __init__(
-        self, settings: Settings, *, metrics: Metrics, audit: AuditSink | None = None
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        audit: AuditSink | None = None,
+        notifications: Notifications | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._audit = audit
+        self._notifications = notifications
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         workers = max(_MIN_WORKERS, 2 * len(settings.servers))
@@ -224,6 +231,8 @@ class Scheduler:
             self._metrics.record(
                 report, policies=[p.name for p in policies], finished_at=time.time()
             )
+            if self._notifications is not None:
+                self._notifications.submit(report)  # only queued: never waits
         else:
             self._metrics.record_poll_failure(worker.name)
         self._transition(worker, report)

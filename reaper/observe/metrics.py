@@ -20,6 +20,7 @@ from prometheus_client import (
 
 from reaper import __version__
 from reaper.observe.audit import ERROR_REASONS as AUDIT_ERROR_REASONS
+from reaper.observe.notifications import ERROR_REASONS as NOTIFY_ERROR_REASONS
 from reaper.policy import Result
 from reaper.settings import ALL_STATES
 
@@ -189,6 +190,16 @@ class Metrics:
         )
         for reason in AUDIT_ERROR_REASONS:
             self.audit_errors.labels(reason=reason)
+        self.notify_errors = Counter(
+            "pg_reaper_notify_errors",
+            "[notify] trouble: a message a URL did not take (reason=send, each URL each message), "
+            "a cycle left out of every message (reason=dropped: the queue was full, or pg-reaper "
+            "exited first).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in NOTIFY_ERROR_REASONS:
+            self.notify_errors.labels(reason=reason)
 
     def configure(self, settings: Settings) -> None:
         """Show every series of the configured servers and policies, at 0 until measured."""

@@ -3,9 +3,9 @@
 Everything else in pg-reaper only ever sees `Settings`. Errors name the key path and the bad
 value (``policies[1].max_idle: invalid duration '15 mins'``); secrets never appear in them.
 
-The modules behind it, by concern: `_durations` and `_values` (the value types), `_sections`
-(one model per table of the file), `_model` (`Settings`), `_loading` (file and environment),
-`_explain` (one line per problem, secrets left out).
+The modules behind it, by concern: `_durations`, `_values` and `_notify_urls` (the value types),
+`_sections` (one model per table of the file), `_model` (`Settings`), `_loading` (file and
+environment), `_explain` (one line per problem, secrets left out).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from reaper.settings._loading import (
     resolve_config_path,
 )
 from reaper.settings._model import Settings
+from reaper.settings._notify_urls import AppriseMissing, load_apprise, redact_url
 from reaper.settings._sections import (
     ACTIVE_STATES,
     ALL_STATES,
@@ -28,6 +29,7 @@ from reaper.settings._sections import (
     HaSection,
     LogSection,
     MetricsSection,
+    NotifySection,
     PolicyConfig,
     ReaperSection,
     ServerConfig,
@@ -42,19 +44,23 @@ __all__ = [
     "DEFAULT_LOCK_KEY",
     "IDLE_STATES",
     "THRESHOLDS",
+    "AppriseMissing",
     "AuditSection",
     "ClientNetwork",
     "ConfigError",
     "HaSection",
     "LogSection",
     "MetricsSection",
+    "NotifySection",
     "PolicyConfig",
     "ReaperSection",
     "ServerConfig",
     "Settings",
     "default_instance_id",
     "format_duration",
+    "load_apprise",
     "load_settings",
     "parse_duration",
+    "redact_url",
     "resolve_config_path",
 ]

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     log: sections.LogSection = sections.LogSection()
     audit: sections.AuditSection = sections.AuditSection()
     ha: sections.HaSection = sections.HaSection()
+    notify: sections.NotifySection = sections.NotifySection()
     servers: tuple[sections.ServerConfig, ...] = Field(min_length=1)
     policies: tuple[sections.PolicyConfig, ...] = Field(min_length=1)
 
@@ -87,4 +88,5 @@ class Settings(BaseSettings):
         for server, raw in zip(self.servers, data["servers"], strict=True):
             raw["dsn"] = server.redacted_dsn
         data["audit"]["dsn"] = self.audit.redacted_dsn
+        data["notify"]["urls"] = self.notify.redacted_urls
         return data

@@ -9,13 +9,22 @@ import socket
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path  # noqa: TC003 - pydantic reads the fields' annotations at run time
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from reaper.conninfo import parse_conninfo, redact_conninfo
 from reaper.identifiers import parse_table_name
-from reaper.settings._durations import PositiveDuration, format_duration
+from reaper.settings._durations import Duration, PositiveDuration, format_duration
+from reaper.settings._notify_urls import AppriseMissing, check_url, load_apprise, redact_url
 from reaper.settings._values import Name, Network, Percentage, Regex, readable_password_file
 
 # [ha]'s advisory lock key: the first 8 bytes of SHA-256("pg-reaper"), a signed bigint.
@@ -173,6 +182,50 @@ class HaSection(_Section):
     def instance(self) -> str:
         """This instance's id: `instance_id`, else ``hostname:pid``."""
         return self.instance_id or default_instance_id()
+
+
+def _apprise_url(value: SecretStr) -> SecretStr:
+    check_url(value.get_secret_value())  # a ValueError that never quotes the URL
+    return value
+
+
+class NotifySection(_Section):
+    """Notifications of what was reaped, through apprise (reaper/observe/notifications.py);
+    disabled while `urls` is empty. Every URL is a secret: shown only redacted."""
+
+    urls: tuple[Annotated[SecretStr, AfterValidator(_apprise_url)], ...] = ()
+    # Per server: at most one message per window; the cycles inside it are summed into the
+    # message sent when it ends. 0: a message for every cycle that reaped something.
+    cooldown: Duration = timedelta(minutes=5)
+    title: str = "pg-reaper"
+    # Bounds each network wait of a delivery (connect, then each read), per URL.
+    timeout: PositiveDuration = timedelta(seconds=10)
+    victims: int = Field(default=5, ge=0, le=50)  # the oldest victims a message lists
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _apprise_installed(cls, value: object) -> object:
+        if value:
+            try:
+                load_apprise()
+            except AppriseMissing as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("title")
+    @classmethod
+    def _title(cls, value: str) -> str:
+        if not value or not value.isprintable() or len(value) > 100:
+            raise ValueError(f"invalid title {value!r}: 1 to 100 printable characters")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls)
+
+    @property
+    def redacted_urls(self) -> list[str]:
+        return [redact_url(url.get_secret_value()) for url in self.urls]
 
 
 class ServerConfig(_Section):
