@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 
 from reaper.cli import main
 from reaper.observe.log import configure
+from reaper.observe.messages import render, summarize
 from reaper.observe.metrics import Metrics
-from reaper.observe.notifications import Notifications, render, summarize
+from reaper.observe.notifications import Notifications
 from reaper.policy import Decision, Result, Rule
 from reaper.settings import ConfigError, LogSection, Settings, load_settings, redact_url
 from reaper.sweep import Outcome, SweepReport
