@@ -4,11 +4,15 @@ report is anything with the fields of `CycleReport` (the sweep's report has them
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from reaper.observe.metrics import CycleReport, Metrics
+from reaper.observe.metrics import Metrics
 from reaper.policy import Result, ServerFacts, Session
+
+if TYPE_CHECKING:
+    from reaper.observe.cycle import CycleReport
 
 SERVER = "primary"
 
@@ -17,6 +21,8 @@ SERVER = "primary"
 class _Outcome:
     policy: str
     result: Result
+    action: str = "terminate"
+    decision: Any = None  # metrics read only the policy and the result
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import ipaddress
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from reaper.policy import Result
 from reaper.settings import ALL_STATES, format_duration
@@ -17,9 +17,10 @@ from reaper.settings import ALL_STATES, format_duration
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from reaper.policy import Decision, Session
+    from reaper.observe.cycle import CycleReport
+    from reaper.policy import Session
 
-__all__ = ["NotifiedCycle", "Summary", "Victim", "render", "summarize"]
+__all__ = ["Summary", "Victim", "render", "summarize"]
 
 # What a message calls each result that makes one.
 _DONE = {Result.TERMINATED: "terminated", Result.CANCELLED: "cancelled", Result.LOGGED: "logged"}
@@ -27,26 +28,6 @@ _WOULD = {"terminate": "would terminate", "cancel": "would cancel", "log": "logg
 _FAILED = {Result.GONE: "gone", Result.CHANGED: "changed", Result.DENIED: "denied"}
 _FAILED[Result.ERROR] = "error"
 _TEXT_LIMIT = 64  # characters of a name from the server (user, application, ...) a message shows
-
-
-class _Outcome(Protocol):
-    @property
-    def action(self) -> str: ...
-    @property
-    def result(self) -> Result: ...
-    @property
-    def decision(self) -> Decision: ...
-
-
-class NotifiedCycle(Protocol):
-    """What `Notifications.submit` reads of one cycle (reaper.sweep's SweepReport)."""
-
-    @property
-    def server(self) -> str: ...
-    @property
-    def dry_run(self) -> bool: ...
-    @property
-    def outcomes(self) -> Sequence[_Outcome]: ...
 
 
 # --- what a message says -----------------------------------------------------------------------
@@ -102,7 +83,7 @@ class Summary:
         )
 
 
-def summarize(report: NotifiedCycle, *, keep: int, at: float | None = None) -> Summary | None:
+def summarize(report: CycleReport, *, keep: int, at: float | None = None) -> Summary | None:
     """What `report`'s cycle reaped (None when it reaped nothing: no message), with the `keep`
     oldest victims."""
     counts: collections.Counter[tuple[str, str]] = collections.Counter()

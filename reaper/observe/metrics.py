@@ -8,7 +8,7 @@ fixed list.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,12 +25,12 @@ from reaper.policy import Result
 from reaper.settings import ALL_STATES
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable
 
-    from reaper.policy import ServerFacts, Session
+    from reaper.observe.cycle import CycleReport
     from reaper.settings import Settings
 
-__all__ = ["UNKNOWN_STATE", "CycleReport", "Metrics"]
+__all__ = ["UNKNOWN_STATE", "Metrics"]
 
 # The `state` label of sessions whose state the reaper may not see (NULL in pg_stat_activity).
 UNKNOWN_STATE = "unknown"
@@ -42,32 +42,6 @@ _FAILURE_REASONS = {
     Result.ERROR: "error",
 }
 _REAPED_ACTIONS = {Result.TERMINATED: "terminate", Result.CANCELLED: "cancel", Result.LOGGED: "log"}
-
-
-class _Outcome(Protocol):
-    @property
-    def policy(self) -> str: ...
-    @property
-    def result(self) -> Result: ...
-
-
-class CycleReport(Protocol):
-    """What `Metrics.record` reads of one successful cycle (reaper.sweep's SweepReport)."""
-
-    @property
-    def server(self) -> str: ...
-    @property
-    def dry_run(self) -> bool: ...
-    @property
-    def duration_ms(self) -> float: ...
-    @property
-    def facts(self) -> ServerFacts | None: ...
-    @property
-    def sessions(self) -> Sequence[Session]: ...
-    @property
-    def outcomes(self) -> Sequence[_Outcome]: ...
-    @property
-    def pressure(self) -> Sequence[tuple[str, bool]]: ...
 
 
 class Metrics:

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from reaper.observe.log import get_logger
-from reaper.observe.messages import NotifiedCycle, Summary, render, summarize
+from reaper.observe.messages import Summary, render, summarize
 from reaper.settings import format_duration, load_apprise, redact_url
 
 if TYPE_CHECKING:
+    from reaper.observe.cycle import CycleReport
     from reaper.observe.metrics import Metrics
     from reaper.settings import NotifySection, Settings
 
@@ -124,7 +125,7 @@ class Notifications:
             cooldown=format_duration(section.cooldown),
         )
 
-    def submit(self, report: NotifiedCycle) -> None:
+    def submit(self, report: CycleReport) -> None:
         """Queue what `report`'s cycle reaped, without waiting. Never raises: called on the
         reaping path. Nothing happens while [notify] has no URLs, nor for a cycle that reaped
         nothing."""
