@@ -716,7 +716,7 @@ def test_without_pg_read_all_stats_pressure_policies_do_not_act(
     code = main(["once", "-c", str(config), "--json"])
 
     captured = capsys.readouterr()
-    assert code == 0
+    assert code == 0, captured.err
     assert json.loads(captured.out)["servers"][0]["decisions"] == []
     assert all(small.is_alive(pid) for pid in own)
     assert "nor count connections for pressure policies" in captured.err

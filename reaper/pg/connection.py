@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 import socket
+import time
 from functools import partial
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Self
@@ -34,6 +35,22 @@ Rows = list[dict[str, Any]]
 # How long past statement_timeout the reaper waits for an answer before it gives up on the
 # connection itself: a stopped or unreachable server cannot enforce its statement_timeout.
 _ANSWER_GRACE_SECONDS = 2.0
+
+
+# The backend that refused a startup packet holds its connection slot until it has exited, a
+# moment after the client reads the refusal: on a server with one slot left, the next attempt
+# can find none. pg-reaper retries for that long, no longer.
+_SLOT_RETRY_SECONDS = 0.05
+_SLOT_RELEASE_SECONDS = 2.0
+_NO_SLOT = ("too many clients", "remaining connection slots are reserved")
+
+
+def _own_slot_not_free(exc: psycopg.Error, *, since: float) -> bool:
+    """Whether `exc` refuses a connection for want of a slot, within the moment the reaper's
+    own refused backend takes to give its slot back."""
+    return time.monotonic() - since < _SLOT_RELEASE_SECONDS and any(
+        words in str(exc) for words in _NO_SLOT
+    )
 
 
 def query(name: str) -> str:
@@ -234,6 +251,7 @@ class Connection:
         if self._dbname is not None:
             kwargs["dbname"] = self._dbname
         dsn_options = parse_conninfo(self._dsn).get("options") or os.environ.get("PGOPTIONS")
+        refused_at: float | None = None  # when a server refused transaction_timeout
         while True:
             kwargs["options"] = pinned_options(
                 dsn_options,
@@ -246,7 +264,10 @@ class Connection:
             except psycopg.Error as exc:
                 # PostgreSQL 14-16 refuse a setting they do not know: try once without it.
                 if self._v17 and self._pin_timeouts and '"transaction_timeout"' in str(exc):
-                    self._v17 = False
+                    self._v17, refused_at = False, time.monotonic()
+                    continue
+                if refused_at is not None and _own_slot_not_free(exc, since=refused_at):
+                    time.sleep(_SLOT_RETRY_SECONDS)
                     continue
                 message = f"cannot connect to {self.target}: {_clean_error(exc, password)}"
                 raise PostgresError(message) from None
