@@ -197,7 +197,9 @@ class Connection:
         self._severed = False
         self.sessions_opened = 0  # a new session holds none of the old one's locks
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
-        self.target = _describe(parse_conninfo(dsn))
+        params = parse_conninfo(dsn)
+        self.target = _describe(params)
+        self._dsn_options = params.get("options")  # libpq's `options` as the DSN gives them
         self._opened()
 
     def sibling(self, *, pin_timeouts: bool) -> Connection:
@@ -250,7 +252,7 @@ class Connection:
             kwargs["password"] = password
         if self._dbname is not None:
             kwargs["dbname"] = self._dbname
-        dsn_options = parse_conninfo(self._dsn).get("options") or os.environ.get("PGOPTIONS")
+        dsn_options = self._dsn_options or os.environ.get("PGOPTIONS")
         refused_at: float | None = None  # when a server refused transaction_timeout
         while True:
             kwargs["options"] = pinned_options(
