@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-# The daemon's audit table is checked before it starts (`once` and `kill` check theirs on their
-# audit sink's own connection, as they start it).
-_AUDITED = frozenset({"run"})
 # `once` writes its audit rows before it exits, giving the audit database this long at most.
 _AUDIT_FLUSH_TIMEOUT = 5.0
 # ... and sends its [notify] messages meanwhile, giving the URLs as long at most.
@@ -62,10 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "dry_run", False):
         settings = settings.with_dry_run()
     configure(settings.log)
-    if args.command in _AUDITED and (unusable := audit.preflight(settings)) is not None:
-        # A table that cannot be written is said now, not found out by rows dropped later.
-        print(f"pg-reaper: audit: {unusable}", file=sys.stderr)
-        return EXIT_USAGE
     if oneshot.unknown_server(settings, getattr(args, "server", None)):
         return EXIT_USAGE
     if args.command == "run":
@@ -246,6 +239,10 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             force_dry_run=args.dry_run,
         )
         return daemon.run()
+    except audit.AuditTableUnusable as exc:
+        # A table that cannot be written is said now, not found out by rows dropped later.
+        print(f"pg-reaper: audit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:  # the metrics listener could not bind
         listen = settings.metrics.listen
         print(

@@ -138,13 +138,15 @@ def test_the_role_from_deploy_sql_writes_rows_without_create_anywhere(
     ],
     ids=["no-create", "no-insert", "no-usage"],
 )
-def test_a_missing_privilege_is_an_error_at_start_and_nothing_is_reaped(
+@pytest.mark.parametrize("command", [["once", "--json"], ["run"]], ids=["once", "run"])
+def test_a_missing_privilege_is_an_error_at_start_and_nothing_is_reaped(  # noqa: PLR0917 - fixtures and two parameters
     pg: TestServer,
     sessions: Sessions,
     audit_database: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     case: tuple[str | None, str, str],
+    command: list[str],
 ) -> None:
     prepare, table, missing = case
     _run_sql(pg, AUDIT_SQL, dbname=audit_database)
@@ -154,7 +156,7 @@ def test_a_missing_privilege_is_an_error_at_start_and_nothing_is_reaped(
     victim = sessions.idle(application="audit-grants-victim", user="appuser", password="appuser")
     time.sleep(1.3)
 
-    code = main(["once", "-c", str(_config(tmp_path, pg, table=table)), "--json"])
+    code = main([command[0], "-c", str(_config(tmp_path, pg, table=table)), *command[1:]])
 
     err = capsys.readouterr().err
     assert code == 2

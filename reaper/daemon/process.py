@@ -76,17 +76,23 @@ class Daemon:
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; 0 on a clean stop."""
         self._metrics.config_reload_ok.set(1)
+        # First, on the audit writer's own connection: a table that cannot be written stops the
+        # daemon now (AuditTableUnusable), not found out by rows dropped later.
+        self._audit.start(self._settings, check=True)
         listen = self._settings.metrics.listen
         if listen:
-            self._http = HttpServer(
-                listen=listen,
-                registry=self._metrics.registry,
-                healthy=lambda: self._scheduler.running,
-                ready=lambda: self._scheduler.running and self._scheduler.ready,
-            )
+            try:
+                self._http = HttpServer(
+                    listen=listen,
+                    registry=self._metrics.registry,
+                    healthy=lambda: self._scheduler.running,
+                    ready=lambda: self._scheduler.running and self._scheduler.ready,
+                )
+            except OSError:  # the listener could not bind: pg-reaper exits (cli.py says why)
+                self._audit.stop(timeout=0)
+                raise
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        self._audit.start(self._settings)  # before the first cycle's events
         self._notifications.start(self._settings)
         self._scheduler.start()
         if self._http is not None:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from reaper.observe.metrics import Metrics
     from reaper.settings import Settings
 
-__all__ = ["CAPACITY", "AuditSink", "AuditTableUnusable", "AuditWriter", "preflight"]
+__all__ = ["CAPACITY", "AuditSink", "AuditTableUnusable", "AuditWriter"]
 
 CAPACITY = 10_000  # rows queued at most; beyond it the newest are dropped and counted
 BATCH_SIZE = 500  # rows per INSERT
@@ -284,20 +284,6 @@ class AuditSink:
             writer, self._writer, self._key = self._writer, None, None
         if writer is not None:
             _report_unwritten(writer, writer.stop(timeout=timeout))
-
-
-def preflight(settings: Settings) -> str | None:
-    """Why the configured audit table cannot be written (a missing privilege, an untrusted
-    owner), asked of the audit database on a connection of its own before the daemon starts;
-    None when it can be, when there is no [audit] table, or when the database does not answer
-    now (rows wait and are retried)."""
-    writer = _open(settings, metrics=None)
-    if writer is None:
-        return None
-    try:
-        return writer.preflight()
-    finally:
-        writer.stop(timeout=0)  # never started: closes the connection
 
 
 def _open(settings: Settings, *, metrics: Metrics | None) -> AuditWriter | None:
