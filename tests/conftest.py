@@ -3,11 +3,13 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import pytest
 
 from reaper.observe.log import configure
+from reaper.pg.activity import ServerConnection
 from reaper.settings import LogSection
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer, start_server
 
@@ -81,6 +83,18 @@ def sessions(pg: TestServer) -> Iterator[Sessions]:
     opened = Sessions(pg)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def reaper(pg: TestServer) -> Iterator[ServerConnection]:
+    """The least-privilege reaper's session (role reaper_lp: pg_signal_backend and
+    pg_read_all_stats), for the tests that poll and signal through it directly."""
+    with ServerConnection(
+        dsn=pg.dsn(user="reaper_lp", password="reaper_lp"),
+        connect_timeout=timedelta(seconds=5),
+        statement_timeout=timedelta(seconds=10),
+    ) as conn:
+        yield conn
 
 
 @pytest.fixture

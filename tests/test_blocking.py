@@ -22,7 +22,6 @@ import pytest
 from psycopg import sql
 
 from reaper.cli import main
-from reaper.pg.activity import ServerConnection
 from reaper.policy import Result, plan
 from reaper.settings import PolicyConfig, ReaperSection
 from tests.servers import Sessions, TestServer, usable, wait_for
@@ -31,6 +30,8 @@ from tests.test_daemon import RunningDaemon, daemon_config
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
+
+    from reaper.pg.activity import ServerConnection
 
 pytestmark = pytest.mark.integration
 
@@ -110,17 +111,6 @@ def rows(pg: TestServer) -> Iterator[Rows]:
     locks = Rows(pg)
     yield locks
     locks.close()
-
-
-@pytest.fixture
-def reaper(pg: TestServer) -> Iterator[ServerConnection]:
-    """The least-privilege reaper's session."""
-    with ServerConnection(
-        dsn=pg.dsn(user="reaper_lp", password="reaper_lp"),
-        connect_timeout=timedelta(seconds=5),
-        statement_timeout=timedelta(seconds=10),
-    ) as conn:
-        yield conn
 
 
 BLOCKERS = """

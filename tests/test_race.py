@@ -13,24 +13,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from reaper.pg.activity import ServerConnection
 from reaper.policy import Result, Session
 from tests.servers import Sessions, TestServer, usable
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from reaper.pg.activity import ServerConnection
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def reaper(pg: TestServer) -> Iterator[ServerConnection]:
-    with ServerConnection(
-        dsn=pg.dsn(user="reaper_lp", password="reaper_lp"),
-        connect_timeout=timedelta(seconds=5),
-        statement_timeout=timedelta(seconds=10),
-    ) as conn:
-        yield conn
 
 
 def polled(reaper: ServerConnection, pid: int) -> Session:
