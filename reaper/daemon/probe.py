@@ -24,7 +24,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.triggers.interval import IntervalTrigger
 
 from reaper.pg.connection import PostgresError
-from reaper.policy import pressure_held
+from reaper.policy import Result, pressure_held
 
 if TYPE_CHECKING:
     import threading
@@ -63,10 +63,12 @@ class Target(Protocol):
 @dataclass(kw_only=True)
 class _Seen:
     """What is known of one server's pressure: which policies' conditions held at the last poll
-    (or the last probe that brought no poll), when that poll ended, and whether the probe has
-    already said, in this episode, that it saw pressure."""
+    (less those a probe has since seen calm), how many client sessions that poll left, when it
+    ended, and whether the probe has already said, in this episode, that it saw pressure."""
 
     held: frozenset[str] = frozenset()
+    # The client sessions the last poll left: those it counted less those it terminated.
+    left: int | None = None
     polled_at: float = 0.0  # time.monotonic()
     episode: bool = False
 
@@ -137,6 +139,9 @@ class Probes:
         seen.polled_at = time.monotonic()
         if report.ok:
             seen.held = frozenset(policy for policy, held in report.pressure if held)
+            if report.facts is not None:
+                freed = sum(1 for o in report.outcomes if o.result is Result.TERMINATED)
+                seen.left = report.facts.client_sessions - freed
 
     # one probe
 
@@ -167,8 +172,11 @@ class Probes:
             return  # not connected; or pressure policies cannot act (docs/pressure.md)
         held = frozenset(p.name for p in policies if pressure_held(p, facts))
         seen = self._seen.setdefault(target.name, _Seen())
+        # A level the last poll did not see crossed; or, under pressure it saw, more sessions
+        # than it left (clients keep coming: its victims did not bring the count down).
         crossed = held - seen.held
-        if not crossed:
+        grew = bool(held) and seen.left is not None and facts.client_sessions > seen.left
+        if not crossed and not grew:
             # Nothing the last poll did not see: that poll's schedule stands. A level that is
             # no longer crossed is forgotten, so that crossing it again brings a poll.
             seen.held &= held
@@ -186,7 +194,7 @@ class Probes:
             self._log.info(
                 "pressure_probed",
                 server=target.name,
-                policies=sorted(crossed),
+                policies=sorted(crossed or held),
                 connections=facts.client_sessions,
                 usable=facts.usable_connections,
             )
