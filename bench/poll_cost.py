@@ -23,9 +23,9 @@ statements on one psycopg connection of a least-privilege role (``pg_read_all_st
   ``pg_roles`` CTE), to show what the names per row cost;
 - probe, probe-role: ``reaper.pg.activity.PROBE_SQL``, the pressure probe the daemon runs between
   polls on a server with pressure policies (docs/pressure.md): the client backends counted on the
-  server, one row back; probe-role adds a row per role whose connection limit applies (a
-  ``when_role_connections_above`` policy). Its cost per second at the probe's cadence is reported
-  as a fraction of one full poll;
+  server, one row back; probe-role (``PROBE_ROLES_SQL``) adds a row per role whose connection
+  limit applies (a ``when_role_connections_above`` policy). Its cost per second at the probe's
+  cadence is reported as a fraction of one full poll;
 - count, idset, numbackends: the other candidates for the probe, not the product: a bare
   ``count(*)`` of client backends; ``pg_stat_get_backend_idset()`` with
   ``pg_stat_get_backend_userid`` per backend (which cannot tell a client backend from a parallel
@@ -62,6 +62,7 @@ from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
 from reaper.pg.activity import (
     POLL_BACKEND_ROLES_SQL,
     POLL_SQL,
+    PROBE_ROLES_SQL,
     PROBE_SQL,
     poll_reads_every_role,
 )
@@ -162,7 +163,6 @@ class Variant:
     statements: tuple[str, ...]  # run one after the other; the cost is their sum
     description: str
     blocking: bool = False  # the poll's include_blocking (a policy with when_blocking)
-    per_role: bool = False  # the probe's per_role (a when_role_connections_above policy)
 
 
 VARIANTS = (
@@ -212,9 +212,9 @@ VARIANTS = (
     Variant(
         "probe-role",
         "probe",
-        (PROBE_SQL,),
-        "PROBE_SQL with per_role: + a row per role whose connection limit applies",
-        per_role=True,
+        (PROBE_ROLES_SQL,),
+        "reaper.pg.activity.PROBE_ROLES_SQL: the same + a row per role whose connection limit "
+        "applies (a when_role_connections_above policy)",
     ),
     Variant("count", "candidate", (COUNT_SQL,), "count(*) of client backends alone"),
     Variant(
@@ -281,8 +281,6 @@ def prepare_roles(pg: EmbeddedPostgres, extra: int) -> None:
 
 
 def _params(statement: str, variant: Variant | None = None) -> dict[str, Any] | None:
-    if "%(per_role)s" in statement:
-        return {"per_role": variant is not None and variant.per_role}
     if "%(include_query)s" not in statement:
         return None
     blocking = variant is not None and variant.blocking

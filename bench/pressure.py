@@ -228,7 +228,7 @@ def server_cost(pg: EmbeddedPostgres) -> dict[str, float]:
     """Median server ms per call of the probe and the poll, with the pool connected."""
     pool = [_connect(pg, "bench-pool") for _ in range(POOL)]
     statements = {
-        "probe": (PROBE_SQL, {"per_role": False}),
+        "probe": (PROBE_SQL, None),
         "poll": (POLL_SQL, {"include_query": False, "include_blocking": False}),
     }
     times: dict[str, list[float]] = {name: [] for name in statements}
