@@ -69,6 +69,9 @@ class _Seen:
     held: frozenset[str] = frozenset()
     # The client sessions the last poll left: those it counted less those it terminated.
     left: int | None = None
+    # Whether the last poll could count connections (pg_read_all_stats): if not, pressure
+    # policies do not act and there is nothing to probe for.
+    countable: bool = False
     polled_at: float = 0.0  # time.monotonic()
     episode: bool = False
 
@@ -91,12 +94,12 @@ class Probes:
         *,
         metrics: Metrics,
         log: Any,  # noqa: ANN401 - structlog's bound loggers are untyped proxies
-        poll_now: Callable[[str, datetime], None],
+        cycle_job: Callable[[str], str],
     ) -> None:
         self._scheduler = scheduler
         self._metrics = metrics
         self._log = log
-        self._poll_now = poll_now  # run the server's cycle at that time (or at once if past)
+        self._cycle_job = cycle_job  # the id of a server's cycle job
         self._seen: dict[str, _Seen] = {}
         self._cadence: dict[str, float] = {}  # the probe jobs there are: seconds, by server
 
@@ -142,6 +145,7 @@ class Probes:
             if report.facts is not None:
                 freed = sum(1 for o in report.outcomes if o.result is Result.TERMINATED)
                 seen.left = report.facts.client_sessions - freed
+                seen.countable = report.facts.sees_every_backend
 
     # one probe
 
@@ -160,18 +164,18 @@ class Probes:
         if target.state != "up" or (settings.ha.enabled and target.leadership.leader is not True):
             return  # down (the cycle retries), or an [ha] follower (it could not act)
         policies = pressure_policies(settings, target.server)
-        if not policies:
-            return
+        seen = self._seen.setdefault(target.name, _Seen())
+        if not policies or not seen.countable:
+            return  # no pressure policy; or it cannot act (docs/pressure.md), or no poll yet
         try:
             facts = conn.probe(per_role=any(p.when_role_connections_above for p in policies))
         except PostgresError as exc:
             self._metrics.pressure_probes.labels(server=target.name, outcome="error").inc()
             self._log.debug("pressure_probe_failed", server=target.name, error=str(exc))
             return
-        if facts is None or not facts.sees_every_backend:
-            return  # not connected; or pressure policies cannot act (docs/pressure.md)
+        if facts is None:
+            return  # not connected: the next cycle connects
         held = frozenset(p.name for p in policies if pressure_held(p, facts))
-        seen = self._seen.setdefault(target.name, _Seen())
         # A level the last poll did not see crossed; or, under pressure it saw, more sessions
         # than it left (clients keep coming: its victims did not bring the count down).
         crossed = held - seen.held
@@ -188,7 +192,7 @@ class Probes:
         # No sooner than min_interval after the last poll: a count that hovers at a level
         # brings at most a poll per min_interval, as deadlines do.
         wait = settings.reaper.min_interval.total_seconds() - (time.monotonic() - seen.polled_at)
-        self._poll_now(target.name, datetime.now(UTC) + timedelta(seconds=max(0.0, wait)))
+        self._poll_no_later_than(target.name, datetime.now(UTC) + timedelta(seconds=wait))
         if not seen.episode:  # once per episode, not at every probe until the poll
             seen.episode = True
             self._log.info(
@@ -198,6 +202,16 @@ class Probes:
                 connections=facts.client_sessions,
                 usable=facts.usable_connections,
             )
+
+    def _poll_no_later_than(self, name: str, due: datetime) -> None:
+        """Bring the server's next cycle forward to `due` (or now, if that has passed), as a
+        reload does; a cycle due sooner stays as it is."""
+        job_id = self._cycle_job(name)
+        job = self._scheduler.get_job(job_id)
+        if job is None or (job.next_run_time is not None and job.next_run_time <= due):
+            return
+        with contextlib.suppress(JobLookupError):  # removed by a reload meanwhile
+            self._scheduler.modify_job(job_id, next_run_time=max(due, datetime.now(UTC)))
 
 
 def _job_id(name: str) -> str:

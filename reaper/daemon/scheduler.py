@@ -6,7 +6,6 @@ for the cycle (metrics, the server's state) and sets its next run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -22,7 +21,6 @@ from apscheduler.events import (
     JobExecutionEvent,
 )
 from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -113,9 +111,7 @@ class Scheduler:
         self._arbiter = ClusterArbiter(log=self._log)
         # The pressure fast path: a probe job beside the cycle job of each server with pressure
         # policies (probe.py).
-        self._probes = Probes(
-            self._scheduler, metrics=metrics, log=self._log, poll_now=self._poll_no_later_than
-        )
+        self._probes = Probes(self._scheduler, metrics=metrics, log=self._log, cycle_job=_job_id)
 
     # lifecycle
 
@@ -289,14 +285,6 @@ class Scheduler:
     def _targets(self) -> list[_Worker]:
         with self._lock:
             return list(self._workers.values())
-
-    def _poll_no_later_than(self, name: str, due: datetime) -> None:
-        """Bring the server's next cycle forward to `due` (the pressure probe)."""
-        job = self._scheduler.get_job(_job_id(name))
-        if job is None or (job.next_run_time is not None and job.next_run_time <= due):
-            return
-        with contextlib.suppress(JobLookupError):  # removed by a reload meanwhile
-            self._scheduler.modify_job(_job_id(name), next_run_time=max(due, _now()))
 
     def _sweep(self, worker: _Worker, *, server: ServerConfig, settings: Settings) -> SweepReport:
         conn = self._connection(worker, server=server, settings=settings)
