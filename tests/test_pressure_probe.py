@@ -9,18 +9,26 @@ that its connection counts are known exactly.
 from __future__ import annotations
 
 import signal
+import threading
 import time
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 from psycopg import sql
 
+from reaper.daemon.ha import LeaderState
+from reaper.daemon.probe import Probes
 from reaper.demo.embedded import EmbeddedPostgres
+from reaper.observe.log import get_logger
+from reaper.observe.metrics import Metrics
 from reaper.pg.activity import PROBE_SQL, ServerConnection
 from reaper.pg.connection import PostgresError
 from reaper.policy import RoleConnections
-from reaper.settings import ConfigError, load_settings
+from reaper.settings import ConfigError, ServerConfig, Settings, load_settings
+from reaper.sweep import connect, sweep
 from tests.servers import Sessions, TestServer, wait_for
 from tests.test_daemon import RunningDaemon, daemon_config, free_port
 from tests.test_pressure import client_backends, open_in_order, parallel_query
@@ -370,3 +378,90 @@ def test_a_bad_probe_interval_is_an_error_naming_the_key(
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, reaper=reaper, server=server)
     assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+# --- when a probe runs: the daemon's rules, on a real session ----------------------------------
+
+
+@dataclass(kw_only=True)
+class _Target:
+    """A server's worker as the probe sees it (reaper/daemon/scheduler.py `_Worker`)."""
+
+    name: str
+    settings: Settings
+    conn: ServerConnection | None
+    leadership: LeaderState
+    state: str = "up"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.settings.servers[0]
+
+
+@pytest.fixture
+def probing(small: TestServer, tmp_path: Path) -> Iterator[tuple[Probes, _Target, Any, Metrics]]:
+    """Probes on a paused scheduler whose server's cycle job is due in an hour, for `small` as
+    the least-privilege reaper sees it, [ha] on (this session leads unless a test says not)."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        CONFIG.format(reaper="[ha]\nenabled = true", server="").replace(
+            "host=/tmp dbname=postgres", small.dsn(user="reaper_lp")
+        ),
+        encoding="utf-8",
+    )
+    settings = load_settings(path)
+    metrics = Metrics()
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.start(paused=True)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    scheduler.add_job(print, "interval", hours=1, id="server:primary", next_run_time=later)
+    log = get_logger()
+    probes = Probes(scheduler, metrics=metrics, log=log, cycle_job=lambda n: f"server:{n}")
+    leadership = LeaderState(server="primary", metrics=metrics, log=log)
+    leadership.leader = True
+    conn = connect(settings.servers[0], settings)
+    target = _Target(name="primary", settings=settings, conn=conn, leadership=leadership)
+    try:
+        probes.sync(settings, [target])
+        report = sweep(conn, server=target.server, settings=settings)  # the first cycle
+        probes.polled("primary", report)
+        yield probes, target, scheduler, metrics
+    finally:
+        scheduler.shutdown(wait=False)
+        conn.close()
+
+
+def _probed(metrics: Metrics, outcome: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "pg_reaper_pressure_probes_total", {"server": "primary", "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def _due(scheduler: Any) -> datetime:
+    due: datetime = scheduler.get_job("server:primary").next_run_time
+    return due
+
+
+@pytest.mark.integration
+def test_a_probe_runs_only_on_the_leader_of_an_up_server_between_its_cycles(
+    crowd: Sessions, probing: tuple[Probes, _Target, Any, Metrics]
+) -> None:
+    probes, target, scheduler, metrics = probing
+    later = _due(scheduler)
+    open_in_order(crowd, 13, application="filler")  # + admin + reaper: 15 of 17 (level 13)
+
+    target.leadership.leader = False  # an [ha] follower could not act
+    probes._probe(target)
+    target.leadership.leader, target.state = True, "down"  # the cycle's retries own it
+    probes._probe(target)
+    target.state = "up"
+    with target.lock:  # the cycle runs: skipped, not waited for
+        probes._probe(target)
+    assert sum(_probed(metrics, o) for o in ("calm", "pressure", "poll", "error")) == 0
+    assert _due(scheduler) == later
+
+    probes._probe(target)  # the leader, up, between cycles: the level is crossed
+    assert _probed(metrics, "poll") == 1
+    assert _due(scheduler) < later
