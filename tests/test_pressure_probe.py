@@ -242,6 +242,9 @@ def test_a_burst_past_the_level_is_reaped_on_the_probes_word_not_at_the_interval
         assert probed is not None
         assert 1 <= probed == len([p for p in polls if p["reaped"]]) <= 2
         assert len(daemon.events("pressure_probed")) == 1  # once for the episode
+        # SIGTERM stops the probe with the cycles, within the daemon's bound.
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait_exit(timeout=10) == 0
     finally:
         daemon.stop()
     # 11 fillers and the admin session, once the reaper's own backend has exited.
