@@ -15,6 +15,7 @@ next cycle tells whether the server is down.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -119,7 +120,12 @@ class Probes:
             self._metrics.show_pressure_probes(name)
             if self._cadence.get(name) == seconds:
                 continue
-            trigger = IntervalTrigger(seconds=seconds, timezone=UTC)
+            # Each server's probes at a moment of their own within the cadence: a fleet's
+            # probes are spread over the second, not all started at once.
+            offset = timedelta(seconds=random.uniform(0.0, seconds))  # noqa: S311 - not a secret
+            trigger = IntervalTrigger(
+                seconds=seconds, start_date=datetime.now(UTC) + offset, timezone=UTC
+            )
             if name in self._cadence:
                 self._scheduler.reschedule_job(_job_id(name), trigger=trigger)
             else:
