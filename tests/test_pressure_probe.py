@@ -403,16 +403,20 @@ class _Target:
 
 
 @pytest.fixture
-def probing(small: TestServer, tmp_path: Path) -> Iterator[tuple[Probes, _Target, Any, Metrics]]:
+def probing(
+    small: TestServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Probes, _Target, Any, Metrics]]:
     """Probes on a paused scheduler whose server's cycle job is due in an hour, for `small` as
-    the least-privilege reaper sees it, [ha] on (this session leads unless a test says not)."""
+    the least-privilege reaper sees it, [ha] on (this session leads unless a test says not).
+    The policy's pressure key: `when_connections_above = "80%"`, or the test's parameter."""
     path = tmp_path / "config.toml"
-    path.write_text(
-        CONFIG.format(reaper="[ha]\nenabled = true", server="").replace(
-            "host=/tmp dbname=postgres", small.dsn(user="reaper_lp")
-        ),
-        encoding="utf-8",
+    text = CONFIG.format(reaper="[ha]\nenabled = true", server="").replace(
+        "host=/tmp dbname=postgres", small.dsn(user="reaper_lp")
     )
+    key = getattr(request, "param", None)
+    if key is not None:
+        text = text.replace('when_connections_above = "80%"', key)
+    path.write_text(text, encoding="utf-8")
     settings = load_settings(path)
     metrics = Metrics()
     scheduler = BackgroundScheduler(timezone=UTC)
@@ -468,3 +472,51 @@ def test_a_probe_runs_only_on_the_leader_of_an_up_server_between_its_cycles(
     probes._probe(target)  # the leader, up, between cycles: the level is crossed
     assert _probed(metrics, "poll") == 1
     assert _due(scheduler) < later
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "probing", ['when_role_connections_above = "50%"\nusers = ["limited"]'], indirect=True
+)
+def test_a_role_past_its_share_of_its_limit_brings_the_poll_forward(
+    crowd: Sessions, probing: tuple[Probes, _Target, Any, Metrics]
+) -> None:
+    probes, target, scheduler, metrics = probing
+    later = _due(scheduler)
+    open_in_order(crowd, 2, user="limited")  # 2 of 5: not above 50% (2)
+    open_in_order(crowd, 3, user=HOSTILE_ROLE)  # 3 of 3, but not in `users`
+    probes._probe(target)
+    assert (_probed(metrics, "calm"), _due(scheduler)) == (1, later)
+
+    open_in_order(crowd, 1, user="limited")  # 3 of 5
+    probes._probe(target)
+    assert _probed(metrics, "poll") == 1
+    assert _due(scheduler) < later
+
+
+@pytest.mark.integration
+def test_a_failed_probe_is_counted_and_is_not_a_failed_poll(
+    small: TestServer, crowd: Sessions, probing: tuple[Probes, _Target, Any, Metrics]
+) -> None:
+    probes, target, scheduler, metrics = probing
+    later = _due(scheduler)
+    assert target.conn is not None
+    small.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'reaper_lp'"
+    )
+    wait_for(
+        lambda: not small.execute("SELECT 1 FROM pg_stat_activity WHERE usename = 'reaper_lp'"),
+        what="the reaper's backend to exit",
+    )
+    open_in_order(crowd, 14, application="filler")  # pressure the probe cannot see
+    probes._probe(target)  # the lost session: an error, counted
+    probes._probe(target)  # not connected: no statement, no reconnection, nothing counted
+    assert _probed(metrics, "error") == 1
+    assert sum(_probed(metrics, o) for o in ("calm", "pressure", "poll")) == 0
+    assert not target.conn.connected
+    # The server's state is the cycle's to say: the probe neither marks it down nor polls.
+    assert metrics.registry.get_sample_value("pg_reaper_server_up", {"server": "primary"}) is None
+    assert metrics.registry.get_sample_value(
+        "pg_reaper_poll_errors_total", {"server": "primary"}
+    ) in (None, 0)
+    assert _due(scheduler) == later
