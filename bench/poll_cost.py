@@ -20,7 +20,17 @@ statements on one psycopg connection of a least-privilege role (``pg_read_all_st
   second statement for the roles' connection limits), for comparison;
 - joined, a candidate, not the product: one statement that keeps the names per row
   (``pg_stat_get_activity(NULL)`` hash-joined with ``pg_database`` and a MATERIALIZED
-  ``pg_roles`` CTE), to show what the names per row cost.
+  ``pg_roles`` CTE), to show what the names per row cost;
+- probe, probe-role: ``reaper.pg.activity.PROBE_SQL``, the pressure probe the daemon runs between
+  polls on a server with pressure policies (docs/pressure.md): the client backends counted on the
+  server, one row back; probe-role (``PROBE_ROLES_SQL``) adds a row per role whose connection
+  limit applies (a ``when_role_connections_above`` policy). Its cost per second at the probe's
+  cadence is reported as a fraction of one full poll;
+- count, idset, numbackends: the other candidates for the probe, not the product: a bare
+  ``count(*)`` of client backends; ``pg_stat_get_backend_idset()`` with
+  ``pg_stat_get_backend_userid`` per backend (which cannot tell a client backend from a parallel
+  worker or a walsender); ``sum(numbackends)`` of ``pg_stat_database`` (every backend with a
+  database, autovacuum and parallel workers included).
 
 ``--extra-roles N`` creates N more (NOLOGIN) roles first: a server with many roles, where the
 product runs poll-br.
@@ -32,7 +42,7 @@ execute + fetch. The server and every session are stopped on exit, on errors, on
 SIGTERM.
 
     .venv/bin/python bench/poll_cost.py [--steps 100,1000,4000] [--repetitions 100] [--major 18]
-                                        [--extra-roles 0]
+                                        [--extra-roles 0] [--probe-interval 1]
 """
 
 from __future__ import annotations
@@ -49,7 +59,13 @@ import common
 import psycopg
 
 from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
-from reaper.pg.activity import POLL_BACKEND_ROLES_SQL, POLL_SQL, poll_reads_every_role
+from reaper.pg.activity import (
+    POLL_BACKEND_ROLES_SQL,
+    POLL_SQL,
+    PROBE_ROLES_SQL,
+    PROBE_SQL,
+    poll_reads_every_role,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -128,10 +144,22 @@ WHERE CASE WHEN a.backend_type IS NULL
 """
 
 
+# The other candidates for the pressure probe (the product's is PROBE_SQL).
+COUNT_SQL = (
+    "SELECT count(*) FROM pg_catalog.pg_stat_get_activity(NULL) AS a "
+    "WHERE a.backend_type = 'client backend'"
+)
+IDSET_SQL = (
+    "SELECT pg_catalog.pg_stat_get_backend_userid(b) AS role_oid, count(*) "
+    "FROM pg_catalog.pg_stat_get_backend_idset() AS b GROUP BY 1"
+)
+NUMBACKENDS_SQL = "SELECT sum(numbackends) FROM pg_catalog.pg_stat_database"
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str  # baseline | floor | product | previous | candidate
+    kind: str  # baseline | floor | product | probe | previous | candidate
     statements: tuple[str, ...]  # run one after the other; the cost is their sum
     description: str
     blocking: bool = False  # the poll's include_blocking (a policy with when_blocking)
@@ -174,6 +202,33 @@ VARIANTS = (
         (JOINED_SQL,),
         "one statement with names per row: pg_stat_get_activity(NULL) hash-joined with "
         "pg_database and a MATERIALIZED pg_roles CTE",
+    ),
+    Variant(
+        "probe",
+        "probe",
+        (PROBE_SQL,),
+        "reaper.pg.activity.PROBE_SQL: the pressure probe (client backends counted on the server)",
+    ),
+    Variant(
+        "probe-role",
+        "probe",
+        (PROBE_ROLES_SQL,),
+        "reaper.pg.activity.PROBE_ROLES_SQL: the same + a row per role whose connection limit "
+        "applies (a when_role_connections_above policy)",
+    ),
+    Variant("count", "candidate", (COUNT_SQL,), "count(*) of client backends alone"),
+    Variant(
+        "idset",
+        "candidate",
+        (IDSET_SQL,),
+        "pg_stat_get_backend_idset() with pg_stat_get_backend_userid, grouped (cannot tell "
+        "client backends from workers and walsenders)",
+    ),
+    Variant(
+        "numbackends",
+        "candidate",
+        (NUMBACKENDS_SQL,),
+        "sum(pg_stat_database.numbackends) (every backend with a database)",
     ),
 )
 
@@ -323,7 +378,32 @@ def table(steps: Sequence[Step]) -> str:
     return "\n".join(lines)
 
 
-def verdict(steps: Sequence[Step], refused: str | None) -> tuple[list[str], str]:
+def probe_lines(steps: Sequence[Step], probe_interval: float) -> list[str]:
+    """The pressure probe against the full poll: per call, and per second at its cadence."""
+    lines = []
+    for step in steps:
+        poll = _median(step.server_ms[step.product])
+        probe = _median(step.server_ms["probe"])
+        role = _median(step.server_ms["probe-role"])
+        per_second = probe / probe_interval
+        candidates = ", ".join(
+            f"{name} {_median(step.server_ms[name]) / poll:.2f}x"
+            for name in ("count", "idset", "numbackends", "function")
+        )
+        lines.append(
+            f"- {step.sessions} sessions, pressure probe: {probe:.3f} ms server per call = "
+            f"{probe / poll:.2f}x the poll ({role / poll:.2f}x with per-role counts), "
+            f"{_median(step.wall_ms['probe']):.3f} ms wall; at one probe every "
+            f"{probe_interval:g} s: {per_second:.3f} ms of server time per second = "
+            f"{per_second / poll:.2f} of one full poll per second; "
+            f"the other candidates per call / the poll: {candidates}"
+        )
+    return lines
+
+
+def verdict(
+    steps: Sequence[Step], refused: str | None, *, probe_interval: float = 1.0
+) -> tuple[list[str], str]:
     lines = []
     for step in steps:
         product = step.product
@@ -339,6 +419,7 @@ def verdict(steps: Sequence[Step], refused: str | None) -> tuple[list[str], str]
             f"server ({extra:+.3f} ms), {_ratio(step, product, 'wall'):.2f}x wall; "
             f"server / wall: {others}"
         )
+    lines.extend(probe_lines(steps, probe_interval))
     if refused:
         lines.append(f"- could not open more sessions: {refused}")
     worst = max(_ratio(s, s.product, "server") for s in steps)
@@ -404,8 +485,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--extra-roles", type=int, default=0, help="roles without sessions to create first (0)"
     )
+    parser.add_argument(
+        "--probe-interval",
+        type=float,
+        default=1.0,
+        help="the pressure probe's cadence in seconds, for its cost per second (1)",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
+    if args.probe_interval <= 0:
+        parser.error("--probe-interval must be positive")
     if args.repetitions < 2:
         parser.error("--repetitions must be at least 2")
     return args
@@ -444,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"after the last: {common.load_average()}"
     )
     body = table(steps)
-    ratios, sentence = verdict(steps, refused)
+    ratios, sentence = verdict(steps, refused, probe_interval=args.probe_interval)
     common.print_report(info, body, ratios, sentence)
     if not args.no_record:
         append_results(info=info, args=args, body=body, ratios=ratios, sentence=sentence)

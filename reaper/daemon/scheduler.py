@@ -27,6 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from reaper.daemon import ha
 from reaper.daemon.arbiter import ClusterArbiter, Seat
 from reaper.daemon.cadence import delay_for
+from reaper.daemon.probe import Probes
 from reaper.observe.log import get_logger
 from reaper.sweep import Memory, SweepReport, connect, sweep
 
@@ -108,6 +109,9 @@ class Scheduler:
         _quiet_apscheduler()
         self._log = get_logger()
         self._arbiter = ClusterArbiter(log=self._log)
+        # The pressure fast path: a probe job beside the cycle job of each server with pressure
+        # policies (probe.py).
+        self._probes = Probes(self._scheduler, metrics=metrics, log=self._log, cycle_job=_job_id)
 
     # lifecycle
 
@@ -116,6 +120,7 @@ class Scheduler:
         ha.announce(self._settings, log=self._log)
         for server in self._settings.servers:
             self._add(server)
+        self._probes.sync(self._settings, self._targets())
         self._scheduler.start()
 
     @property
@@ -180,6 +185,7 @@ class Scheduler:
             # New thresholds move every deadline: poll now (or, if a cycle is running, as soon
             # as it ends: see _cycle).
             self._scheduler.modify_job(_job_id(server.name), next_run_time=_now())
+        self._probes.sync(settings, self._targets())
 
     def _add(self, server: ServerConfig) -> None:
         worker = _Worker(
@@ -205,6 +211,7 @@ class Scheduler:
             worker = self._workers.pop(name)
         self._arbiter.unseat(name)
         self._metrics.forget_server(name, policies=policies)
+        self._probes.forget(name)
 
         def close_when_idle() -> None:
             with worker.lock:
@@ -223,6 +230,7 @@ class Scheduler:
                 return  # removed by a reload while this run was queued
             server = worker.server
             report = self._sweep(worker, server=server, settings=settings)
+            self._probes.polled(worker.name, report)
             self._arbiter.cycle_ended(worker.seat, ok=report.ok)
             worker.tried = True
             worker.polls += 1
@@ -273,6 +281,10 @@ class Scheduler:
             self._scheduler.modify_job(event.job_id, next_run_time=max(due, _now()))
         except Exception:  # noqa: BLE001 - the job was removed by a reload or shutdown meanwhile
             return
+
+    def _targets(self) -> list[_Worker]:
+        with self._lock:
+            return list(self._workers.values())
 
     def _sweep(self, worker: _Worker, *, server: ServerConfig, settings: Settings) -> SweepReport:
         conn = self._connection(worker, server=server, settings=settings)

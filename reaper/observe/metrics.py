@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from reaper.observe.cycle import CycleReport
     from reaper.settings import Settings
 
-__all__ = ["UNKNOWN_STATE", "Metrics"]
+__all__ = ["PROBE_OUTCOMES", "UNKNOWN_STATE", "Metrics"]
 
 # The `state` label of sessions whose state the reaper may not see (NULL in pg_stat_activity).
 UNKNOWN_STATE = "unknown"
@@ -41,6 +41,8 @@ _FAILURE_REASONS = {
     Result.DENIED: "denied",
     Result.ERROR: "error",
 }
+# What a pressure probe found (reaper/daemon/probe.py).
+PROBE_OUTCOMES = ("calm", "pressure", "poll", "error")
 _REAPED_ACTIONS = {Result.TERMINATED: "terminate", Result.CANCELLED: "cancel", Result.LOGGED: "log"}
 
 
@@ -104,6 +106,14 @@ class Metrics:
             "pg_reaper_pressure",
             "1 when the policy's connection-pressure condition held at the last poll.",
             ["server", "policy"],
+            registry=r,
+        )
+        self.pressure_probes = Counter(
+            "pg_reaper_pressure_probes",
+            "Pressure probes between polls (docs/pressure.md), by outcome: calm (no level "
+            "crossed), pressure (crossed, as the last poll saw), poll (a level crossed that the "
+            "last poll did not see: the server is polled at once), error.",
+            ["server", "outcome"],
             registry=r,
         )
         self.poll_duration = Histogram(
@@ -225,6 +235,16 @@ class Metrics:
             _remove(self.sessions, server, state)
         for policy in policies:
             self.forget_policy(server, policy)
+
+    def show_pressure_probes(self, server: str) -> None:
+        """The probe's series of a server that is probed, at 0 until it probes."""
+        for outcome in PROBE_OUTCOMES:
+            self.pressure_probes.labels(server=server, outcome=outcome)
+
+    def forget_pressure_probes(self, server: str) -> None:
+        """A server no longer probed (no pressure policies, or removed)."""
+        for outcome in PROBE_OUTCOMES:
+            _remove(self.pressure_probes, server, outcome)
 
     def forget_policy(self, server: str, policy: str) -> None:
         _remove(self.candidates, server, policy)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from datetime import datetime, timedelta
 
-__all__ = ["ServerConnection", "Snapshot", "poll_reads_every_role"]
+__all__ = ["PROBE_ROLES_SQL", "PROBE_SQL", "ServerConnection", "Snapshot", "poll_reads_every_role"]
 
 Action = Literal["terminate", "cancel"]
 _SIGNAL_FUNCTIONS: dict[Action, sql.Identifier] = {
@@ -47,6 +47,9 @@ _POLL_TEMPLATE = query("poll")
 POLL_SQL = _POLL_TEMPLATE.replace("{every_role}", "true")
 POLL_BACKEND_ROLES_SQL = _POLL_TEMPLATE.replace("{every_role}", "false")
 SIGNAL_SQL = query("signal")
+# The pressure probe: client backends counted on the server (docs/pressure.md, the fast path).
+PROBE_SQL = query("probe")
+PROBE_ROLES_SQL = query("probe_roles")  # + the roles whose connection limit applies
 # Which cluster (and which run of it) a session is on: reaper/clusters.py.
 CLUSTER_IDENTITY_SQL = query("cluster_identity")
 
@@ -207,6 +210,27 @@ class ServerConnection(Connection):
         )
         facts = replace(facts, client_sessions=len(clients), roles=limited)
         return Snapshot(facts=facts, sessions=sessions)
+
+    def probe(self, *, per_role: bool) -> ServerFacts | None:
+        """How full the server is now, counted as `poll` counts it (its facts with
+        `client_sessions` and, with `per_role`, `roles` measured anew), in one small statement
+        (probe.sql, probe_roles.sql). None, without running anything, when the session is not
+        open: a probe never connects (the server's cycle does, with its retries)."""
+        if not self.connected:
+            return None
+        facts = self.facts()
+        rows = self.run(PROBE_ROLES_SQL if per_role else PROBE_SQL, doing="pressure probe failed")
+        totals = [row["sessions"] for row in rows if row["total"]]
+        if len(totals) != 1:  # the grand total of GROUP BY ROLLUP is always there, once
+            raise PostgresError(f"{self.target}: the pressure probe returned no total")
+        roles = tuple(
+            RoleConnections(
+                role=row["role"], limit=row["connection_limit"], sessions=row["sessions"]
+            )
+            for row in rows
+            if not row["total"] and row["role"] is not None and row["sessions"]
+        )
+        return replace(facts, client_sessions=totals[0], roles=roles)
 
     def signal(
         self,

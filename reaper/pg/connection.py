@@ -296,6 +296,11 @@ class Connection:
         if self._ha:
             self._answered(conn, HA_SESSION_SQL, None)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the session is open (as far as the client knows): `run` would not connect."""
+        return self._conn is not None and not self._conn.closed and not self._conn.broken
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

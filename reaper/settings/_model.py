@@ -56,18 +56,32 @@ class Settings(BaseSettings):
                 if name in names[:index]:
                     problems.append(f"{kind}[{index}].name: duplicate name {name!r}")
         for index, server in enumerate(self.servers):
-            if server.interval is not None and server.interval < self.reaper.min_interval:
-                problems.append(
-                    f"servers[{index}].interval: {format_duration(server.interval)} is shorter "
-                    f"than reaper.min_interval ({format_duration(self.reaper.min_interval)})"
-                )
+            problems.extend(self._interval_problems(index, server))
             for ref in server.policies or ():
                 if ref not in defined:
                     hint = did_you_mean(ref, defined)
                     problems.append(f"servers[{index}].policies: undefined policy {ref!r}{hint}")
-        if problems:
-            raise ValueError("\n".join(problems))  # each line names its own key
+        if problems:  # each line names its own key; a [reaper] value wrong for many servers once
+            raise ValueError("\n".join(dict.fromkeys(problems)))
         return self
+
+    def _interval_problems(self, index: int, server: sections.ServerConfig) -> list[str]:
+        """The server's interval beside min_interval, and its pressure_probe_interval beside its
+        interval, each named by the key it was set with (the server's own, or [reaper]'s)."""
+        problems = []
+        if server.interval is not None and server.interval < self.reaper.min_interval:
+            problems.append(
+                f"servers[{index}].interval: {format_duration(server.interval)} is shorter "
+                f"than reaper.min_interval ({format_duration(self.reaper.min_interval)})"
+            )
+        of = "reaper.interval" if server.interval is None else f"servers[{index}].interval"
+        problem = sections.probe_interval_problem(
+            self.probe_interval_for(server), self.interval_for(server), of=of
+        )
+        if problem is not None:
+            key = "reaper" if server.pressure_probe_interval is None else f"servers[{index}]"
+            problems.append(f"{key}.pressure_probe_interval: {problem}")
+        return problems
 
     def policies_for(self, server: sections.ServerConfig) -> tuple[sections.PolicyConfig, ...]:
         """The policies that apply to `server`, in file order (the first match names a session)."""
@@ -78,6 +92,12 @@ class Settings(BaseSettings):
 
     def interval_for(self, server: sections.ServerConfig) -> timedelta:
         return server.interval or self.reaper.interval
+
+    def probe_interval_for(self, server: sections.ServerConfig) -> timedelta:
+        """How often `server`'s connection count is probed between polls (0: never)."""
+        if server.pressure_probe_interval is not None:
+            return server.pressure_probe_interval
+        return self.reaper.pressure_probe_interval
 
     def with_dry_run(self) -> Settings:
         return self.model_copy(update={"reaper": self.reaper.model_copy(update={"dry_run": True})})

@@ -60,6 +60,9 @@ class ReaperSection(_Section):
     # `pg-reaper run` reloads the config file by itself when its contents change (checked every
     # 5 s), as SIGHUP does: a Kubernetes ConfigMap is updated in place, on every replica.
     watch_config: bool = True
+    # The pressure fast path (docs/pressure.md): a server with pressure policies has its
+    # connection count probed this often between polls; "0s" turns the probe off.
+    pressure_probe_interval: Duration = timedelta(seconds=1)
 
     @model_validator(mode="after")
     def _intervals(self) -> Self:
@@ -69,6 +72,27 @@ class ReaperSection(_Section):
                 f"interval ({format_duration(self.interval)})"
             )
         return self
+
+
+# The shortest pressure probe cadence: a probe is a statement on the server.
+MIN_PROBE_INTERVAL = timedelta(milliseconds=100)
+
+
+def probe_interval_problem(probe: timedelta, interval: timedelta, *, of: str) -> str | None:
+    """What is wrong with a pressure_probe_interval beside the interval it serves, if anything."""
+    if probe == timedelta(0):
+        return None  # off
+    if probe < MIN_PROBE_INTERVAL:
+        return (
+            f"{format_duration(probe)} is shorter than {format_duration(MIN_PROBE_INTERVAL)} "
+            "(use '0s' to turn the probe off)"
+        )
+    if probe > interval:
+        return (
+            f"{format_duration(probe)} is longer than {of} ({format_duration(interval)}): "
+            "the polls would come first"
+        )
+    return None
 
 
 class MetricsSection(_Section):
@@ -233,6 +257,7 @@ class ServerConfig(_Section):
     dsn: SecretStr
     password_file: Path | None = None
     interval: PositiveDuration | None = None
+    pressure_probe_interval: Duration | None = None  # [reaper]'s when unset
     policies: tuple[str, ...] | None = None
 
     @field_validator("dsn")
