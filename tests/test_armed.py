@@ -44,7 +44,9 @@ def _settings(pg: TestServer, policies: list[dict[str, Any]], **reaper: Any) -> 
     return Settings(servers=[{"name": "s", "dsn": pg.dsn()}], policies=policies, reaper=reaper)
 
 
-KILL = {"name": "kill", "max_idle": "2s", "applications": ["^arm-"]}
+def _kill(*apps: str) -> dict[str, Any]:
+    """Terminate these applications' sessions (only theirs: tests may share a server) idle 2 s."""
+    return {"name": "kill", "max_idle": "2s", "applications": [f"^{app}$" for app in apps]}
 
 
 def _poll(conn: ServerConnection, settings: Settings) -> tuple[ServerConfig, SweepReport]:
@@ -53,9 +55,9 @@ def _poll(conn: ServerConnection, settings: Settings) -> tuple[ServerConfig, Swe
 
 
 def _armed(pg: TestServer, sessions: Sessions, *apps: str) -> tuple[Settings, list[Armed], Any]:
-    """Sessions idle under `apps`, polled once and armed by KILL."""
+    """Sessions idle under `apps`, polled once and armed by `_kill`."""
     opened = {app: sessions.idle(application=app) for app in apps}
-    settings = _settings(pg, [KILL])
+    settings = _settings(pg, [_kill(*apps)])
     conn = connect(settings.servers[0], settings)
     server, report = _poll(conn, settings)
     armed = arming(report, server=server, settings=settings)
@@ -173,10 +175,10 @@ def test_a_poll_arms_by_the_policy_the_session_will_meet_and_leaves_the_rest_to_
     sessions.idle(application="arm-watch")
     policies = [
         # First in file order: a `log` policy takes arm-watch (a poll reports it, nothing to arm).
-        {"name": "watch", "action": "log", "max_idle": "2s", "applications": ["^arm-watch$"]},
+        {"name": "watch", "action": "log", "max_idle": "4s", "applications": ["^arm-watch$"]},
         # Matches arm-kill first, but only at 5 s: at 2 s the next policy has it.
         {"name": "later", "max_idle": "5s", "applications": ["^arm-kill$"]},
-        KILL,
+        _kill("arm-kill"),
     ]
     live = _settings(pg, policies)
     with connect(live.servers[0], live) as conn:
@@ -190,9 +192,11 @@ def test_a_poll_arms_by_the_policy_the_session_will_meet_and_leaves_the_rest_to_
     assert victim.decision.policy is not None
     assert victim.decision.policy.name == "kill"
     assert "(armed)" in victim.decision.reason
-    # The log policy's crossing, about 2 s away, is still a poll's.
+    # The armed crossing (2 s) needs no poll; the log policy's (4 s) is still a poll's.
+    assert report.eligible_in is not None
+    assert report.eligible_in <= 2
     assert armed.eligible_in is not None
-    assert 0 < armed.eligible_in <= 2
+    assert 3 < armed.eligible_in <= 4
     assert report.polled is not None
     assert victim.due > report.polled[0]
     # A dry run arms nothing: its polls come at each crossing, as before.
@@ -213,7 +217,7 @@ def _daemon(
     path: Path,
     *,
     max_idle: str = "2s",
-    apps: str = "^ta-",
+    apps: str,
     args: Sequence[str] = (),
     extra: str = "",
 ) -> RunningDaemon:
@@ -240,7 +244,7 @@ def test_the_daemon_reaps_by_an_armed_signal_audited_and_counted_as_a_cycles(
     tmp_path: Path,
 ) -> None:
     server = server_name(pg)
-    daemon = _daemon(start_daemon, pg, tmp_path / "c.toml", max_idle="3s")
+    daemon = _daemon(start_daemon, pg, tmp_path / "c.toml", max_idle="3s", apps="^ta-armed$")
     daemon.wait_event("poll_completed", server=server)
     victim = sessions.idle(application="ta-armed")
     pid = victim.info.backend_pid
@@ -267,7 +271,7 @@ def test_a_dry_run_arms_nothing_and_signals_nothing(
     tmp_path: Path,
 ) -> None:
     server = server_name(pg)
-    daemon = _daemon(start_daemon, pg, tmp_path / "c.toml", args=["--dry-run"])
+    daemon = _daemon(start_daemon, pg, tmp_path / "c.toml", apps="^ta-dry$", args=["--dry-run"])
     victim = sessions.idle(application="ta-dry")
     pid = victim.info.backend_pid
 
@@ -293,7 +297,7 @@ def test_under_ha_only_the_leaders_armed_signals_act(
     server = server_name(pg)
     ha = '[ha]\nenabled = true\ninstance_id = "{}"\n'
     daemons = [
-        _daemon(start_daemon, pg, tmp_path / f"{name}.toml", extra=ha.format(name))
+        _daemon(start_daemon, pg, tmp_path / f"{name}.toml", apps="^ta-ha-", extra=ha.format(name))
         for name in ("pod-a", "pod-b")
     ]
     for daemon in daemons:
@@ -328,7 +332,7 @@ def test_sighup_with_a_changed_threshold_re_arms(
 ) -> None:
     server = server_name(pg)
     path = tmp_path / "c.toml"
-    daemon = _daemon(start_daemon, pg, path, max_idle="1h")
+    daemon = _daemon(start_daemon, pg, path, max_idle="1h", apps="^ta-hup$")
     victim = sessions.idle(application="ta-hup")
     pid = victim.info.backend_pid
     polls = len(daemon.events("poll_completed"))
@@ -358,7 +362,7 @@ def test_sigterm_cancels_every_armed_timer_and_exits_0_within_10_s(
     tmp_path: Path,
 ) -> None:
     server = server_name(pg)
-    daemon = _daemon(start_daemon, pg, tmp_path / "c.toml", max_idle="4s")
+    daemon = _daemon(start_daemon, pg, tmp_path / "c.toml", max_idle="4s", apps="^ta-term$")
     victim = sessions.idle(application="ta-term")
     pid = victim.info.backend_pid
     daemon.send(signal.SIGHUP)  # poll now: it arms the session, 4 s ahead
