@@ -50,6 +50,8 @@ WINDOW = 0.005
 # left to the polls after RETRIES tries (clocks that disagree by more than a second).
 RETRY = 0.005
 RETRIES = 8
+# How long a firing waits for the server's cycle to end: a cycle replaces the armed set anyway.
+LOCK_WAIT = 1.0
 
 
 class Worker(Protocol):
@@ -183,7 +185,11 @@ class ArmedSignals:
             if armed is None or armed.token != token:
                 return
             worker = armed.worker
-        with worker.lock:  # never while the server's cycle runs, nor another firing
+        # Never while the server's cycle runs, nor another firing. A cycle that holds the lock
+        # longer arms anew when it ends (a firing's end sets the next timer itself).
+        if not worker.lock.acquire(timeout=LOCK_WAIT):
+            return
+        try:
             taken = self._due(name, token)
             if taken is None:
                 return  # a poll, a reload or shutdown came first
@@ -192,6 +198,8 @@ class ArmedSignals:
             if report is not None:
                 self._account(worker, report)
                 self._again(worker, token, due, report)
+        finally:
+            worker.lock.release()
         with self._lock:
             if (current := self._sets.get(name)) is not None and current.token == token:
                 self._schedule(name)

@@ -91,7 +91,8 @@ class Scheduler:
         self._notifications = notifications
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
-        workers = max(_MIN_WORKERS, 2 * len(settings.servers))
+        # Per server: its cycle, and its armed timer's firing (which waits for the cycle).
+        workers = max(_MIN_WORKERS, 3 * len(settings.servers))
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},

@@ -4,6 +4,7 @@ race-safe signalling with one result per victim (signal.sql).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -136,6 +137,7 @@ class Snapshot:
     facts: ServerFacts
     sessions: tuple[Session, ...]
     now: datetime | None = None  # the server's now() at the poll: every age is measured from it
+    sent: float = 0.0  # time.monotonic() right before the poll statement was sent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,6 +170,7 @@ class ServerConnection(Connection):
         when_blocking) only with `include_blocking`."""
         facts = self.facts()
         every_role = self._every_role
+        sent = time.monotonic()
         rows = self.run(
             POLL_SQL if every_role else POLL_BACKEND_ROLES_SQL,
             {"include_query": include_query, "include_blocking": include_blocking},
@@ -217,7 +220,7 @@ class ServerConnection(Connection):
             if role["connection_limit"] is not None and per_role[role["name"]]
         )
         facts = replace(facts, client_sessions=len(clients), roles=limited)
-        return Snapshot(facts=facts, sessions=sessions, now=now)
+        return Snapshot(facts=facts, sessions=sessions, now=now, sent=sent)
 
     def signal(
         self,

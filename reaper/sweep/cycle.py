@@ -147,7 +147,6 @@ class _Seen:
     snapshot: Snapshot
     leadership: Leadership | None  # [ha] only
     warnings: tuple[str, ...]  # what the reaper's role cannot see or signal
-    sent: float  # time.monotonic() just before the poll was sent
 
     @property
     def leader(self) -> bool:
@@ -158,7 +157,6 @@ def _observe(conn: ServerConnection, cycle: _Cycle) -> _Seen:
     """Poll the server, then ([ha]) see whether this session leads it."""
     # What costs the server more is read only when a policy of this server needs it: the query
     # text (shown only with [log] include_query), and the lock waits each session blocks.
-    sent = time.monotonic()
     snapshot = conn.poll(
         include_query=cycle.settings.log.include_query
         or any(p.reads_queries for p in cycle.policies),
@@ -169,7 +167,6 @@ def _observe(conn: ServerConnection, cycle: _Cycle) -> _Seen:
         snapshot=snapshot,
         leadership=leadership,
         warnings=visibility_warnings(snapshot.facts, snapshot.sessions),
-        sent=sent,
     )
 
 
@@ -241,7 +238,7 @@ def _report(
         leader=leader,
         lock_holder=None if leadership is None else leadership.holder,
         lock_held_by_other=None if leadership is None else leadership.other,
-        polled=None if seen.snapshot.now is None else (seen.snapshot.now, seen.sent),
+        polled=None if seen.snapshot.now is None else (seen.snapshot.now, seen.snapshot.sent),
         escalation_in=escalations,
     )
 

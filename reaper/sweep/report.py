@@ -68,8 +68,8 @@ class SweepReport(ServerRun):
     # [ha]: the holder of the lock when it is not a pg-reaper instance (lock squatting).
     lock_held_by_other: LockHolder | None = None
     session: int = 0  # the ServerConnection session of the cycle (sessions_opened)
-    # The server's now() at the poll, and time.monotonic() just before the poll was sent: what
-    # turns a server time into a local moment (armed signals).
+    # The server's now() at the poll, and time.monotonic() right before the poll statement was
+    # sent: what turns a server time into a local moment (armed signals).
     polled: tuple[datetime, float] | None = None
     # Seconds from the poll until the next escalation (escalate_after) is due, if one is pending.
     escalation_in: float | None = None
