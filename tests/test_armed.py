@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from reaper.daemon.scheduler import Scheduler
+from reaper.observe.metrics import Metrics
 from reaper.policy import Result
 from reaper.settings import Settings
 from reaper.sweep import connect, sweep
@@ -380,3 +382,48 @@ def test_sigterm_cancels_every_armed_timer_and_exits_0_within_10_s(
     assert daemon.events("session_reaped") == []
     assert pg.is_alive(pid)
     assert usable(victim)
+
+
+# --- the scheduler's own timer -------------------------------------------------------------------
+
+
+def test_the_schedulers_timer_spares_a_session_that_ran_a_statement_ms_before_it(
+    pg: TestServer, sessions: Sessions
+) -> None:
+    settings = _settings(pg, [{**_kill("arm-sched"), "max_idle": "3s"}], interval="30s")
+    metrics = Metrics()
+    scheduler = Scheduler(settings, metrics=metrics)
+
+    def fired() -> float:
+        value = metrics.registry.get_sample_value("pg_reaper_armed_firings_total", {"server": "s"})
+        return value or 0.0
+
+    victim = sessions.idle(application="arm-sched")
+    scheduler.start()
+    try:
+        for _ in range(5):  # again if a poll came between the statement and the timer
+            wait_for(lambda: scheduler.armed("s")[0] == 1, timeout=10, what="the session armed")
+            _, at = scheduler.armed("s")
+            assert at is not None
+            polls, firings = scheduler.polls("s"), fired()
+            _sleep_until(at - 0.03)
+            victim.execute("SELECT 1")  # a few milliseconds before its timer: a new episode
+            wait_for(
+                lambda: fired() > firings or scheduler.polls("s") > polls,  # noqa: B023
+                timeout=5,
+                what="the timer",
+            )
+            if scheduler.polls("s") == polls:
+                break
+        else:
+            pytest.fail("a poll came between the statement and the timer five times")
+        assert usable(victim), "the armed timer signalled a session that had moved"
+        reaped = metrics.registry.get_sample_value(
+            "pg_reaper_sessions_reaped_total",
+            {"server": "s", "policy": "kill", "action": "terminate"},
+        )
+        assert reaped == 0
+        # Its new episode is armed again by the next poll, and reaped at its own moment.
+        assert pg.wait_gone(victim.info.backend_pid, timeout=10)
+    finally:
+        scheduler.stop(timeout=5)

@@ -125,11 +125,14 @@ class ArmedSignals:
             for name in list(self._sets):
                 self._cancel(name)
 
-    def armed(self, name: str) -> int:
-        """How many sessions of `name` are armed (tests, benchmarks)."""
+    def armed(self, name: str) -> tuple[int, float | None]:
+        """How many sessions of `name` are armed, and the time.monotonic() moment of the
+        earliest one's crossing (tests, benchmarks)."""
         with self._lock:
             found = self._sets.get(name)
-            return 0 if found is None else len(found.victims)
+            if found is None or not found.victims:
+                return 0, None
+            return len(found.victims), min(v.at for v in found.victims)
 
     # timers (called with self._lock held)
 

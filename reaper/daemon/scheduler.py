@@ -376,8 +376,9 @@ class Scheduler:
             worker = self._workers.get(name)
         return worker.polls if worker else 0
 
-    def armed(self, name: str) -> int:
-        """How many sessions of `name` are armed now."""
+    def armed(self, name: str) -> tuple[int, float | None]:
+        """How many sessions of `name` are armed now, and when the earliest is due
+        (time.monotonic())."""
         return self._armed.armed(name)
 
 
