@@ -116,9 +116,10 @@ class ArmedSignals:
         return replace(report, eligible_in=armed.eligible_in)
 
     def cancel(self, name: str) -> None:
-        """Forget `name`'s armed set (a reload, a removed server)."""
+        """Forget `name`'s armed set (a reload, a removed server, a lost lock)."""
         with self._lock:
             self._cancel(name)
+        self._metrics.armed_sessions.labels(server=name).set(0)
 
     def cancel_all(self) -> None:
         with self._lock:
@@ -204,16 +205,20 @@ class ArmedSignals:
         finally:
             worker.lock.release()
         with self._lock:
-            if (current := self._sets.get(name)) is not None and current.token == token:
-                self._schedule(name)
-                count = len(current.victims)
-            else:
-                count = 0
+            current = self._sets.get(name)
+            if current is None or current.token != token:
+                return  # replaced (its gauge set by arm), cancelled, or the server removed
+            self._schedule(name)
+            count = len(current.victims)
         self._metrics.armed_sessions.labels(server=name).set(count)
 
     def _signal(self, worker: Worker, due: list[Armed]) -> SweepReport | None:
         conn, settings = worker.conn, worker.settings
-        if conn is None or not due:
+        if conn is None:  # closed: the server was removed, or the daemon is stopping
+            with self._lock:
+                self._cancel(worker.name)
+            return None
+        if not due:
             return None
         try:
             return fire(
