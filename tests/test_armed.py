@@ -7,16 +7,20 @@ import dataclasses
 import signal
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 
+from reaper.daemon.armed import ArmedSignals
+from reaper.daemon.ha import LeaderState
 from reaper.daemon.scheduler import Scheduler
+from reaper.observe.log import get_logger
 from reaper.observe.metrics import Metrics
 from reaper.policy import Result
 from reaper.settings import Settings
-from reaper.sweep import connect, sweep
+from reaper.sweep import Memory, connect, sweep
 from reaper.sweep.armed import Armed, arming, fire
 from tests.servers import Sessions, TestServer, usable, wait_for
 from tests.test_daemon import (
@@ -427,3 +431,62 @@ def test_the_schedulers_timer_spares_a_session_that_ran_a_statement_ms_before_it
         assert pg.wait_gone(victim.info.backend_pid, timeout=10)
     finally:
         scheduler.stop(timeout=5)
+
+
+@dataclasses.dataclass
+class _Worker:
+    """What a firing needs of a scheduler's worker (reaper.daemon.armed.Worker)."""
+
+    name: str
+    settings: Settings
+    conn: ServerConnection | None
+    leadership: LeaderState
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    memory: Memory = dataclasses.field(default_factory=Memory)
+
+
+def test_a_victim_the_server_finds_not_yet_due_is_armed_again_and_reaped_once_due(
+    pg: TestServer, sessions: Sessions
+) -> None:
+    victim = sessions.idle(application="arm-again")
+    settings = _settings(pg, [_kill("arm-again")])
+    (server,) = settings.servers
+    metrics = Metrics()
+    polls: list[str] = []
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.start()
+    signals = ArmedSignals(
+        scheduler,
+        metrics=metrics,
+        audit=None,
+        notifications=None,
+        poll_within=lambda name, _: polls.append(name),
+    )
+    with connect(server, settings) as conn:
+        report = sweep(conn, server=server, settings=settings)
+        assert report.polled is not None
+        # A daemon whose clock runs 0.3 s ahead of the server's: its timer fires that early.
+        now, sent = report.polled
+        skewed = dataclasses.replace(report, polled=(now, sent - 0.3))
+        worker = _Worker(
+            name="s",
+            settings=settings,
+            conn=conn,
+            leadership=LeaderState(server="s", metrics=metrics, log=get_logger()),
+        )
+        try:
+            signals.arm(worker, skewed, settings=settings, server=server)
+            assert signals.armed("s")[0] == 1
+            assert pg.wait_gone(victim.info.backend_pid, timeout=10)
+        finally:
+            scheduler.shutdown(wait=True)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"server": "s", **labels})
+
+    firings = sample("pg_reaper_armed_firings_total")
+    assert firings is not None
+    assert firings >= 2  # not_due at least once, then signalled
+    assert sample("pg_reaper_sessions_reaped_total", policy="kill", action="terminate") == 1
+    assert signals.armed("s") == (0, None)
+    assert polls == []  # never left to a poll: re-armed until due
