@@ -52,7 +52,7 @@ from reaper.sweep import connect, sweep
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from datetime import timedelta
+    from datetime import datetime, timedelta
 
     from psycopg.rows import TupleRow
 
@@ -190,10 +190,13 @@ class TimedConnection(ServerConnection):
         action: Action,
         lock_key: int | None = None,
         blocking: Mapping[int, timedelta] | None = None,
+        due: Mapping[int, datetime] | None = None,
     ) -> dict[int, tuple[Result, str | None]]:
         started = time.perf_counter()
         try:
-            return super().signal(victims, action=action, lock_key=lock_key, blocking=blocking)
+            return super().signal(
+                victims, action=action, lock_key=lock_key, blocking=blocking, due=due
+            )
         finally:
             self.signal_seconds += time.perf_counter() - started
 

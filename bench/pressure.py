@@ -183,10 +183,7 @@ def run_mode(pg: EmbeddedPostgres, mode: Mode, bursts: int, rng: random.Random) 
     assert proc.stderr is not None
     log = DaemonLog(proc.stderr)
     try:
-        if not log.wait_for(
-            lambda events: any(e.name == "poll_completed" for e in events),
-            until=time.time() + 30,
-        ):
+        if not log.wait_for_poll(until=time.time() + 30):
             raise RuntimeError(f"{mode.name}: the daemon never completed a poll")
         pool.extend(_connect(pg, "bench-pool") for _ in range(POOL))
         started = time.monotonic()
@@ -218,9 +215,9 @@ def run_mode(pg: EmbeddedPostgres, mode: Mode, bursts: int, rng: random.Random) 
         log.join(5.0)
         cfg.unlink(missing_ok=True)
         work.rmdir()
-    events = log.snapshot()
-    outcome.polls = sum(1 for e in events if e.name == "poll_completed")
-    outcome.probed = sum(1 for e in events if e.name == "pressure_probed")
+    events = list(log.events)
+    outcome.polls = sum(1 for e in events if e.get("event") == "poll_completed")
+    outcome.probed = sum(1 for e in events if e.get("event") == "pressure_probed")
     return outcome
 
 

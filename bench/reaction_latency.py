@@ -1,35 +1,40 @@
-"""How soon after a session becomes eligible does `pg-reaper run` terminate it, and at what cost?
+"""How soon after a session becomes eligible is it gone, and at what cost in polls and signals?
 
-On one throwaway PostgreSQL server this runs the daemon twice, one schedule after the other:
+On one throwaway PostgreSQL server, for each scenario (a `max_idle`, a number of sessions, the
+seconds over which they start), three methods one after the other on the same workload:
 
-- deadline: ``interval = "30s"``, ``min_interval = "1s"`` (the daemon's deadline scheduling);
-- fixed:    ``interval = "1s"``,  ``min_interval = "1s"`` (the baseline: poll every second).
+- armed:    `pg-reaper run` with ``interval = "30s"``, ``min_interval = "1s"`` (armed signals: a
+  timer per server at the moment its next session becomes eligible, polls every smallest
+  threshold);
+- fixed-1s: `pg-reaper run` with ``interval = "1s"``, ``min_interval = "1s"`` and armed signals
+  switched off in the benchmark's daemon process (the classic poller: poll every second, signal
+  what the poll finds eligible);
+- idle_session_timeout: no daemon; each session runs ``SET idle_session_timeout`` first, and
+  PostgreSQL's own timer ends it (the limit: what the server does by itself).
 
-Both reap with one policy, ``states = ["idle"]``, ``max_idle = "5s"``. For each schedule the
-same N sessions connect at random moments spread over the run, run ``SELECT 1`` and then stay idle,
-so they cross ``max_idle`` at random times relative to the polls.
+The daemons reap with one policy, ``states = ["idle"]``, ``max_idle`` the scenario's. Each
+session connects at a random moment within the scenario's window (the same moments for every
+method), runs ``SELECT 1`` and stays idle, so it crosses ``max_idle`` at a random time relative to
+the polls.
 
-Lateness of a victim, two ways:
+Lateness of a victim: the moment its socket turns readable (the server's FATAL message and
+close, seen by one selector thread watching every victim's socket) minus the moment its
+``SELECT 1`` returned plus ``max_idle``. The same measure for the three methods.
 
-- server: ``idle_seconds`` of its ``session_reaped`` event minus 5 s, by the server's clock at the
-  poll that reaped it (how long after eligibility that poll ran);
-- observed: wall time from its ``SELECT 1`` returning + 5 s until an observer connection, polling
-  pg_stat_activity every 20 ms, sees its pid gone (adds the signal, the backend's exit and up to
-  one observer period).
+Polls: ``poll_completed`` events from the first session's start until the last victim is gone,
+per minute. Signal statements: armed firings (``armed_signals_fired``) plus the polls that
+signalled (``candidates > 0``), per minute. The daemon, the server and every session are stopped
+on exit, on Ctrl-C and on SIGTERM.
 
-Polls: ``poll_completed`` events from the first session's start until the poll that reaped the
-last victim. The daemon, the server and every session are stopped on exit, on Ctrl-C and on
-SIGTERM.
-
-    .venv/bin/python bench/reaction_latency.py [--sessions N] [--duration S] [--major M]
+    .venv/bin/python bench/reaction_latency.py [--scenarios 3:40:40,60:16:15] [--major M]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
+import selectors
 import signal
 import statistics
 import subprocess
@@ -52,102 +57,151 @@ if TYPE_CHECKING:
 
     from psycopg.rows import TupleRow
 
-MAX_IDLE = 5.0
-MIN_INTERVAL = 1.0
-TARGET_P99 = 1.5
+TARGET_P99 = 0.10
+TARGET_POLLS = 0.4  # armed full polls / fixed 1 s polls, where max_idle is 3 s
 SERVER = "bench"
-OBSERVER_PERIOD = 0.02
 FIRST_POLL_TIMEOUT = 30.0
-GIVE_UP_AFTER = 30.0  # seconds past --duration
-GONE_GRACE = 3.0  # after the last reap, for the observer to see the last pids go
+GIVE_UP_AFTER = 15.0  # seconds past the last session's eligibility
 STOP_TIMEOUT = 15.0  # the design promises an exit within 10 s of SIGTERM
+METHODS = ("armed", "fixed-1s", "idle_session_timeout")
+SCHEDULES = {"armed": ("30s", "1s"), "fixed-1s": ("1s", "1s")}
+# The daemon with nothing ever armed (each poll's crossings left to the polls), for the baseline.
+POLLING_ONLY = """
+import sys
+import reaper.daemon.armed
+from reaper.sweep.armed import Arming
+reaper.daemon.armed.arming = lambda report, **_: Arming(eligible_in=report.eligible_in)
+from reaper.cli import main
+raise SystemExit(main())
+"""
 
 
 @dataclass(frozen=True)
-class Schedule:
-    name: str
-    interval: str
-    min_interval: str
+class Scenario:
+    max_idle: float
+    sessions: int
+    duration: float
 
-
-SCHEDULES = (
-    Schedule("deadline", interval="30s", min_interval="1s"),
-    Schedule("fixed-1s", interval="1s", min_interval="1s"),
-)
+    @property
+    def name(self) -> str:
+        return f"max_idle {self.max_idle:g}s"
 
 
 @dataclass
 class Victim:
     application: str
-    offset: float  # planned start, seconds after the schedule's start
+    offset: float  # planned start, seconds after the method's start
     conn: psycopg.Connection[TupleRow] | None = None
     pid: int | None = None
     idle_at: float | None = None  # wall clock just after its SELECT 1 returned
-    gone_at: float | None = None  # wall clock when the observer first missed it
-    idle_seconds: float | None = None  # from its session_reaped event
-    reaped_at: float | None = None  # when its session_reaped event arrived
+    gone_at: float | None = None  # wall clock when its socket turned readable
+    reason: str | None = None  # of its session_reaped event
     error: str | None = None
-
-    @property
-    def eligible_at(self) -> float | None:
-        return None if self.idle_at is None else self.idle_at + MAX_IDLE
-
-    @property
-    def server_lateness(self) -> float | None:
-        return None if self.idle_seconds is None else self.idle_seconds - MAX_IDLE
-
-    @property
-    def observed_lateness(self) -> float | None:
-        if self.gone_at is None or self.eligible_at is None:
-            return None
-        return self.gone_at - self.eligible_at
-
-
-@dataclass(frozen=True)
-class Event:
-    received: float
-    fields: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return str(self.fields.get("event", ""))
 
 
 @dataclass
 class Outcome:
-    schedule: Schedule
+    scenario: Scenario
+    method: str
     victims: list[Victim]
-    events: list[Event]
     started: float
-    window_end: float | None = None  # the poll that reaped the last victim
-    polls: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    received: list[float] = field(default_factory=list)  # arrival of each event
     exit_code: int | None = None
     stop_seconds: float | None = None
     stray_lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
+    def opened(self) -> list[Victim]:
+        return [v for v in self.victims if v.idle_at is not None]
+
+    @property
+    def gone(self) -> list[Victim]:
+        return [v for v in self.opened if v.gone_at is not None]
+
+    def lateness(self) -> list[float]:
+        m = self.scenario.max_idle
+        return [v.gone_at - (v.idle_at + m) for v in self.gone if v.idle_at and v.gone_at]
+
+    @property
     def window(self) -> float | None:
-        return None if self.window_end is None else self.window_end - self.started
+        ends = [v.gone_at for v in self.gone if v.gone_at is not None]
+        return max(ends) - self.started if ends else None
 
-    @property
-    def polls_per_minute(self) -> float | None:
+    def _count(self, predicate: Callable[[dict[str, Any]], bool]) -> int:
         window = self.window
-        return None if not window else self.polls * 60.0 / window
+        if window is None:
+            return 0
+        end = self.started + window
+        return sum(
+            self.started <= at <= end and predicate(e)
+            for e, at in zip(self.events, self.received, strict=True)
+        )
 
     @property
-    def reaped(self) -> list[Victim]:
-        return [v for v in self.victims if v.idle_seconds is not None]
+    def polls(self) -> int:
+        return self._count(_is_poll)
+
+    @property
+    def signal_statements(self) -> int:
+        return self._count(
+            lambda e: (
+                (e.get("event") == "armed_signals_fired" and e.get("server") == SERVER)
+                or (_is_poll(e) and int(e.get("candidates", 0)) > 0)
+            )
+        )
+
+    def per_minute(self, count: int) -> float | None:
+        window = self.window
+        return None if not window or self.method == "idle_session_timeout" else count * 60 / window
 
 
-# --------------------------------------------------------------------------- the daemon's log
+def _is_poll(event: dict[str, Any]) -> bool:
+    return event.get("event") == "poll_completed" and event.get("server") == SERVER
+
+
+# --------------------------------------------------------------------------- watching victims
+
+
+class SocketWatcher:
+    """One thread, one selector: notes when each victim's socket turns readable (the server
+    sent its FATAL message and closed the connection: the session is gone)."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
+        self._thread.start()
+
+    def watch(self, victim: Victim) -> None:
+        assert victim.conn is not None
+        with self._lock:
+            self._selector.register(victim.conn.fileno(), selectors.EVENT_READ, victim)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                ready = self._selector.select(timeout=0) if self._selector.get_map() else []
+                for key, _ in ready:
+                    key.data.gone_at = time.time()
+                    self._selector.unregister(key.fileobj)
+            if not ready:
+                time.sleep(0.0005)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self._selector.close()
 
 
 class DaemonLog:
     """Reads the daemon's stderr (JSON lines) in a thread; anything else is kept as stray text."""
 
     def __init__(self, stream: IO[str]) -> None:
-        self.events: list[Event] = []
+        self.events: list[dict[str, Any]] = []
+        self.received: list[float] = []
         self.stray: list[str] = []
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
@@ -162,101 +216,83 @@ class DaemonLog:
                 fields = None
             with self._changed:
                 if isinstance(fields, dict):
-                    self.events.append(Event(received, fields))
+                    self.events.append(fields)
+                    self.received.append(received)
                 elif line.strip():
                     self.stray.append(line.rstrip())
                 self._changed.notify_all()
 
-    def wait_for(self, predicate: Callable[[list[Event]], bool], *, until: float) -> bool:
+    def wait_for_poll(self, *, until: float) -> bool:
         with self._changed:
             return self._changed.wait_for(
-                lambda: predicate(self.events), timeout=max(0.0, until - time.time())
+                lambda: any(map(_is_poll, self.events)), timeout=max(0.0, until - time.time())
             )
-
-    def snapshot(self) -> list[Event]:
-        with self._changed:
-            return list(self.events)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
 
-def _is_poll(event: Event) -> bool:
-    return event.name == "poll_completed" and event.fields.get("server") == SERVER
+# --------------------------------------------------------------------------- one method
 
 
-def _reap_key(event: Event) -> tuple[Any, Any] | None:
-    fields = event.fields
-    if (
-        event.name == "session_reaped"
-        and fields.get("server") == SERVER
-        and fields.get("result") == "terminated"
-    ):
-        return fields.get("pid"), fields.get("application")
-    return None
-
-
-# --------------------------------------------------------------------------- the observer
-
-
-class Observer:
-    """Polls pg_stat_activity every OBSERVER_PERIOD and notes when each watched victim is gone."""
-
-    def __init__(self, dsn: str) -> None:
-        self._conn = psycopg.connect(dsn, autocommit=True, application_name="bench-observer")
-        self._watched: dict[tuple[int, str], Victim] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.error: str | None = None
-        self._thread = threading.Thread(target=self._run, name="observer", daemon=True)
-        self._thread.start()
-
-    def watch(self, victim: Victim) -> None:
-        assert victim.pid is not None
-        with self._lock:
-            self._watched[victim.pid, victim.application] = victim
-
-    def _run(self) -> None:
-        query = (
-            "SELECT pid, application_name FROM pg_stat_activity "
-            "WHERE backend_type = 'client backend' AND application_name LIKE 'bench-%'"
-        )
-        try:
-            while not self._stop.is_set():
-                with self._lock:
-                    watched = dict(self._watched)
-                present = {(int(pid), str(app)) for pid, app in self._conn.execute(query)}
-                seen = time.time()
-                with self._lock:
-                    for key, victim in watched.items():
-                        if key not in present:
-                            victim.gone_at = seen
-                            del self._watched[key]
-                self._stop.wait(OBSERVER_PERIOD)
-        except psycopg.Error as exc:
-            self.error = f"{type(exc).__name__}: {exc}".strip()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-        self._conn.close()
-
-
-# --------------------------------------------------------------------------- one schedule
-
-
-def _config(pg: EmbeddedPostgres, schedule: Schedule, sessions: int) -> dict[str, Any]:
+def _config(pg: EmbeddedPostgres, scenario: Scenario, method: str) -> dict[str, Any]:
+    interval, min_interval = SCHEDULES[method]
     return {
         "reaper": {
-            "interval": schedule.interval,
-            "min_interval": schedule.min_interval,
-            "max_terminations_per_cycle": max(1000, 10 * sessions),
+            "interval": interval,
+            "min_interval": min_interval,
+            "max_terminations_per_cycle": max(1000, 10 * scenario.sessions),
         },
         "metrics": {"listen": ""},
         "log": {"format": "json", "level": "info"},
         "servers": [{"name": SERVER, "dsn": pg.dsn()}],
-        "policies": [{"name": "idle", "states": ["idle"], "max_idle": f"{MAX_IDLE:g}s"}],
+        "policies": [
+            {
+                "name": "idle",
+                "states": ["idle"],
+                "max_idle": f"{scenario.max_idle:g}s",
+                "applications": ["^bench-"],
+            }
+        ],
     }
+
+
+def _open_victim(pg: EmbeddedPostgres, victim: Victim, scenario: Scenario, method: str) -> None:
+    try:
+        victim.conn = psycopg.connect(
+            pg.dsn(), autocommit=True, application_name=victim.application
+        )
+        victim.pid = victim.conn.info.backend_pid
+        if method == "idle_session_timeout":
+            ms = round(scenario.max_idle * 1000)
+            victim.conn.execute(f"SET idle_session_timeout = {ms}")
+        victim.conn.execute("SELECT 1")
+        victim.idle_at = time.time()
+    except psycopg.Error as exc:
+        victim.error = f"{type(exc).__name__}: {exc}".strip()
+
+
+def _start_daemon(
+    pg: EmbeddedPostgres, scenario: Scenario, method: str, cfg: Path
+) -> tuple[subprocess.Popen[str], DaemonLog]:
+    cfg.write_text(tomli_w.dumps(_config(pg, scenario, method)))
+    cfg.chmod(0o600)
+    boot = ["-c", POLLING_ONLY] if method == "fixed-1s" else ["-m", "reaper"]
+    proc = subprocess.Popen(
+        [sys.executable, *boot, "run", "-c", str(cfg)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=common.daemon_env(),
+    )
+    assert proc.stderr is not None
+    log = DaemonLog(proc.stderr)
+    if not log.wait_for_poll(until=time.time() + FIRST_POLL_TIMEOUT):
+        proc.kill()
+        tail = "\n".join(log.stray[-20:]) or "(no output)"
+        raise RuntimeError(f"{method}: the daemon never completed a poll:\n{tail}")
+    return proc, log
 
 
 def _stop_daemon(proc: subprocess.Popen[str], outcome: Outcome) -> None:
@@ -273,227 +309,54 @@ def _stop_daemon(proc: subprocess.Popen[str], outcome: Outcome) -> None:
     outcome.exit_code = proc.returncode
 
 
-def _open_victim(pg: EmbeddedPostgres, victim: Victim, observer: Observer) -> None:
-    try:
-        victim.conn = psycopg.connect(
-            pg.dsn(), autocommit=True, application_name=victim.application
-        )
-        victim.pid = victim.conn.info.backend_pid
-        victim.conn.execute("SELECT 1")
-        victim.idle_at = time.time()
-    except psycopg.Error as exc:
-        victim.error = f"{type(exc).__name__}: {exc}".strip()
-        return
-    observer.watch(victim)
-
-
-def _all_reaped(victims: list[Victim]) -> Callable[[list[Event]], bool]:
-    wanted = {(v.pid, v.application) for v in victims if v.idle_at is not None}
-
-    def check(events: list[Event]) -> bool:
-        return wanted <= {_reap_key(e) for e in events}
-
-    return check
-
-
-def run_schedule(
-    pg: EmbeddedPostgres, schedule: Schedule, *, offsets: Sequence[float], duration: float
+def run_method(
+    pg: EmbeddedPostgres, scenario: Scenario, method: str, *, offsets: Sequence[float]
 ) -> Outcome:
-    work = Path(tempfile.mkdtemp(prefix="pg-reaper-bench-"))
-    cfg = work / "config.toml"
-    cfg.write_text(tomli_w.dumps(_config(pg, schedule, len(offsets))))
-    cfg.chmod(0o600)
     victims = [
-        Victim(application=f"bench-{schedule.name}-{i:03d}", offset=offset)
+        Victim(application=f"bench-{method}-{i:03d}", offset=offset)
         for i, offset in enumerate(sorted(offsets))
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reaper", "run", "-c", str(cfg)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=common.daemon_env(),
-    )
-    assert proc.stderr is not None
-    log = DaemonLog(proc.stderr)
-    outcome = Outcome(schedule=schedule, victims=victims, events=[], started=time.time())
-    observer: Observer | None = None
+    work = Path(tempfile.mkdtemp(prefix="pg-reaper-bench-"))
+    cfg = work / "config.toml"
+    daemon = None if method == "idle_session_timeout" else _start_daemon(pg, scenario, method, cfg)
+    outcome = Outcome(scenario=scenario, method=method, victims=victims, started=time.time())
+    watcher = SocketWatcher()
     try:
-        if not log.wait_for(
-            lambda events: any(map(_is_poll, events)), until=time.time() + FIRST_POLL_TIMEOUT
-        ):
-            tail = "\n".join(log.stray[-20:]) or "(no output)"
-            raise RuntimeError(f"{schedule.name}: the daemon never completed a poll:\n{tail}")
-        observer = Observer(pg.dsn())
-        outcome.started = started = time.time()
-        give_up = started + duration + GIVE_UP_AFTER
+        started = outcome.started = time.time()
         for victim in victims:
             time.sleep(max(0.0, started + victim.offset - time.time()))
-            if proc.poll() is not None:
-                raise RuntimeError(f"{schedule.name}: the daemon exited ({proc.returncode})")
-            _open_victim(pg, victim, observer)
-        if not log.wait_for(_all_reaped(victims), until=give_up):
-            outcome.notes.append(f"gave up waiting for every victim after {duration:g} s + 30 s")
-        deadline = min(give_up, time.time() + GONE_GRACE)
-        while time.time() < deadline and any(
-            v.gone_at is None for v in victims if v.idle_at is not None
-        ):
-            time.sleep(OBSERVER_PERIOD)
-        if observer.error:
-            outcome.notes.append(f"the observer failed: {observer.error}")
+            if daemon is not None and daemon[0].poll() is not None:
+                raise RuntimeError(f"{method}: the daemon exited ({daemon[0].returncode})")
+            _open_victim(pg, victim, scenario, method)
+            if victim.conn is not None and victim.idle_at is not None:
+                watcher.watch(victim)
+        give_up = time.time() + scenario.max_idle + GIVE_UP_AFTER
+        while time.time() < give_up and any(v.gone_at is None for v in outcome.opened):
+            time.sleep(0.05)
+        if any(v.gone_at is None for v in outcome.opened):
+            outcome.notes.append("gave up waiting for every victim to be gone")
+        time.sleep(0.5)  # the last audit events
     finally:
-        if observer is not None:
-            observer.close()
+        watcher.close()
         for victim in victims:
             if victim.conn is not None:
                 victim.conn.close()
-        _stop_daemon(proc, outcome)
-        log.join(5.0)
+        if daemon is not None:
+            proc, log = daemon
+            _stop_daemon(proc, outcome)
+            log.join(5.0)
+            outcome.events, outcome.received = list(log.events), list(log.received)
+            outcome.stray_lines = list(log.stray)
         cfg.unlink(missing_ok=True)
         work.rmdir()
-    outcome.events = log.snapshot()
-    outcome.stray_lines = list(log.stray)
-    _tally(outcome)
+    reasons = {
+        (e.get("pid"), e.get("application")): e.get("reason")
+        for e in outcome.events
+        if e.get("event") == "session_reaped" and e.get("result") == "terminated"
+    }
+    for victim in victims:
+        victim.reason = reasons.get((victim.pid, victim.application))
     return outcome
-
-
-def _tally(outcome: Outcome) -> None:
-    """Attach each reap to its victim; count the polls up to the one that reaped the last."""
-    by_key = {(v.pid, v.application): v for v in outcome.victims if v.idle_at is not None}
-    last_reap = None
-    for index, event in enumerate(outcome.events):
-        key = _reap_key(event)
-        victim = None if key is None else by_key.get(key)
-        if victim is not None and victim.idle_seconds is None:
-            victim.idle_seconds = float(event.fields["idle_seconds"])
-            victim.reaped_at = event.received
-            last_reap = index
-    if last_reap is None or len(outcome.reaped) < len(by_key):
-        return
-    closing = next((e for e in outcome.events[last_reap:] if _is_poll(e)), None)
-    if closing is None:
-        return
-    outcome.window_end = closing.received
-    outcome.polls = sum(
-        outcome.started <= e.received <= closing.received for e in outcome.events if _is_poll(e)
-    )
-
-
-# --------------------------------------------------------------------------- what was odd
-
-
-def _poll_times(outcome: Outcome) -> list[tuple[float, float]]:
-    """(start, end) of each poll, by wall clock: its event's arrival minus its duration."""
-    return [
-        (e.received - float(e.fields.get("duration_ms", 0.0)) / 1000.0, e.received)
-        for e in outcome.events
-        if _is_poll(e)
-    ]
-
-
-def _is_deadline(schedule: Schedule) -> bool:
-    return schedule.interval != schedule.min_interval
-
-
-def _due_after(outcome: Outcome, start: float, end: float) -> float:
-    """The delay the schedule should choose after the poll that ran from `start` to `end`."""
-    if not _is_deadline(outcome.schedule):
-        return MIN_INTERVAL
-    left = [
-        max(0.0, v.eligible_at - start)
-        for v in outcome.victims
-        if v.idle_at is not None
-        and v.eligible_at is not None
-        and v.idle_at < start
-        and (v.reaped_at is None or v.reaped_at > end)
-    ]
-    delay = min(MAX_IDLE, min(left) + 0.05) if left else MAX_IDLE
-    return max(MIN_INTERVAL, delay)
-
-
-def _gap_oddities(outcome: Outcome, polls: list[tuple[float, float]]) -> list[str]:
-    """Polls more than 0.1 s later or earlier than the schedule should have made them."""
-    off = [
-        (a - outcome.started, (b - a) - _due_after(outcome, a, a_end), b - a)
-        for (a, a_end), (b, _) in itertools.pairwise(polls)
-    ]
-    late = [o for o in off if abs(o[1]) > 0.1]
-    found = [
-        f"poll at +{at + gap:.2f} s came {dev:+.3f} s off its due time (gap {gap:.3f} s)"
-        for at, dev, gap in late[:10]
-    ]
-    if len(late) > 10:
-        found.append(f"... {len(late) - 10} more polls more than 0.1 s off their due time")
-    if off:
-        devs = [dev for _, dev, _ in off]
-        found.append(
-            f"{len(off)} poll gaps: deviation from due time min {min(devs):+.3f} s, "
-            f"median {statistics.median(devs):+.3f} s, max {max(devs):+.3f} s"
-        )
-    return found
-
-
-def _victim_oddities(outcome: Outcome, polls: list[tuple[float, float]]) -> list[str]:
-    """Victims reaped later than min_interval allows, and polls that came just too early."""
-    found = []
-    near = []
-    for victim in outcome.reaped:
-        eligible, lateness = victim.eligible_at, victim.server_lateness
-        assert eligible is not None
-        assert lateness is not None
-        if lateness > MIN_INTERVAL + 0.1:
-            found.append(
-                f"{victim.application}: reaped {lateness:.3f} s after eligibility "
-                "(> min_interval + 0.1 s)"
-            )
-        # A poll ran just before it crossed max_idle, so it waited min_interval for the next.
-        if (
-            _is_deadline(outcome.schedule)
-            and lateness > 0.5
-            and any(eligible - 0.15 < begin <= eligible for begin, _ in polls)
-        ):
-            near.append(lateness)
-    if near:
-        found.append(
-            f"{len(near)} victim(s) missed by a poll that started < 0.15 s before they became "
-            f"eligible, then waited for the next (lateness {min(near):.3f}-{max(near):.3f} s)"
-        )
-    unreaped = [v for v in outcome.victims if v.idle_at is not None and v.idle_seconds is None]
-    if unreaped:
-        found.append(f"{len(unreaped)} victim(s) never reaped")
-    failed = [v for v in outcome.victims if v.error]
-    found.extend(f"{v.application}: could not open: {v.error}" for v in failed[:5])
-    return found
-
-
-def _daemon_oddities(outcome: Outcome) -> list[str]:
-    found = [
-        f"daemon {e.fields.get('level')}: {json.dumps(e.fields)}"
-        for e in outcome.events
-        if e.fields.get("level") in {"warning", "error", "critical"}
-    ]
-    found.extend(f"daemon stderr: {line}" for line in outcome.stray_lines[:10])
-    if outcome.exit_code != 0:
-        found.append(f"the daemon exited with code {outcome.exit_code} after SIGTERM")
-    if outcome.stop_seconds is not None:
-        slow = " (the design promises 10 s)" if outcome.stop_seconds > 10.0 else ""
-        found.append(
-            f"the daemon stopped {outcome.stop_seconds:.2f} s after SIGTERM, "
-            f"exit code {outcome.exit_code}{slow}"
-        )
-    return found
-
-
-def oddities(outcome: Outcome) -> list[str]:
-    """Polls later (or earlier) than the schedule promises, near misses, daemon complaints."""
-    polls = [p for p in _poll_times(outcome) if p[1] >= outcome.started]
-    return [
-        *outcome.notes,
-        *_gap_oddities(outcome, polls),
-        *_victim_oddities(outcome, polls),
-        *_daemon_oddities(outcome),
-    ]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -511,112 +374,192 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _lateness(outcome: Outcome, kind: str) -> list[float]:
-    values = (
-        v.server_lateness if kind == "server" else v.observed_lateness for v in outcome.victims
-    )
-    return [x for x in values if x is not None]
+def _by(outcomes: Sequence[Outcome], scenario: Scenario, method: str) -> Outcome:
+    return next(o for o in outcomes if o.scenario == scenario and o.method == method)
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
     head = (
-        "| schedule | victims | p50 s | p99 s | max s | observed p50 s | observed p99 s "
-        "| observed max s | polls | window s | polls/min |"
+        "| scenario | method | gone | p50 s | p99 s | max s | full polls | polls/min "
+        "| signal statements | statements/min | armed reaps |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for o in outcomes:
-        server, observed = _lateness(o, "server"), _lateness(o, "observed")
-        opened = sum(v.idle_at is not None for v in o.victims)
+        late = o.lateness()
+        daemon = o.method != "idle_session_timeout"
+        armed = sum(bool(v.reason and v.reason.endswith("(armed)")) for v in o.victims)
         cells = [
-            f"{o.schedule.name} ({o.schedule.interval}/{o.schedule.min_interval})",
-            f"{len(o.reaped)}/{opened}",
-            _fmt(percentile(server, 50)),
-            _fmt(percentile(server, 99)),
-            _fmt(max(server, default=None)),
-            _fmt(percentile(observed, 50)),
-            _fmt(percentile(observed, 99)),
-            _fmt(max(observed, default=None)),
-            str(o.polls),
-            _fmt(o.window, 1),
-            _fmt(o.polls_per_minute, 1),
+            o.scenario.name,
+            o.method if not daemon else f"{o.method} ({'/'.join(SCHEDULES[o.method])})",
+            f"{len(o.gone)}/{len(o.opened)}",
+            _fmt(percentile(late, 50)),
+            _fmt(percentile(late, 99)),
+            _fmt(max(late, default=None)),
+            str(o.polls) if daemon else "-",
+            _fmt(o.per_minute(o.polls), 1) if daemon else "-",
+            str(o.signal_statements) if daemon else "-",
+            _fmt(o.per_minute(o.signal_statements), 1) if daemon else "-",
+            f"{armed}/{len(o.gone)}" if daemon else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _p99(outcome: Outcome) -> tuple[float | None, bool]:
-    """p99 lateness: as observed when every victim was observed, else by the server's clock."""
-    observed = _lateness(outcome, "observed")
-    complete = len(observed) == len(outcome.victims) and not outcome.notes
-    return percentile(observed if complete else _lateness(outcome, "server"), 99), complete
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
-def verdict(deadline: Outcome, fixed: Outcome) -> tuple[list[str], str]:
-    """The ratio lines and one sentence on whether the issue's targets are met."""
-    p99, complete = _p99(deadline)
-    fixed_p99, _ = _p99(fixed)
-    kind = "observed" if complete else "server-clock"
-    poll_ratio = deadline.polls / fixed.polls if fixed.polls else None
-    ppm_d, ppm_f = deadline.polls_per_minute, fixed.polls_per_minute
-    rate_ratio = ppm_d / ppm_f if ppm_d is not None and ppm_f else None
-    target_ratio = None if p99 is None else p99 / TARGET_P99
-    lines = [
-        (
-            f"- deadline p99 lateness ({kind}) vs target {TARGET_P99:g} s: "
-            f"{_fmt(p99)} s = {_fmt(target_ratio, 2)} x target"
-        ),
-        (
-            f"- deadline polls / fixed 1 s polls: {deadline.polls} / {fixed.polls} = "
-            f"{_fmt(poll_ratio, 2)} (per minute: {_fmt(rate_ratio, 2)})"
-        ),
-    ]
-    every = all(len(o.reaped) == len(o.victims) for o in (deadline, fixed))
-    latency_ok = p99 is not None and p99 <= TARGET_P99
-    polls_ok = poll_ratio is not None and poll_ratio < 1.0
-    if every and latency_ok and polls_ok:
-        sentence = (
-            f"Targets met: with interval 30s / min_interval 1s the p99 lateness was "
-            f"{_fmt(p99)} s (<= {TARGET_P99:g} s; fixed 1 s polling: {_fmt(fixed_p99)} s) "
-            f"using {_fmt(poll_ratio, 2)}x the polls of fixed 1 s polling."
+def verdict(outcomes: Sequence[Outcome], scenarios: Sequence[Scenario]) -> tuple[list[str], str]:
+    """The ratio lines and one sentence on whether the issue's targets are met (on the 3 s
+    scenario, or the first one)."""
+    lines = []
+    for s in scenarios:
+        armed, fixed, server = (_by(outcomes, s, m) for m in METHODS)
+        p99 = percentile(armed.lateness(), 99)
+        limit = percentile(server.lateness(), 99)
+        polls = _ratio(armed.per_minute(armed.polls), fixed.per_minute(fixed.polls))
+        lines.append(
+            f"- {s.name}: armed p99 lateness {_fmt(p99)} s (target {TARGET_P99:g} s; "
+            f"idle_session_timeout {_fmt(limit)} s, armed = {_fmt(_ratio(p99, limit), 1)}x it; "
+            f"fixed 1 s {_fmt(percentile(fixed.lateness(), 99))} s); armed full polls per minute "
+            f"/ fixed 1 s polling = {_fmt(polls, 2)}x"
         )
-    else:
-        misses = [
-            *([] if every else ["not every victim was reaped"]),
-            *([] if latency_ok else [f"p99 lateness {_fmt(p99)} s > {TARGET_P99:g} s"]),
-            *([] if polls_ok else [f"{_fmt(poll_ratio, 2)}x the polls of fixed 1 s polling"]),
-        ]
-        sentence = "Targets NOT met: " + "; ".join(misses) + "."
-    return lines, sentence
+    main = next((s for s in scenarios if s.max_idle == 3.0), scenarios[0])
+    armed, fixed = _by(outcomes, main, "armed"), _by(outcomes, main, "fixed-1s")
+    p99 = percentile(armed.lateness(), 99)
+    polls = _ratio(armed.per_minute(armed.polls), fixed.per_minute(fixed.polls))
+    every = all(len(o.gone) == len(o.opened) == len(o.victims) for o in outcomes)
+    misses = [
+        *([] if every else ["not every victim was gone"]),
+        *([] if p99 is not None and p99 <= TARGET_P99 else [f"p99 {_fmt(p99)} s"]),
+        *([] if polls is not None and polls <= TARGET_POLLS else [f"{_fmt(polls, 2)}x polls"]),
+    ]
+    if misses:
+        return lines, f"Targets NOT met ({main.name}): " + "; ".join(misses) + "."
+    return lines, (
+        f"Targets met ({main.name}): armed signals' p99 lateness {_fmt(p99)} s "
+        f"(<= {TARGET_P99:g} s) with {_fmt(polls, 2)}x the full polls of fixed 1 s polling "
+        f"(<= {TARGET_POLLS:g}x)."
+    )
 
 
-def append_results(
+def oddities(outcome: Outcome) -> list[str]:
+    """Victims never gone, not_due answers, daemon complaints."""
+    found = list(outcome.notes)
+    found.extend(
+        f"{v.application}: could not open: {v.error}" for v in outcome.victims[:5] if v.error
+    )
+    not_due = sum(
+        int(e.get("results", {}).get("not_due", 0))
+        for e in outcome.events
+        if e.get("event") == "armed_signals_fired"
+    )
+    if not_due:
+        found.append(f"{not_due} armed victim(s) found not yet due by the server (re-armed)")
+    found.extend(
+        f"daemon {e.get('level')}: {json.dumps(e)}"
+        for e in outcome.events
+        if e.get("level") in {"warning", "error", "critical"}
+    )
+    found.extend(f"daemon stderr: {line}" for line in outcome.stray_lines[:10])
+    if outcome.method != "idle_session_timeout":
+        if outcome.exit_code != 0:
+            found.append(f"the daemon exited with code {outcome.exit_code} after SIGTERM")
+        if outcome.stop_seconds is not None:
+            found.append(f"the daemon stopped {outcome.stop_seconds:.2f} s after SIGTERM")
+    return found
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _scenario(text: str) -> Scenario:
+    try:
+        max_idle, sessions, duration = text.split(":")
+        scenario = Scenario(float(max_idle), int(sessions), float(duration))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MAX_IDLE:SESSIONS:SECONDS") from exc
+    if scenario.max_idle <= 0 or scenario.sessions < 2 or scenario.duration <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: positive numbers, at least 2 sessions")
+    return scenario
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--scenarios",
+        type=lambda text: [_scenario(t) for t in text.split(",")],
+        default=[Scenario(3.0, 40, 40.0), Scenario(60.0, 16, 15.0)],
+        help="MAX_IDLE:SESSIONS:SECONDS, comma-separated (3:40:40,60:16:15)",
+    )
+    parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
+    parser.add_argument("--seed", type=int, default=1, help="for the sessions' start moments")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rng = random.Random(args.seed)
+    outcomes: list[Outcome] = []
+    biggest = max(s.sessions for s in args.scenarios)
+    print(f"starting PostgreSQL {args.major} ...", file=sys.stderr)
+    with EmbeddedPostgres(
+        major=args.major, settings={"max_connections": str(max(100, biggest + 20))}
+    ) as pg:
+        info = common.machine(pg)
+        load_before = common.load_average()
+        for scenario in args.scenarios:
+            offsets = [rng.uniform(0.0, scenario.duration) for _ in range(scenario.sessions)]
+            for method in METHODS:
+                print(f"{scenario.name}: {method} ...", file=sys.stderr)
+                outcomes.append(run_method(pg, scenario, method, offsets=offsets))
+    info.append(
+        f"- load average (1/5/15 min) before the first method: {load_before}; "
+        f"after the last: {common.load_average()}"
+    )
+    body = table(outcomes)
+    ratios, sentence = verdict(outcomes, args.scenarios)
+    common.print_report(info, body, ratios, sentence)
+    notes = {f"{o.scenario.name}, {o.method}": oddities(o) for o in outcomes}
+    for name, lines in notes.items():
+        print(f"\n{name}:")
+        for line in lines or ["nothing odd"]:
+            print(f"  - {line}")
+    if not args.no_record:
+        _record(args, info=info, body=body, ratios=ratios, sentence=sentence, notes=notes)
+    return 0
+
+
+def _record(
+    args: argparse.Namespace,
     *,
     info: list[str],
-    args: argparse.Namespace,
     body: str,
     ratios: list[str],
     sentence: str,
     notes: dict[str, list[str]],
 ) -> None:
+    scenarios = "; ".join(
+        f"{s.name}: {s.sessions} sessions starting within {s.duration:g} s" for s in args.scenarios
+    )
     common.append_results(
-        title="reaction latency, deadline scheduling vs fixed 1 s polling",
+        title="reaction latency: armed signals vs fixed 1 s polling vs idle_session_timeout",
         info=info,
         workload=(
-            f"{args.sessions} sessions per schedule, each connecting and running "
-            f"`SELECT 1` at a random moment (seed {args.seed}) within {args.duration:g} s, "
-            f'then idle; one policy `states = ["idle"]`, `max_idle = "{MAX_IDLE:g}s"`. '
-            "Lateness is seconds after eligibility: by the server's clock at the reaping poll "
-            f"(`idle_seconds` - {MAX_IDLE:g}), and as observed (pid gone from "
-            f"pg_stat_activity, {OBSERVER_PERIOD * 1000:g} ms observer)."
+            f"{scenarios} (seed {args.seed}), the same moments for each method; each session "
+            "connects, runs `SELECT 1` and stays idle (with idle_session_timeout: `SET "
+            'idle_session_timeout` first). One policy `states = ["idle"]`, the scenario\'s '
+            "`max_idle`. Lateness: when the victim's socket turned readable (the server's FATAL "
+            "and close) minus (its `SELECT 1` returning + max_idle). Polls and signal statements "
+            "(armed firings + polls that signalled) from the first session's start to the last "
+            "victim gone."
         ),
         body=body,
         ratios=ratios,
         sentence=sentence,
         more=[
-            (
-                "Notes from the run (polls off their due time by more than 0.1 s, late victims, "
-                "daemon warnings):"
-            ),
+            "Notes from the run (victims never gone, not_due answers, daemon warnings):",
             "",
             *(
                 f"- {name}: {line}"
@@ -626,61 +569,6 @@ def append_results(
             "",
         ],
     )
-
-
-# --------------------------------------------------------------------------- main
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--sessions", type=int, default=60, help="sessions per schedule (60)")
-    parser.add_argument(
-        "--duration", type=float, default=60.0, help="seconds over which they start (60)"
-    )
-    parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
-    parser.add_argument("--seed", type=int, default=1, help="for the sessions' start moments")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    args = parser.parse_args(argv)
-    if args.sessions < 2 or args.duration <= 0:
-        parser.error("--sessions must be at least 2 and --duration positive")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    rng = random.Random(args.seed)
-    offsets = [rng.uniform(0.0, args.duration) for _ in range(args.sessions)]
-    outcomes: list[Outcome] = []
-    print(f"starting PostgreSQL {args.major} ...", file=sys.stderr)
-    with EmbeddedPostgres(
-        major=args.major, settings={"max_connections": str(max(100, args.sessions + 20))}
-    ) as pg:
-        info = common.machine(pg)
-        load_before = common.load_average()
-        for schedule in SCHEDULES:
-            print(
-                f"{schedule.name}: interval {schedule.interval}, min_interval "
-                f"{schedule.min_interval}; {args.sessions} sessions over {args.duration:g} s ...",
-                file=sys.stderr,
-            )
-            outcomes.append(run_schedule(pg, schedule, offsets=offsets, duration=args.duration))
-    info.append(
-        f"- load average (1/5/15 min) before the first schedule: {load_before}; "
-        f"after the last: {common.load_average()}"
-    )
-    body = table(outcomes)
-    ratios, sentence = verdict(outcomes[0], outcomes[1])
-    common.print_report(info, body, ratios, sentence)
-    notes = {o.schedule.name: oddities(o) for o in outcomes}
-    for name, lines in notes.items():
-        print(f"\n{name}:")
-        for line in lines or ["nothing odd"]:
-            print(f"  - {line}")
-    if not args.no_record:
-        append_results(
-            info=info, args=args, body=body, ratios=ratios, sentence=sentence, notes=notes
-        )
-    return 0
 
 
 if __name__ == "__main__":

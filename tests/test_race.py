@@ -137,3 +137,27 @@ def test_many_victims_go_in_one_statement_each_with_its_own_result(
     for pid in terminated:
         assert pg.wait_gone(pid)
     assert usable(conns[5])
+
+
+def test_a_victim_not_yet_past_its_due_time_is_not_due_and_left_alone(
+    pg: TestServer, sessions: Sessions, reaper: ServerConnection
+) -> None:
+    # Armed signals pass the server time at which each victim crosses its threshold; the
+    # statement compares it with the server's own clock, victim by victim.
+    early = sessions.idle(application="early", user="appuser", password="appuser", tcp=True)
+    due = sessions.idle(application="due", user="appuser", password="appuser", tcp=True)
+    (now,) = pg.execute("SELECT clock_timestamp()")[0]
+    seen_early = polled(reaper, early.info.backend_pid)
+    seen_due = polled(reaper, due.info.backend_pid)
+
+    results = reaper.signal(
+        [seen_early, seen_due],
+        action="terminate",
+        due={seen_early.pid: now + timedelta(hours=1), seen_due.pid: now - timedelta(seconds=1)},
+    )
+
+    assert results[seen_early.pid][0] is Result.NOT_DUE
+    assert results[seen_due.pid] == (Result.TERMINATED, None)
+    assert pg.state_of(seen_early.pid) == "idle"  # in pg_stat_activity, untouched
+    assert usable(early)
+    assert pg.wait_gone(seen_due.pid)

@@ -2,7 +2,9 @@
 
 After a poll, a server's next poll is due when the next of its sessions would cross a threshold,
 bounded below by `min_interval` and above by `interval` and by the server's smallest threshold
-(a session that turns idle just after a poll is then seen before it can be eligible). A lost
+(a session that turns idle just after a poll is then seen before it can be eligible). The
+crossings of armed sessions (reaper/daemon/armed.py) are left out of the report's `eligible_in`:
+their timers signal them, and the polls need only see each session once before it is due. A lost
 server is retried with exponential backoff from `min_interval` up to `interval`.
 """
 

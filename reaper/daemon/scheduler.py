@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.events import (
@@ -26,6 +26,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from reaper.daemon import ha
 from reaper.daemon.arbiter import ClusterArbiter, Seat
+from reaper.daemon.armed import ArmedSignals
 from reaper.daemon.cadence import delay_for
 from reaper.daemon.probe import Probes
 from reaper.observe.log import get_logger
@@ -61,6 +62,7 @@ class _Worker:
     tried: bool = False
     polls: int = 0
     next_due: datetime | None = None  # set by a cycle, applied once the job has finished
+    poll_by: datetime | None = None  # asked for by an armed signal (escalation, cap, lost lock)
     cycle_thread: int | None = None  # the pool thread running (or last running) the cycle
     generation: int = 0  # bumped by every reload that touches this server
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -90,7 +92,8 @@ class Scheduler:
         self._notifications = notifications
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
-        workers = max(_MIN_WORKERS, 2 * len(settings.servers))
+        # Per server: its cycle, and its armed timer's firing (which waits for the cycle).
+        workers = max(_MIN_WORKERS, 3 * len(settings.servers))
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -112,6 +115,13 @@ class Scheduler:
         # The pressure fast path: a probe job beside the cycle job of each server with pressure
         # policies (probe.py).
         self._probes = Probes(self._scheduler, metrics=metrics, log=self._log, cycle_job=_job_id)
+        self._armed = ArmedSignals(
+            self._scheduler,
+            metrics=metrics,
+            audit=audit,
+            notifications=notifications,
+            poll_within=self._poll_within,
+        )
 
     # lifecycle
 
@@ -139,6 +149,7 @@ class Scheduler:
         Returns how many cycles were still running (on a server that stopped answering).
         """
         self._scheduler.shutdown(wait=False)
+        self._armed.cancel_all()
         deadline = time.monotonic() + timeout
         with self._lock:
             workers = list(self._workers.values())
@@ -183,7 +194,8 @@ class Scheduler:
                     _job_id(server.name), trigger=_trigger(settings, server)
                 )
             # New thresholds move every deadline: poll now (or, if a cycle is running, as soon
-            # as it ends: see _cycle).
+            # as it ends: see _cycle), which arms anew.
+            self._armed.cancel(server.name)
             self._scheduler.modify_job(_job_id(server.name), next_run_time=_now())
         self._probes.sync(settings, self._targets())
 
@@ -207,6 +219,7 @@ class Scheduler:
 
     def _remove(self, name: str, *, policies: list[str]) -> None:
         self._scheduler.remove_job(_job_id(name))
+        self._armed.cancel(name)
         with self._lock:
             worker = self._workers.pop(name)
         self._arbiter.unseat(name)
@@ -229,7 +242,10 @@ class Scheduler:
             if worker.name not in {s.name for s in settings.servers}:
                 return  # removed by a reload while this run was queued
             server = worker.server
+            worker.poll_by = None
             report = self._sweep(worker, server=server, settings=settings)
+            # Armed signals: this poll's set replaces the last one's (none unless it may signal).
+            report = self._armed.arm(worker, report, settings=settings, server=server)
             self._probes.polled(worker.name, report)
             self._arbiter.cycle_ended(worker.seat, ok=report.ok)
             worker.tried = True
@@ -275,6 +291,8 @@ class Scheduler:
     def _apply_next_due(self, worker: _Worker, event: JobEvent) -> None:
         with self._lock:
             due, worker.next_due = worker.next_due, None
+            if due is not None and worker.poll_by is not None:
+                due = min(due, worker.poll_by)
         if due is None:
             return
         try:
@@ -285,6 +303,21 @@ class Scheduler:
     def _targets(self) -> list[_Worker]:
         with self._lock:
             return list(self._workers.values())
+
+    def _poll_within(self, name: str, seconds: float) -> None:
+        """Poll `name` within `seconds` (for an armed signal that needs a poll to judge)."""
+        when = _now() + timedelta(seconds=seconds)
+        with self._lock:
+            worker = self._workers.get(name)
+            if worker is None:
+                return
+            worker.poll_by = when if worker.poll_by is None else min(worker.poll_by, when)
+        job = self._scheduler.get_job(_job_id(name))
+        if job is not None and job.next_run_time is not None and job.next_run_time > when:
+            try:
+                self._scheduler.modify_job(_job_id(name), next_run_time=when)
+            except Exception:  # noqa: BLE001 - removed by a reload or shutdown meanwhile
+                return
 
     def _sweep(self, worker: _Worker, *, server: ServerConfig, settings: Settings) -> SweepReport:
         conn = self._connection(worker, server=server, settings=settings)
@@ -354,6 +387,11 @@ class Scheduler:
         with self._lock:
             worker = self._workers.get(name)
         return worker.polls if worker else 0
+
+    def armed(self, name: str) -> tuple[int, float | None]:
+        """How many sessions of `name` are armed now, and when the earliest is due
+        (time.monotonic())."""
+        return self._armed.armed(name)
 
 
 def _trigger(settings: Settings, server: ServerConfig) -> IntervalTrigger:

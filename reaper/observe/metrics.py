@@ -123,6 +123,18 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.armed_sessions = Gauge(
+            "pg_reaper_armed_sessions",
+            "Sessions armed to be signalled the moment they become eligible (armed signals).",
+            ["server"],
+            registry=r,
+        )
+        self.armed_firings = Counter(
+            "pg_reaper_armed_firings",
+            "Signal statements run by armed timers (armed signals).",
+            ["server"],
+            registry=r,
+        )
         self.poll_errors = Counter(
             "pg_reaper_poll_errors",
             "Polls that failed (server unreachable, query failed).",
@@ -198,6 +210,8 @@ class Metrics:
                 self.lock_held_by_other.labels(server=server.name)
             self.poll_errors.labels(server=server.name)
             self.deferred.labels(server=server.name)
+            self.armed_sessions.labels(server=server.name)
+            self.armed_firings.labels(server=server.name)
             for policy in settings.policies_for(server):
                 self.candidates.labels(server=server.name, policy=policy.name)
                 if policy.pressure:
@@ -224,6 +238,8 @@ class Metrics:
             self.lock_held_by_other,
             self.poll_errors,
             self.deferred,
+            self.armed_sessions,
+            self.armed_firings,
             self.max_connections,
             self.connections_used,
             self.connections_usable,
@@ -270,7 +286,17 @@ class Metrics:
             by_state[session.state if session.state in by_state else UNKNOWN_STATE] += 1
         for state, count in by_state.items():
             self.sessions.labels(server=server, state=state).set(count)
-        matched = dict.fromkeys(policies, 0)
+        matched = self.record_signals(report, matched=dict.fromkeys(policies, 0))
+        for policy, count in matched.items():
+            self.candidates.labels(server=server, policy=policy).set(count)
+
+    def record_signals(
+        self, report: CycleReport, *, matched: dict[str, int] | None = None
+    ) -> dict[str, int]:
+        """Count the reaps, failures and deferrals of `report`'s outcomes: a cycle's, or an
+        armed firing's (which has no poll). Returns `matched` with each outcome's policy counted."""
+        server = report.server
+        matched = {} if matched is None else matched
         deferred = 0
         for outcome in report.outcomes:
             policy = outcome.policy
@@ -283,10 +309,9 @@ class Metrics:
                 self.reap_failures.labels(server=server, policy=policy, reason=reason).inc()
             elif action := _REAPED_ACTIONS.get(outcome.result):
                 self.sessions_reaped.labels(server=server, policy=policy, action=action).inc()
-        for policy, count in matched.items():
-            self.candidates.labels(server=server, policy=policy).set(count)
         if deferred:
             self.deferred.labels(server=server).inc(deferred)
+        return matched
 
     def _record_connections(self, report: CycleReport) -> None:
         """How full the server was at the poll, and which pressure conditions held."""

@@ -4,6 +4,7 @@ race-safe signalling with one result per victim (signal.sql).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,6 +38,7 @@ _DETAILS = {
     "denied": "permission denied: a superuser's session, or the reaper's role lacks "
     "pg_signal_backend",
     "unblocked": "no longer blocks a backend waiting for a lock for when_blocking",
+    "not_due": "not yet past its threshold by the server's clock",
 }
 # Results of signal.sql that are another Result's special case.
 _RESULTS = {"unblocked": Result.CHANGED}
@@ -123,11 +125,22 @@ def _session(
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class _Limits:
+    """What each victim must still meet when signalled, by pid: the lock wait it blocks
+    (when_blocking), the server time its age must have passed (armed signals)."""
+
+    blocking: Mapping[int, timedelta]
+    due: Mapping[int, datetime]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:
     """One poll of one server."""
 
     facts: ServerFacts
     sessions: tuple[Session, ...]
+    now: datetime | None = None  # the server's now() at the poll: every age is measured from it
+    sent: float = 0.0  # time.monotonic() right before the poll statement was sent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,6 +173,7 @@ class ServerConnection(Connection):
         when_blocking) only with `include_blocking`."""
         facts = self.facts()
         every_role = self._every_role
+        sent = time.monotonic()
         rows = self.run(
             POLL_SQL if every_role else POLL_BACKEND_ROLES_SQL,
             {"include_query": include_query, "include_blocking": include_blocking},
@@ -209,7 +223,7 @@ class ServerConnection(Connection):
             if role["connection_limit"] is not None and per_role[role["name"]]
         )
         facts = replace(facts, client_sessions=len(clients), roles=limited)
-        return Snapshot(facts=facts, sessions=sessions)
+        return Snapshot(facts=facts, sessions=sessions, now=now, sent=sent)
 
     def probe(self, *, per_role: bool) -> ServerFacts | None:
         """How full the server is now, counted as `poll` counts it (its facts with
@@ -239,6 +253,7 @@ class ServerConnection(Connection):
         action: Action,
         lock_key: int | None = None,
         blocking: Mapping[int, timedelta] | None = None,
+        due: Mapping[int, datetime] | None = None,
     ) -> dict[int, tuple[Result, str | None]]:
         """Signal `victims` race-safely; one (result, detail) per pid, whatever befalls the others.
 
@@ -248,13 +263,15 @@ class ServerConnection(Connection):
         the statement signals only if this session holds that advisory lock ([ha]); otherwise
         every victim reports `not_leader`. A victim with a threshold in `blocking` (by pid: the
         when_blocking of the policy that chose it) is signalled only if it still blocks a backend
-        that has waited that long; otherwise it is `changed`.
+        that has waited that long; otherwise it is `changed`. A victim with a time in `due` (by
+        pid: the server time at which it crosses its threshold) is signalled only once the
+        server's clock has passed it; before, it is `not_due` (armed signals).
         """
         if not victims:
             return {}
-        blocking = blocking or {}
+        limits = _Limits(blocking=blocking or {}, due=due or {})
         try:
-            return self._signal_batch(victims, action=action, lock_key=lock_key, blocking=blocking)
+            return self._signal_batch(victims, action=action, lock_key=lock_key, limits=limits)
         except PostgresError as exc:
             if exc.lost:
                 raise
@@ -262,9 +279,7 @@ class ServerConnection(Connection):
         for victim in victims:
             try:
                 results.update(
-                    self._signal_batch(
-                        [victim], action=action, lock_key=lock_key, blocking=blocking
-                    )
+                    self._signal_batch([victim], action=action, lock_key=lock_key, limits=limits)
                 )
             except PostgresError as exc:
                 if exc.lost:
@@ -279,7 +294,7 @@ class ServerConnection(Connection):
         *,
         action: Action,
         lock_key: int | None,
-        blocking: Mapping[int, timedelta],
+        limits: _Limits,
     ) -> dict[int, tuple[Result, str | None]]:
         query = sql.SQL(SIGNAL_SQL).format(signal=_SIGNAL_FUNCTIONS[action])
         params = {
@@ -288,7 +303,8 @@ class ServerConnection(Connection):
             "backend_starts": [v.backend_start for v in victims],
             "state_changes": [v.state_change for v in victims],
             "states": [v.state for v in victims],
-            "blocking": [blocking.get(v.pid) for v in victims],
+            "blocking": [limits.blocking.get(v.pid) for v in victims],
+            "due": [limits.due.get(v.pid) for v in victims],
         }
         # A statement that failed on a working session leaves it open: each victim is then
         # retried on it (signal), under the same advisory lock.

@@ -22,6 +22,7 @@ from reaper.policy._values import (
     Rule,
     ServerFacts,
     Session,
+    oldest_first,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "can_signal",
     "evaluate",
     "in_networks",
+    "oldest_first",
     "plan",
     "pressure_held",
     "seconds_until_eligible",

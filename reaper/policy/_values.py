@@ -46,6 +46,9 @@ class Result(StrEnum):
     # Matched by a `log` policy that the daemon already reported for this episode (same backend,
     # same state since the same state_change, same policy): reported once, not every poll.
     ALREADY_LOGGED = "already_logged"
+    # An armed signal (docs/semantics.md) that reached the server before the victim's age passed
+    # its threshold by the server's clock: not signalled, armed again. Never audited.
+    NOT_DUE = "not_due"
 
     @property
     def is_failure(self) -> bool:

@@ -1,7 +1,8 @@
 """One cycle for one server: poll, decide, signal, and report every decision.
 
 `cycle` runs it (observe -> decide -> act -> report), `report` holds what it returns and turns
-each outcome into an audit event, `memory` what the daemon keeps of a server between cycles.
+each outcome into an audit event, `memory` what the daemon keeps of a server between cycles,
+`armed` what a poll arms and what an armed timer signals (the daemon's armed signals).
 """
 
 from reaper.sweep.cycle import HaLock, Mode, connect, sweep, visibility_warnings

@@ -10,7 +10,8 @@ from reaper.policy import Decision, Plan, Result
 from reaper.sweep.report import Outcome
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
+    from datetime import datetime
 
     from reaper.pg.activity import ServerConnection
     from reaper.sweep.memory import Cancels, LoggedEpisodes
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["execute"]
 
 
-def execute(
+def execute(  # noqa: PLR0913 - keyword-only, each one a collaborator of the act step
     conn: ServerConnection,
     decided: Plan,
     *,
@@ -26,10 +27,12 @@ def execute(
     lock_key: int | None,
     cancels: Cancels | None,
     logged: LoggedEpisodes | None,
+    due: Mapping[int, datetime] | None = None,
 ) -> tuple[Outcome, ...]:
     """What becomes of every candidate of `decided`: logged (each episode once, with `logged`),
     deferred, denied, or signalled (a cancel of a policy with escalate_after remembered in
-    `cancels`, and escalated to terminate once due); in a dry run, signalled by nobody."""
+    `cancels`, and escalated to terminate once due); in a dry run, signalled by nobody. A
+    victim with a server time in `due` (armed signals) is signalled only once it has passed."""
     results: dict[int, tuple[Result, str | None]] = {}
     escalated: set[int] = set()
     for decision in decided.log:
@@ -46,7 +49,9 @@ def execute(
     if dry_run:
         results.update({d.session.pid: (Result.DRY_RUN, None) for d in decided.signal})
     else:
-        escalated = _signal(conn, decided.signal, results, lock_key=lock_key, cancels=cancels)
+        escalated = _signal(
+            conn, decided.signal, results, lock_key=lock_key, cancels=cancels, due=due
+        )
     return tuple(
         Outcome(
             decision=d,
@@ -65,6 +70,7 @@ def _signal(
     *,
     lock_key: int | None,
     cancels: Cancels | None,
+    due: Mapping[int, datetime] | None,
 ) -> set[int]:
     """Signal `victims` by their policy's action, a cancel that did not stop its session
     escalated to terminate; the results go in `results`. The pids escalated."""
@@ -72,10 +78,10 @@ def _signal(
     escalated: set[int] = set()
     for d in victims:
         assert d.policy is not None  # noqa: S101 - victims carry their policy
-        due = None if cancels is None else cancels.due_in(d.session, d.policy)
-        if due is None:
+        escalation = None if cancels is None else cancels.due_in(d.session, d.policy)
+        if escalation is None:
             actions[d.policy.action].append(d)
-        elif due <= 0:
+        elif escalation <= 0:
             actions["terminate"].append(d)  # the cancel did not stop it: escalate
             escalated.add(d.session.pid)
         else:
@@ -90,7 +96,7 @@ def _signal(
         }
         try:
             results.update(
-                conn.signal(sessions, action=action, lock_key=lock_key, blocking=blocking)
+                conn.signal(sessions, action=action, lock_key=lock_key, blocking=blocking, due=due)
             )
         except PostgresError as exc:
             results.update({s.pid: (Result.ERROR, str(exc)) for s in sessions})

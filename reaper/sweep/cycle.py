@@ -238,6 +238,8 @@ def _report(
         leader=leader,
         lock_holder=None if leadership is None else leadership.holder,
         lock_held_by_other=None if leadership is None else leadership.other,
+        polled=None if seen.snapshot.now is None else (seen.snapshot.now, seen.snapshot.sent),
+        escalation_in=escalations,
     )
 
 

@@ -11,6 +11,8 @@ from reaper.policy import Decision, Result, ServerFacts, Session
 from reaper.settings import default_instance_id
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from reaper.observe.audit import AuditSink
     from reaper.pg.ha import LockHolder
 
@@ -66,6 +68,11 @@ class SweepReport(ServerRun):
     # [ha]: the holder of the lock when it is not a pg-reaper instance (lock squatting).
     lock_held_by_other: LockHolder | None = None
     session: int = 0  # the ServerConnection session of the cycle (sessions_opened)
+    # The server's now() at the poll, and time.monotonic() right before the poll statement was
+    # sent: what turns a server time into a local moment (armed signals).
+    polled: tuple[datetime, float] | None = None
+    # Seconds from the poll until the next escalation (escalate_after) is due, if one is pending.
+    escalation_in: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -148,7 +155,13 @@ def audit_event(
 
 _FAILED = frozenset({Result.GONE, Result.CHANGED, Result.DENIED, Result.ERROR})
 _UNAUDITED = frozenset(
-    {Result.DEFERRED, Result.NOT_LEADER, Result.ESCALATION_PENDING, Result.ALREADY_LOGGED}
+    {
+        Result.DEFERRED,
+        Result.NOT_LEADER,
+        Result.ESCALATION_PENDING,
+        Result.ALREADY_LOGGED,
+        Result.NOT_DUE,
+    }
 )
 
 

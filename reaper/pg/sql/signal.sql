@@ -27,14 +27,22 @@
 --    a function scan without changed arguments replays its first result on a rescan.
 -- A victim can still run a statement between its own re-read and its signal: microseconds, the
 -- window pg_terminate_backend() has for any single session.
+-- Age (armed signals, docs/semantics.md): a victim with a time in %(due)s, the server time at
+-- which it crosses its threshold (the column the threshold keys on plus the threshold), is
+-- signalled only once clock_timestamp() has passed it (eligibility is "age > threshold",
+-- strictly), checked at its turn like the rest; before, it is 'not_due' and left alone, so a
+-- timer that fires early, or a reaper clock that disagrees with the server's, signals nobody.
+-- NULL: no age check (a poll's victims were past their threshold at the poll's now(); pressure
+-- and `kill` victims have no age to wait for).
 SELECT v.pid, x.result
 -- ROWS FROM: only the bare name unnest takes several arrays.
 FROM ROWS FROM (pg_catalog.unnest(%(pids)s::int4[]),
                 pg_catalog.unnest(%(backend_starts)s::timestamptz[]),
                 pg_catalog.unnest(%(state_changes)s::timestamptz[]),
                 pg_catalog.unnest(%(states)s::text[]),
-                pg_catalog.unnest(%(blocking)s::interval[]))
-     WITH ORDINALITY AS v(pid, backend_start, state_change, state, blocking, ord)
+                pg_catalog.unnest(%(blocking)s::interval[]),
+                pg_catalog.unnest(%(due)s::timestamptz[]))
+     WITH ORDINALITY AS v(pid, backend_start, state_change, state, blocking, due, ord)
 CROSS JOIN (SELECT %(lock_key)s::int8 IS NULL
                    OR EXISTS (SELECT 1
                               FROM pg_catalog.pg_locks l
@@ -53,6 +61,7 @@ CROSS JOIN LATERAL (
                WHEN s.backend_start IS DISTINCT FROM v.backend_start
                  OR s.state_change IS DISTINCT FROM v.state_change
                  OR s.state IS DISTINCT FROM v.state THEN 'changed'
+               WHEN v.due IS NOT NULL AND pg_catalog.clock_timestamp() <= v.due THEN 'not_due'
                WHEN v.blocking IS NOT NULL
                 AND NOT EXISTS (SELECT 1
                                 FROM pg_catalog.pg_locks AS w
