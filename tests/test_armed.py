@@ -443,6 +443,7 @@ class _Worker:
     leadership: LeaderState
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     memory: Memory = dataclasses.field(default_factory=Memory)
+    removed: bool = False
 
 
 def test_a_victim_the_server_finds_not_yet_due_is_armed_again_and_reaped_once_due(
@@ -490,3 +491,40 @@ def test_a_victim_the_server_finds_not_yet_due_is_armed_again_and_reaped_once_du
     assert sample("pg_reaper_sessions_reaped_total", policy="kill", action="terminate") == 1
     assert signals.armed("s") == (0, None)
     assert polls == []  # never left to a poll: re-armed until due
+
+
+def test_a_server_removed_while_its_cycle_runs_arms_nothing(
+    pg: TestServer, sessions: Sessions
+) -> None:
+    """A reload that removes a server during its cycle: the cycle's end must not arm a timer
+    that would signal on a server no longer configured."""
+    victim = sessions.idle(application="arm-removed")
+    settings = _settings(pg, [_kill("arm-removed")])
+    metrics = Metrics()
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.start()
+    signals = ArmedSignals(
+        scheduler, metrics=metrics, audit=None, notifications=None, poll_within=lambda *_: None
+    )
+    try:
+        with connect(settings.servers[0], settings) as conn:
+            server, report = _poll(conn, settings)
+            worker = _Worker(
+                name="s",
+                settings=settings,
+                conn=conn,
+                leadership=LeaderState(server="s", metrics=metrics, log=get_logger()),
+            )
+            # The cycle of a server still configured arms it (so the test can fail)...
+            signals.arm(worker, report, settings=settings, server=server)
+            assert signals.armed("s")[0] == 1
+            signals.cancel("s")  # well before its 2 s
+            # ... and of a server removed meanwhile, nothing.
+            worker.removed = True
+            signals.arm(worker, report, settings=settings, server=server)
+            assert signals.armed("s") == (0, None)
+            # Had it armed, the timer would have fired 2 s after the session went idle.
+            time.sleep(2.5)
+            assert usable(victim), "a removed server's cycle armed a signal"
+    finally:
+        scheduler.shutdown(wait=True)

@@ -63,6 +63,7 @@ class Worker(Protocol):
     lock: threading.Lock
     memory: Memory
     leadership: LeaderState
+    removed: bool  # from the configuration by a reload
 
 
 @dataclass(kw_only=True)
@@ -107,7 +108,7 @@ class ArmedSignals:
         armed = arming(report, server=server, settings=settings)
         with self._lock:
             self._cancel(worker.name)
-            if armed.victims:
+            if armed.victims and not worker.removed:
                 self._sets[worker.name] = _Set(
                     worker=worker, victims=list(armed.victims), token=next(self._tokens)
                 )

@@ -65,6 +65,7 @@ class _Worker:
     poll_by: datetime | None = None  # asked for by an armed signal (escalation, cap, lost lock)
     cycle_thread: int | None = None  # the pool thread running (or last running) the cycle
     generation: int = 0  # bumped by every reload that touches this server
+    removed: bool = False  # by a reload: a cycle still running arms nothing any more
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate), and the
     # episodes its `log` policies reported (each once, not at every poll).
@@ -219,9 +220,10 @@ class Scheduler:
 
     def _remove(self, name: str, *, policies: list[str]) -> None:
         self._scheduler.remove_job(_job_id(name))
-        self._armed.cancel(name)
         with self._lock:
             worker = self._workers.pop(name)
+        worker.removed = True  # before the cancel, which waits for an arming in progress
+        self._armed.cancel(name)
         self._arbiter.unseat(name)
         self._metrics.forget_server(name, policies=policies)
         self._probes.forget(name)
