@@ -227,7 +227,9 @@ class Scheduler:
             worker.tried = True
             worker.polls += 1
         policies = settings.policies_for(server)
-        if report.ok:
+        if report.ok and not report.polled:  # [ha]: a follower's probe
+            self._metrics.record_probe(worker.name, finished_at=time.time())
+        elif report.ok:
             self._metrics.record(
                 report, policies=[p.name for p in policies], finished_at=time.time()
             )
@@ -238,6 +240,7 @@ class Scheduler:
         self._transition(worker, report)
         worker.leadership.cycle_ended(report, settings=settings, server=server)
         delay = delay_for(report, settings=settings, server=server, failures=worker.failures)
+        delay = worker.leadership.cadence(delay, report, settings=settings)
         due = datetime.fromtimestamp(started_wall + delay, tz=UTC)
         elapsed = time.monotonic() - started
         if elapsed > delay and report.ok:  # a failing server's timeouts are reported already

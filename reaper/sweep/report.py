@@ -72,6 +72,11 @@ class SweepReport(ServerRun):
         return self.error is None
 
     @property
+    def polled(self) -> bool:
+        """The server was polled: an [ha] follower's successful cycle is a probe only."""
+        return self.ok and self.facts is not None
+
+    @property
     def failed(self) -> bool:
         """A poll failed or a signal failed: the exit code 1 of `once`. A dry run (and
         `preview`) sends no signal, so none can fail: a victim it predicts `denied` (a
