@@ -29,8 +29,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Leadership", "LockHolder", "Membership", "act", "lead", "lock_key_halves"]
 
-HA_LEAD_SQL = query("ha_lead")
-HA_ACT_SQL = query("ha_act")
+
+def _compact(text: str) -> str:
+    """`text` without its comment lines and runs of white space (no string literal in these
+    statements holds any): a follower runs ha_lead.sql at every cycle, and psycopg keeps the
+    parsed form of a statement only when its text is under 4 kB."""
+    lines = (line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    return " ".join(" ".join(lines).split())
+
+
+HA_LEAD_SQL = _compact(query("ha_lead"))
+HA_ACT_SQL = _compact(query("ha_act"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -109,24 +109,36 @@ def sweep(  # noqa: PLR0913 - keyword-only, each one a collaborator of the cycle
     Audit events go to the log and to `audit`, if given. A failed poll is returned as a report
     with `error` set, not logged here.
     """
-    cycle = _Cycle(
-        server=server,
-        settings=settings,
-        mode=mode,
-        lock=lock,
-        memory=memory,
-        audit=audit,
-    )
+    started = time.perf_counter()
+    dry_run = settings.reaper.dry_run or mode == "preview"
     try:
+        # [ha]: a follower's cycle ends with this one statement, before any other work.
         leadership = None if lock is None else lock.lead(conn)
         if leadership is not None and not leadership.leader:
-            return _followed(cycle, leadership, session=conn.sessions_opened)
+            return SweepReport(
+                server=server.name,
+                dry_run=dry_run,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                leader=False,
+                lock_holder=leadership.holder,
+                lock_held_by_other=leadership.other,
+                session=conn.sessions_opened,
+            )
+        cycle = _Cycle(
+            server=server,
+            settings=settings,
+            mode=mode,
+            lock=lock,
+            memory=memory,
+            audit=audit,
+            started=started,
+        )
         seen = _observe(conn, cycle, leadership)
     except PostgresError as exc:  # reported by the caller: `once` per run, the daemon per change
         return SweepReport(
             server=server.name,
-            dry_run=cycle.dry_run,
-            duration_ms=cycle.elapsed_ms(),
+            dry_run=dry_run,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
             error=str(exc),
             leader=lock is None,
         )
@@ -155,19 +167,6 @@ class _Seen:
     @property
     def leader(self) -> bool:
         return self.leadership is None or self.leadership.leader
-
-
-def _followed(cycle: _Cycle, leadership: Leadership, *, session: int) -> SweepReport:
-    """[ha]: this instance follows on the server: the lock probe was the whole cycle."""
-    return SweepReport(
-        server=cycle.server.name,
-        dry_run=cycle.dry_run,
-        duration_ms=cycle.elapsed_ms(),
-        leader=False,
-        lock_holder=leadership.holder,
-        lock_held_by_other=leadership.other,
-        session=session,
-    )
 
 
 def _observe(conn: ServerConnection, cycle: _Cycle, leadership: Leadership | None) -> _Seen:
