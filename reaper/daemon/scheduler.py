@@ -248,7 +248,14 @@ class Scheduler:
                 "cycle_overran", server=worker.name, seconds=round(elapsed, 3), due_every=delay
             )
         # A reload during this cycle made its deadline stale: poll again under the new rules.
+        # A full interval (an [ha] follower's probe, a quiet server) is the job's own trigger:
+        # no rescheduling.
         worker.next_due = due if worker.generation == generation else _now()
+        if (
+            worker.generation == generation
+            and delay >= settings.interval_for(server).total_seconds()
+        ):
+            worker.next_due = None
 
     def _on_job_done(self, event: JobExecutionEvent) -> None:
         worker = self._worker_of(event)
