@@ -120,15 +120,15 @@ class Daemon:
 
 
 def wait_split(
-    daemons: Sequence[Daemon], names: Sequence[str], *, timeout: float
+    daemons: Sequence[Daemon], names: Sequence[str], *, timeout: float, even: bool = True
 ) -> list[set[str]]:
-    """Each daemon's servers, once every server has one leader and the split is even."""
+    """Each daemon's servers, once every server has one leader and (`even`) the split is even."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         shares = [d.led(names) for d in daemons]
         counts = Counter(n for share in shares for n in share)
         sizes = sorted(len(s) for s in shares)
-        if all(counts[n] == 1 for n in names) and sizes[-1] - sizes[0] <= 1:
+        if all(counts[n] == 1 for n in names) and (not even or sizes[-1] - sizes[0] <= 1):
             return shares
         time.sleep(0.05)
     raise SystemExit(
@@ -178,15 +178,15 @@ def run(args: argparse.Namespace) -> int:
         three = [Daemon(work, servers, name=f"ha{n}", interval=args.interval) for n in range(3)]
         for daemon in three:
             stack.callback(daemon.stop)
-        shares = wait_split(three, names, timeout=settle)
+        shares = wait_split(three, names, timeout=settle, even=not args.unbalanced)
         time.sleep(args.warmup)
-        shares = wait_split(three, names, timeout=settle)
+        shares = wait_split(three, names, timeout=settle, even=not args.unbalanced)
         each = measure(three, names, args.window)
         after = [d.led(names) for d in three]
 
         three[0].process.kill()
         killed = time.monotonic()
-        wait_split(three[1:], names, timeout=settle)
+        survivors = wait_split(three[1:], names, timeout=settle, even=not args.unbalanced)
         failover = (time.monotonic() - killed) / args.interval
 
     total = sum(cpu for cpu, _, _ in each)
@@ -215,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
         f"- three [ha] daemons / one alone: {ratio:.2f}x CPU (target <= {TARGET:g}x)",
         f"- leadership split {'/'.join(str(len(s)) for s in shares)}, {stable}",
         (
-            f"- after SIGKILL of {three[0].name}: the two others led {len(names) // 2}/"
-            f"{len(names) - len(names) // 2} after {failover:.2f} intervals"
+            f"- after SIGKILL of {three[0].name}: the two others led "
+            f"{'/'.join(str(len(x)) for x in survivors)} after {failover:.2f} intervals"
         ),
     ]
     met = ratio <= TARGET
@@ -250,6 +250,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=float, default=60.0)
     parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
     parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument(
+        "--unbalanced",
+        action="store_true",
+        help="accept any split (to measure a pg-reaper that does not balance leadership)",
+    )
     return parser.parse_args(argv)
 
 
