@@ -63,6 +63,7 @@ METRICS = frozenset(
         "pg_reaper_server_up",
         "pg_reaper_leader",
         "pg_reaper_lock_held_by_other",
+        "pg_reaper_ha_probes_total",
         "pg_reaper_last_poll_timestamp_seconds",
         "pg_reaper_dry_run",
         "pg_reaper_config_last_reload_successful",

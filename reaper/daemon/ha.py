@@ -1,8 +1,10 @@
 """[ha] leadership as the daemon keeps it, one server at a time (docs/ha.md).
 
-Each cycle of a server first polls it, then takes (or checks) the server's advisory lock on the
-same session (`CycleLock.lead`, the SQL in reaper/pg/ha.py); only the holder signals, and every
-signalling statement checks that it still holds the lock. Between cycles a `LeaderState`
+Each cycle of a server first looks at the server's advisory lock and at the members present
+there, on the session that polls and signals (`CycleLock.lead`, the SQL in reaper/pg/ha.py),
+hands the lock over, asks for it or takes it as balance.py decides, and polls only if it leads:
+a follower's cycle is that one probe. Only the holder signals, and every signalling statement
+checks that it still holds the lock. Between cycles a `LeaderState`
 remembers whether this instance held the lock and on which session: a session that was lost and
 reopened holds nothing, and an instance that lost the lock leaves it to the others for two
 intervals, so that leadership moves rather than returning to where it failed. It also says, once
@@ -15,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from reaper.pg.ha import lead
+from reaper.daemon.balance import Balance, member_id
+from reaper.pg.ha import Membership, lead
 
 if TYPE_CHECKING:
     from reaper.observe.metrics import Metrics
@@ -37,10 +40,20 @@ class CycleLock:
     # one did: should the poll have opened another, the lock was lost with the old one, and
     # this cycle leaves it to the others.
     held_by: int | None = None
+    balance: Balance | None = None  # the daemon's: balanced leadership among the members
 
     def lead(self, conn: ServerConnection) -> Leadership:
+        # The probe opens a new session if the old one was lost: only then can it be told.
+        membership = None if self.balance is None else self.balance.membership
+        seen = lead(conn, self.key, acquire=False, membership=membership)
         lost = self.held_by is not None and self.held_by != conn.sessions_opened
-        return lead(conn, self.key, acquire=self.acquire and not lost)
+        if self.balance is None:  # no balancing: take the lock whenever it is free
+            if seen.leader or not self.acquire or lost or seen.holder is not None:
+                return seen
+            return lead(conn, self.key, acquire=True)
+        return self.balance.decide(
+            conn, seen, may_ask=self.acquire, may_take=self.acquire and not lost
+        )
 
 
 def announce(settings: Settings, *, log: Any) -> None:  # noqa: ANN401 - structlog's bound loggers are untyped proxies
@@ -68,17 +81,36 @@ class LeaderState:
     session: int | None = None  # the connection's session that holds the lock
     retry_at: float = 0.0
     other: LockHolder | None = None  # the lock's holder that is not a pg-reaper instance
+    balance: Balance | None = None
 
     def lock(self, settings: Settings) -> CycleLock | None:
         """The lock of the coming cycle (None without [ha])."""
         ha = settings.ha
         if not ha.enabled:
             return None
+        server = next(s for s in settings.servers if s.name == self.server)
+        membership = Membership(lock_key=ha.lock_key, member=member_id(ha.instance))
+        servers = tuple(sorted(s.name for s in settings.servers))
+        interval = settings.interval_for(server).total_seconds()
+        if self.balance is None or self.balance.membership != membership:
+            self.balance = Balance(
+                server=self.server, membership=membership, servers=servers, interval=interval
+            )
+        self.balance.servers, self.balance.interval = servers, interval
         return CycleLock(
             key=ha.lock_key,
             acquire=time.monotonic() >= self.retry_at,
             held_by=self.session if self.leader else None,
+            balance=self.balance,
         )
+
+    def cadence(self, delay: float, report: SweepReport, *, settings: Settings) -> float:
+        """Seconds to the next cycle: `delay` (the deadline rule), but a follower only probes,
+        once per interval, and more often while leadership is changing hands (balance.py)."""
+        if not settings.ha.enabled or self.balance is None or not report.ok:
+            return delay
+        min_interval = settings.reaper.min_interval.total_seconds()
+        return self.balance.cadence(delay, leader=report.leader, min_interval=min_interval)
 
     def new_connection(self) -> None:
         """The server's connection was replaced: sessions are counted per connection object."""
@@ -97,9 +129,18 @@ class LeaderState:
         metrics.leader.labels(server=self.server).set(1 if leader else 0)
         was = self.leader
         fields = {"server": self.server, "instance": settings.ha.instance}
+        handed_to = None if self.balance is None else self.balance.handed_to
+        if not leader and was is not False:  # what only the leader measures is the leader's
+            metrics.forget_leader_gauges(
+                self.server, policies=[p.name for p in settings.policies_for(server)]
+            )
         if leader and was is not True:
             log.info("leadership_acquired", **fields)
+        elif not leader and was is True and handed_to is not None:
+            log.info("leadership_handed_over", **fields, to_member=handed_to)
         elif not leader and was is True:
+            if self.balance is not None:
+                self.balance.lost()
             hold_off = 2 * settings.interval_for(server).total_seconds()
             self.retry_at = time.monotonic() + hold_off
             reason = report.error or "the lock is no longer held by this session"

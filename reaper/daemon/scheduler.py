@@ -253,7 +253,9 @@ class Scheduler:
             worker.tried = True
             worker.polls += 1
         policies = settings.policies_for(server)
-        if report.ok:
+        if report.probe_only:  # [ha]: a follower's probe
+            self._metrics.record_probe(worker.name, finished_at=time.time())
+        elif report.ok:
             self._metrics.record(
                 report, policies=[p.name for p in policies], finished_at=time.time()
             )
@@ -264,6 +266,7 @@ class Scheduler:
         self._transition(worker, report)
         worker.leadership.cycle_ended(report, settings=settings, server=server)
         delay = delay_for(report, settings=settings, server=server, failures=worker.failures)
+        delay = worker.leadership.cadence(delay, report, settings=settings)
         due = datetime.fromtimestamp(started_wall + delay, tz=UTC)
         elapsed = time.monotonic() - started
         if elapsed > delay and report.ok:  # a failing server's timeouts are reported already
@@ -271,7 +274,14 @@ class Scheduler:
                 "cycle_overran", server=worker.name, seconds=round(elapsed, 3), due_every=delay
             )
         # A reload during this cycle made its deadline stale: poll again under the new rules.
+        # A full interval (an [ha] follower's probe, a quiet server) is the job's own trigger:
+        # no rescheduling.
         worker.next_due = due if worker.generation == generation else _now()
+        if (
+            worker.generation == generation
+            and delay >= settings.interval_for(server).total_seconds()
+        ):
+            worker.next_due = None
 
     def _on_job_done(self, event: JobExecutionEvent) -> None:
         worker = self._worker_of(event)

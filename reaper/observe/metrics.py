@@ -167,6 +167,13 @@ class Metrics:
             ["server"],
             registry=r,
         )
+        self.ha_probes = Counter(
+            "pg_reaper_ha_probes",
+            "[ha]: cycles in which this instance followed: one probe of the lock and the members "
+            "instead of a poll.",
+            ["server"],
+            registry=r,
+        )
         self.dry_run = Gauge("pg_reaper_dry_run", "1 when no signal is sent (dry run).", registry=r)
         self.config_reload_ok = Gauge(
             "pg_reaper_config_last_reload_successful",
@@ -205,9 +212,11 @@ class Metrics:
             if not settings.ha.enabled:
                 self.leader.labels(server=server.name).set(1)
                 _remove(self.lock_held_by_other, server.name)  # [ha] may have been turned off
+                _remove(self.ha_probes, server.name)
             else:
                 self.leader.labels(server=server.name)
                 self.lock_held_by_other.labels(server=server.name)
+                self.ha_probes.labels(server=server.name)
             self.poll_errors.labels(server=server.name)
             self.deferred.labels(server=server.name)
             self.armed_sessions.labels(server=server.name)
@@ -236,6 +245,7 @@ class Metrics:
             self.server_up,
             self.leader,
             self.lock_held_by_other,
+            self.ha_probes,
             self.poll_errors,
             self.deferred,
             self.armed_sessions,
@@ -269,6 +279,24 @@ class Metrics:
             _remove(self.sessions_reaped, server, policy, action)
         for reason in _FAILURE_REASONS.values():
             _remove(self.reap_failures, server, policy, reason)
+
+    def forget_leader_gauges(self, server: str, *, policies: Iterable[str]) -> None:
+        """[ha]: drop what only a server's leader measures (it polls, a follower only probes),
+        so that a follower never shows a stale value: `max by (server)` over the instances
+        gives the leader's (docs/ha.md)."""
+        for metric in (self.max_connections, self.connections_used, self.connections_usable):
+            _remove(metric, server)
+        for state in _STATES:
+            _remove(self.sessions, server, state)
+        for policy in policies:
+            _remove(self.candidates, server, policy)
+            _remove(self.pressure, server, policy)
+
+    def record_probe(self, server: str, *, finished_at: float) -> None:
+        """[ha]: a follower's cycle, one probe that the server answered."""
+        self.server_up.labels(server=server).set(1)
+        self.last_poll.labels(server=server).set(finished_at)
+        self.ha_probes.labels(server=server).inc()
 
     def record_poll_failure(self, server: str) -> None:
         self.poll_errors.labels(server=server).inc()

@@ -9,11 +9,16 @@ holds the lock: a leader whose connection was lost (and silently reopened) canno
 The key is no secret, and any role that can connect to the lock database can take the lock and
 keep every instance standing by (lock squatting): each cycle reports a holder that is not a
 pg-reaper instance as a `LockHolder` (ha_lead.sql says what counts as one).
+
+Balanced leadership: each daemon's session also holds a shared advisory lock that marks it as a
+member, and one more on the servers it asks to lead; `lead` reports the marks of every instance
+on the server, `act` hands the lock over and sets this instance's own ask (reaper/daemon/ha.py
+decides).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from reaper import APPLICATION_NAME
@@ -22,9 +27,43 @@ from reaper.pg.connection import query
 if TYPE_CHECKING:
     from reaper.pg.connection import Connection
 
-__all__ = ["Leadership", "LockHolder", "lead", "lock_key_halves"]
+__all__ = ["Leadership", "LockHolder", "Membership", "act", "lead", "lock_key_halves"]
 
-HA_LEAD_SQL = query("ha_lead")
+
+def _compact(text: str) -> str:
+    """`text` without its comment lines and runs of white space (no string literal in these
+    statements holds any): a follower runs ha_lead.sql at every cycle, and psycopg keeps the
+    parsed form of a statement only when its text is under 4 kB."""
+    lines = (line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    return " ".join(" ".join(lines).split())
+
+
+HA_LEAD_SQL = _compact(query("ha_lead"))
+HA_ACT_SQL = _compact(query("ha_act"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Membership:
+    """This instance's marks on a server: the two-int4 advisory keys (class, member) that say
+    it takes part, and that it asks to lead. `member` is an unsigned 32-bit id."""
+
+    lock_key: int
+    member: int
+
+    @property
+    def member_class(self) -> int:
+        return _int4(lock_key_halves(self.lock_key)[0])
+
+    @property
+    def want_class(self) -> int:
+        return _int4(lock_key_halves(self.lock_key)[1])
+
+    def params(self) -> dict[str, int]:
+        return {
+            "member": _int4(self.member),
+            "member_class": self.member_class,
+            "want_class": self.want_class,
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,20 +83,56 @@ class Leadership:
     leader: bool
     holder: int | None  # the pid of the backend holding the lock, None when it is free
     other: LockHolder | None = None  # a holder that is not a pg-reaper instance (squatting)
+    # With a Membership: the members on this server (id: seconds their session has lasted),
+    # those that ask to lead it, and whether this session holds its own member mark.
+    members: dict[int, float] = field(default_factory=dict)
+    wanting: frozenset[int] = frozenset()
+    joined: bool = False
 
 
-def lead(conn: Connection, lock_key: int, *, acquire: bool) -> Leadership:
+def lead(
+    conn: Connection, lock_key: int, *, acquire: bool, membership: Membership | None = None
+) -> Leadership:
     """Whether `conn`'s session holds the advisory lock `lock_key` (checked in pg_locks), taking
     it first if it is free and `acquire`. A lost connection loses the lock with it: the session
     reopened by the next call holds nothing until it takes the lock again."""
-    params = {"lock_key": lock_key, "acquire": acquire, "application": APPLICATION_NAME}
+    params: dict[str, object] = {
+        "lock_key": lock_key,
+        "acquire": acquire,
+        "application": APPLICATION_NAME,
+        "member": None,
+        "member_class": None,
+        "want_class": None,
+    }
+    if membership is not None:
+        params |= membership.params()
     (row,) = conn.run(HA_LEAD_SQL, params)
     other = None
     if row["held_by_other"]:
         other = LockHolder(
             pid=row["other_pid"], application=row["other_application"], role=row["other_role"]
         )
-    return Leadership(leader=bool(row["leader"]), holder=row["holder"], other=other)
+    ids, ages = row["members"] or [], row["member_ages"] or []
+    return Leadership(
+        leader=bool(row["leader"]),
+        holder=row["holder"],
+        other=other,
+        members={int(i): float(a or 0.0) for i, a in zip(ids, ages, strict=False)},
+        wanting=frozenset(int(i) for i in row["wanting"] or []),
+        joined=bool(row["joined"]),
+    )
+
+
+def act(conn: Connection, membership: Membership, *, release: bool, want: bool | None) -> None:
+    """Hand the lock over (`release`, only by the session that holds it), and ask to lead this
+    server or stop asking (`want`; None: as it is)."""
+    params = {"lock_key": membership.lock_key, "release": release, "want": want}
+    conn.run(HA_ACT_SQL, params | membership.params())
+
+
+def _int4(value: int) -> int:
+    """An unsigned 32-bit value as the signed int4 that PostgreSQL's functions take."""
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def lock_key_halves(key: int) -> tuple[int, int]:

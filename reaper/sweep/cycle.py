@@ -101,28 +101,44 @@ def sweep(  # noqa: PLR0913 - keyword-only, each one a collaborator of the cycle
 ) -> SweepReport:
     """Run one cycle on `server`. In preview mode nothing is signalled and nothing is audited.
 
-    With `lock` ([ha]) only the holder of the server's advisory lock signals and audits; the
-    others decide (for metrics) and report every candidate `not_leader`. With `memory` (the
-    daemon) victims of a policy with `escalate_after` are terminated if a cancel did not stop
-    them, and a `log` policy reports each session's episode once (`already_logged` after).
+    With `lock` ([ha]) the cycle first looks at the server's advisory lock: only its holder
+    polls, signals and audits; for the others the cycle ends there (a report without a poll).
+    With `memory` (the daemon) victims of a policy with `escalate_after` are terminated if a
+    cancel did not stop them, and a `log` policy reports each session's episode once
+    (`already_logged` after).
     Audit events go to the log and to `audit`, if given. A failed poll is returned as a report
     with `error` set, not logged here.
     """
-    cycle = _Cycle(
-        server=server,
-        settings=settings,
-        mode=mode,
-        lock=lock,
-        memory=memory,
-        audit=audit,
-    )
+    started = time.perf_counter()
+    dry_run = settings.reaper.dry_run or mode == "preview"
     try:
-        seen = _observe(conn, cycle)
+        # [ha]: a follower's cycle ends with this one statement, before any other work.
+        leadership = None if lock is None else lock.lead(conn)
+        if leadership is not None and not leadership.leader:
+            return SweepReport(
+                server=server.name,
+                dry_run=dry_run,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                leader=False,
+                lock_holder=leadership.holder,
+                lock_held_by_other=leadership.other,
+                session=conn.sessions_opened,
+            )
+        cycle = _Cycle(
+            server=server,
+            settings=settings,
+            mode=mode,
+            lock=lock,
+            memory=memory,
+            audit=audit,
+            started=started,
+        )
+        seen = _observe(conn, cycle, leadership)
     except PostgresError as exc:  # reported by the caller: `once` per run, the daemon per change
         return SweepReport(
             server=server.name,
-            dry_run=cycle.dry_run,
-            duration_ms=cycle.elapsed_ms(),
+            dry_run=dry_run,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
             error=str(exc),
             leader=lock is None,
         )
@@ -153,8 +169,8 @@ class _Seen:
         return self.leadership is None or self.leadership.leader
 
 
-def _observe(conn: ServerConnection, cycle: _Cycle) -> _Seen:
-    """Poll the server, then ([ha]) see whether this session leads it."""
+def _observe(conn: ServerConnection, cycle: _Cycle, leadership: Leadership | None) -> _Seen:
+    """Poll the server, which ([ha]) this session leads."""
     # What costs the server more is read only when a policy of this server needs it: the query
     # text (shown only with [log] include_query), and the lock waits each session blocks.
     snapshot = conn.poll(
@@ -162,7 +178,6 @@ def _observe(conn: ServerConnection, cycle: _Cycle) -> _Seen:
         or any(p.reads_queries for p in cycle.policies),
         include_blocking=any(p.when_blocking is not None for p in cycle.policies),
     )
-    leadership = None if cycle.lock is None else cycle.lock.lead(conn)
     return _Seen(
         snapshot=snapshot,
         leadership=leadership,

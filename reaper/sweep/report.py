@@ -79,6 +79,11 @@ class SweepReport(ServerRun):
         return self.error is None
 
     @property
+    def probe_only(self) -> bool:
+        """An [ha] follower's successful cycle: the lock probe only, the server not polled."""
+        return self.ok and self.facts is None
+
+    @property
     def failed(self) -> bool:
         """A poll failed or a signal failed: the exit code 1 of `once`. A dry run (and
         `preview`) sends no signal, so none can fail: a victim it predicts `denied` (a

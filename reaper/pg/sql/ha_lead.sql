@@ -13,6 +13,15 @@
 -- transaction, which pg-reaper never makes. A holder missing from pg_stat_activity exited
 -- between the two reads (each is its own snapshot): not judged, the next cycle sees.
 -- Shared holders (pg_advisory_lock_shared) block the lock as well: every granted row counts.
+--
+-- Membership (balanced leadership, docs/ha.md): with %(member)s set, this session also holds a
+-- shared advisory lock in the two-int4 form (%(member_class)s, %(member)s): the mark of a
+-- daemon taking part, which pg-reaper once/kill and the audit writer never take. members and
+-- member_ages list the marks held by pg-reaper instances (the same rule as above; this
+-- session's own, taken by this very statement, may be missing), each with the age of its
+-- session in seconds; wanting, the marks (%(want_class)s, id) of the instances that ask to lead
+-- this server. Two-int4 keys show as classid, objid and objsubid 2; they never collide with the
+-- bigint key (objsubid 1).
 WITH me AS MATERIALIZED (
     SELECT a.usesysid
     FROM pg_catalog.pg_stat_activity a
@@ -37,6 +46,36 @@ WITH me AS MATERIALIZED (
       AND l.classid = ((%(lock_key)s::pg_catalog.int8 >> 32) & 4294967295)::pg_catalog.oid
       AND l.objid = (%(lock_key)s::pg_catalog.int8 & 4294967295)::pg_catalog.oid
       AND l.objsubid = 1
+), marks AS (
+    SELECT l.classid, l.objid::pg_catalog.int8 AS id,
+           pg_catalog.date_part('epoch', pg_catalog.now() - a.backend_start) AS age
+    FROM pg_catalog.pg_locks l
+    JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+    WHERE %(member)s::pg_catalog.int4 IS NOT NULL
+      AND l.locktype = 'advisory'
+      AND l.granted
+      AND l.objsubid = 2
+      AND l.classid IN ((%(member_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid,
+                        (%(want_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid)
+      AND l.database = (SELECT d.oid
+                        FROM pg_catalog.pg_database d
+                        WHERE d.datname = pg_catalog.current_database())
+      AND a.application_name = %(application)s
+      AND a.usesysid = (SELECT usesysid FROM me)
+), joined AS MATERIALIZED (
+    SELECT CASE
+               WHEN %(member)s::pg_catalog.int4 IS NULL THEN false
+               WHEN EXISTS (SELECT 1
+                            FROM pg_catalog.pg_locks l
+                            WHERE l.locktype = 'advisory'
+                              AND l.pid = pg_catalog.pg_backend_pid()
+                              AND l.objsubid = 2
+                              AND l.classid = (%(member_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid
+                              AND l.objid = (%(member)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid)
+                   THEN true
+               ELSE pg_catalog.pg_try_advisory_lock_shared(%(member_class)s::pg_catalog.int4,
+                                                           %(member)s::pg_catalog.int4)
+           END AS joined
 ), attempt AS MATERIALIZED (
     SELECT CASE
                WHEN EXISTS (SELECT 1 FROM lock WHERE pid = pg_catalog.pg_backend_pid()) THEN true
@@ -52,7 +91,17 @@ SELECT attempt.leader,
        squatter.other IS NOT NULL AS held_by_other,
        squatter.pid AS other_pid,
        squatter.application_name AS other_application,
-       squatter.usename AS other_role
+       squatter.usename AS other_role,
+       (SELECT joined FROM joined) AS joined,
+       (SELECT pg_catalog.array_agg(m.id ORDER BY m.id)
+        FROM marks m
+        WHERE m.classid = (%(member_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid) AS members,
+       (SELECT pg_catalog.array_agg(m.age ORDER BY m.id)
+        FROM marks m
+        WHERE m.classid = (%(member_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid) AS member_ages,
+       (SELECT pg_catalog.array_agg(m.id ORDER BY m.id)
+        FROM marks m
+        WHERE m.classid = (%(want_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid) AS wanting
 FROM attempt
 LEFT JOIN LATERAL (
     SELECT lock.*

@@ -1,0 +1,269 @@
+"""What do three `[ha]` daemons on the same servers cost, against one daemon alone?
+
+It starts ``--servers`` throwaway PostgreSQL servers (6 by default), each with ``--idle`` idle
+client sessions that no policy matches (so that a poll has rows to read and plan), then:
+
+1. baseline: one ``pg-reaper run`` with ``[ha] enabled`` on every server, alone: after a
+   warm-up, its CPU time (user + system, from /proc/<pid>/stat) over ``--window`` seconds;
+2. three daemons with the same configuration but their own ``instance_id``: once leadership
+   has settled (each server one leader), the CPU time of each over the same window, the split
+   of leadership, and the polls (``pg_reaper_poll_duration_seconds_count``) and follower probes
+   (``pg_reaper_ha_probes_total``) each made in it;
+3. failover: one of the three is SIGKILLed; the time until the two others lead every server
+   between them, split evenly, in intervals.
+
+Target: the three together spend <= 1.5x the CPU of the one alone. Run under the machine-wide
+lock, as every benchmark:
+
+    flock /work/wt/bench.lock .venv/bin/python bench/ha.py [--window 60] [--interval 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import common
+import psycopg
+import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
+
+from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from psycopg.rows import TupleRow
+
+TARGET = 1.5
+STOP_TIMEOUT = 15.0
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class Daemon:
+    """One `pg-reaper run`, its metrics port and its log file."""
+
+    def __init__(
+        self, work: Path, servers: Sequence[EmbeddedPostgres], *, name: str, interval: float
+    ) -> None:
+        self.name = name
+        self.port = common.free_port()
+        config = work / f"{name}.toml"
+        document = {
+            "reaper": {"interval": f"{interval:g}s", "min_interval": "250ms"},
+            "metrics": {"listen": f"127.0.0.1:{self.port}"},
+            "log": {"format": "json"},
+            "ha": {"enabled": True, "instance_id": name},
+            "servers": [{"name": f"s{i}", "dsn": s.dsn()} for i, s in enumerate(servers)],
+            "policies": [
+                {"name": "idle", "states": ["idle"], "max_idle": "1h", "applications": ["^nobody$"]}
+            ],
+        }
+        config.write_text(tomli_w.dumps(document))
+        self.log = (work / f"{name}.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "reaper", "run", "-c", str(config)],
+            env=common.daemon_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+
+    def cpu(self) -> float:
+        """Seconds of CPU (user + system) the process has used."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        """(sample name, server label) -> value, summed over other labels."""
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        values: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, sample.labels.get("server", ""))
+                values[key] = values.get(key, 0.0) + sample.value
+        return values
+
+    def led(self, names: Sequence[str]) -> set[str]:
+        with contextlib.suppress(OSError):
+            values = self.metrics()
+            return {n for n in names if values.get(("pg_reaper_leader", n)) == 1}
+        return set()
+
+    def counts(self, names: Sequence[str]) -> tuple[float, float]:
+        """(polls, probes) so far, over every server."""
+        values = self.metrics()
+        polls = sum(values.get(("pg_reaper_poll_duration_seconds_count", n), 0.0) for n in names)
+        probes = sum(values.get(("pg_reaper_ha_probes_total", n), 0.0) for n in names)
+        return polls, probes
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def wait_split(
+    daemons: Sequence[Daemon], names: Sequence[str], *, timeout: float, even: bool = True
+) -> list[set[str]]:
+    """Each daemon's servers, once every server has one leader and (`even`) the split is even."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shares = [d.led(names) for d in daemons]
+        counts = Counter(n for share in shares for n in share)
+        sizes = sorted(len(s) for s in shares)
+        if all(counts[n] == 1 for n in names) and (not even or sizes[-1] - sizes[0] <= 1):
+            return shares
+        time.sleep(0.05)
+    raise SystemExit(
+        f"leadership did not settle in {timeout:g}s: {[d.led(names) for d in daemons]}"
+    )
+
+
+def measure(
+    daemons: Sequence[Daemon], names: Sequence[str], window: float
+) -> list[tuple[float, float, float]]:
+    """(CPU seconds, polls, probes) of each daemon over `window` seconds."""
+    before = [(d.cpu(), *d.counts(names)) for d in daemons]
+    time.sleep(window)
+    after = [(d.cpu(), *d.counts(names)) for d in daemons]
+    return [(a[0] - b[0], a[1] - b[1], a[2] - b[2]) for a, b in zip(after, before, strict=True)]
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [f"s{i}" for i in range(args.servers)]
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(
+                EmbeddedPostgres(
+                    major=args.major, settings={"max_connections": str(args.idle + 20)}
+                )
+            )
+            for _ in names
+        ]
+        sessions: list[psycopg.Connection[TupleRow]] = []
+        stack.callback(common.close_sessions, sessions)
+        for server in servers:
+            for _ in range(args.idle):
+                conn = psycopg.connect(server.dsn(), autocommit=True, application_name="bench-idle")
+                conn.execute("SELECT 1")
+                sessions.append(conn)
+        info = common.machine(servers[0])
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ha-")))
+        settle = 10 * args.interval
+
+        alone = Daemon(work, servers, name="alone", interval=args.interval)
+        stack.callback(alone.stop)
+        wait_split([alone], names, timeout=settle)
+        time.sleep(args.warmup)
+        ((base_cpu, base_polls, base_probes),) = measure([alone], names, args.window)
+        alone.stop()
+
+        three = [Daemon(work, servers, name=f"ha{n}", interval=args.interval) for n in range(3)]
+        for daemon in three:
+            stack.callback(daemon.stop)
+        shares = wait_split(three, names, timeout=settle, even=not args.unbalanced)
+        time.sleep(args.warmup)
+        shares = wait_split(three, names, timeout=settle, even=not args.unbalanced)
+        each = measure(three, names, args.window)
+        after = [d.led(names) for d in three]
+
+        three[0].process.kill()
+        killed = time.monotonic()
+        survivors = wait_split(three[1:], names, timeout=settle, even=not args.unbalanced)
+        failover = (time.monotonic() - killed) / args.interval
+
+    total = sum(cpu for cpu, _, _ in each)
+    ratio = total / base_cpu if base_cpu else float("inf")
+    rows = [
+        "| daemon | leads | CPU s | CPU % of a core | polls | probes |",
+        "|---|---|---|---|---|---|",
+        (
+            f"| alone | {len(names)} | {base_cpu:.2f} | {100 * base_cpu / args.window:.1f} | "
+            f"{base_polls:.0f} | {base_probes:.0f} |"
+        ),
+    ]
+    for daemon, share, (cpu, polls, probes) in zip(three, shares, each, strict=True):
+        rows.append(
+            f"| {daemon.name} | {len(share)} ({', '.join(sorted(share))}) | {cpu:.2f} | "
+            f"{100 * cpu / args.window:.1f} | {polls:.0f} | {probes:.0f} |"
+        )
+    rows.append(
+        f"| three together | {sum(len(s) for s in shares)} | {total:.2f} | "
+        f"{100 * total / args.window:.1f} | {sum(p for _, p, _ in each):.0f} | "
+        f"{sum(p for _, _, p in each):.0f} |"
+    )
+    body = "\n".join(rows)
+    stable = "stable" if after == shares else f"moved during the window: {after}"
+    ratios = [
+        f"- three [ha] daemons / one alone: {ratio:.2f}x CPU (target <= {TARGET:g}x)",
+        f"- leadership split {'/'.join(str(len(s)) for s in shares)}, {stable}",
+        (
+            f"- after SIGKILL of {three[0].name}: the two others led "
+            f"{'/'.join(str(len(x)) for x in survivors)} after {failover:.2f} intervals"
+        ),
+    ]
+    met = ratio <= TARGET
+    sentence = (
+        f"Target {'met' if met else 'NOT met'}: three [ha] daemons spend {ratio:.2f}x the CPU of "
+        f"one (target <= {TARGET:g}x)."
+    )
+    workload = (
+        f"{args.servers} servers with {args.idle} idle client sessions each, no policy matching; "
+        f"interval {args.interval:g} s; warm-up {args.warmup:g} s, window {args.window:g} s"
+    )
+    common.print_report(info, body, ratios, sentence)
+    if not args.no_append:
+        common.append_results(
+            title="[ha] leadership: three daemons against one (bench/ha.py)",
+            info=info,
+            workload=workload,
+            body=body,
+            ratios=ratios,
+            sentence=sentence,
+        )
+    return 0 if met else 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", type=int, default=6)
+    parser.add_argument("--idle", type=int, default=20, help="idle sessions per server")
+    parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
+    parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument(
+        "--unbalanced",
+        action="store_true",
+        help="accept any split (to measure a pg-reaper that does not balance leadership)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.servers < 3:
+        raise SystemExit("--servers: at least 3")
+    return run(args)
+
+
+if __name__ == "__main__":
+    common.run(main, stopped="the daemons and the servers")
