@@ -14,6 +14,7 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from reaper.daemon.armed import ArmedSignals
+from reaper.daemon.balance import member_id, preferred
 from reaper.daemon.ha import LeaderState
 from reaper.daemon.scheduler import Scheduler
 from reaper.observe.log import get_logger
@@ -302,12 +303,18 @@ def test_under_ha_only_the_leaders_armed_signals_act(
 ) -> None:
     server = server_name(pg)
     ha = '[ha]\nenabled = true\ninstance_id = "{}"\n'
-    daemons = [
-        _daemon(start_daemon, pg, tmp_path / f"{name}.toml", apps="^ta-ha-", extra=ha.format(name))
-        for name in ("pod-a", "pod-b")
-    ]
-    for daemon in daemons:
-        daemon.wait_event("poll_completed", server=server)
+    # The instance that should lead the server starts first and takes it; the other one then
+    # stays a follower (balanced leadership would otherwise hand the server over meanwhile).
+    members = {member_id(name): name for name in ("pod-a", "pod-b")}
+    first = members[preferred(server, (server,), frozenset(members)) or 0]
+    daemons = []
+    for name in sorted(members.values(), key=lambda n: n != first):
+        daemon = _daemon(
+            start_daemon, pg, tmp_path / f"{name}.toml", apps="^ta-ha-", extra=ha.format(name)
+        )
+        daemon.wait_value("pg_reaper_leader", lambda v: v is not None, server=server)
+        daemons.append(daemon)
+    assert daemons[0].value("pg_reaper_leader", server=server) == 1
     victims = [sessions.idle(application=f"ta-ha-{i}") for i in range(3)]
     pids = {v.info.backend_pid for v in victims}
 
