@@ -46,6 +46,9 @@ _MIN_WORKERS = 64
 # most, over one interval at most: all due at once, each would take a thread of its own
 # (threads are kept once made, a few hundred kB each) and they would stay bunched.
 _FIRST_RUN_SPACING = 0.01
+# A next run this close to the one its job's trigger has set already is left as it is (most
+# cycles of a quiet server end due one interval after they started, which is the trigger's).
+_SAME_DUE = 0.005
 
 
 @dataclass(kw_only=True)
@@ -291,6 +294,12 @@ class Scheduler:
             due, worker.next_due = worker.next_due, None
         if due is None:
             return
+        job = self._scheduler.get_job(event.job_id)
+        if job is None:
+            return  # removed by a reload or shutdown meanwhile
+        planned = job.next_run_time
+        if planned is not None and abs((due - planned).total_seconds()) <= _SAME_DUE:
+            return  # its trigger's next run already: a change would only wake the scheduler
         try:
             self._scheduler.modify_job(event.job_id, next_run_time=max(due, _now()))
         except Exception:  # noqa: BLE001 - the job was removed by a reload or shutdown meanwhile
