@@ -92,8 +92,6 @@ def _session(
     if role is None and row["role_oid"] is not None:
         user = DROPPED_ROLE  # its role was dropped while it stayed connected
     blocker = blockers.get(row["pid"])
-    state_change, xact_start = row["state_change"], row["xact_start"]
-    query_start, backend_start = row["query_start"], row["backend_start"]
     return Session(
         pid=row["pid"],
         backend_type=row["backend_type"] or "unknown",
@@ -102,15 +100,12 @@ def _session(
         application=row["application_name"] or "",
         client_addr=row["client_addr"],
         state=row["state"],
-        backend_start=backend_start,
-        state_change=state_change,
-        # _age inline (four per session): the same float8 as now() - then in SQL.
-        idle_seconds=None if state_change is None else (now - state_change).total_seconds(),
-        transaction_seconds=None if xact_start is None else (now - xact_start).total_seconds(),
-        runtime_seconds=None if query_start is None else (now - query_start).total_seconds(),
-        connection_seconds=(
-            None if backend_start is None else (now - backend_start).total_seconds()
-        ),
+        backend_start=row["backend_start"],
+        state_change=row["state_change"],
+        idle_seconds=_age(now, row["state_change"]),
+        transaction_seconds=_age(now, row["xact_start"]),
+        runtime_seconds=_age(now, row["query_start"]),
+        connection_seconds=_age(now, row["backend_start"]),
         superuser=False if role is None else role["superuser"],
         member=False if role is None else role["member"],
         signaller=False if role is None else role["signaller"],

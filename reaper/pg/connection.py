@@ -159,8 +159,7 @@ class _Utf8Loader(Loader):
     the poll."""
 
     def load(self, data: Buffer) -> str:
-        # Decoded from the buffer itself: no copy to bytes first (several per session polled).
-        return str(data, "utf-8", "backslashreplace")
+        return bytes(data).decode("utf-8", "backslashreplace")
 
 
 class _Utf8BinaryLoader(_Utf8Loader):

@@ -7,13 +7,7 @@ The values live in `_values`, one session's evaluation in `_evaluate`, connectio
 `_pressure`, the cycle's plan in `_plan`; import them from here.
 """
 
-from reaper.policy._evaluate import (
-    Scopes,
-    can_signal,
-    evaluate,
-    in_networks,
-    seconds_until_eligible,
-)
+from reaper.policy._evaluate import can_signal, evaluate, in_networks, seconds_until_eligible
 from reaper.policy._plan import plan
 from reaper.policy._pressure import PRESSURE_UNKNOWN, pressure_held
 from reaper.policy._values import (
@@ -41,7 +35,6 @@ __all__ = [
     "Result",
     "RoleConnections",
     "Rule",
-    "Scopes",
     "ServerFacts",
     "Session",
     "can_signal",

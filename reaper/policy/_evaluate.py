@@ -33,37 +33,6 @@ _AGE_LABELS = {
 }
 
 
-class Scopes:
-    """One poll's answers of the policies' state, scope and query filters (`_filtered_out`),
-    by what they read: sessions alike in state, database, user, application, client address
-    (and last query, for a policy that reads it) share one answer. Most sessions of a server
-    are a few such kinds (a pool's), so each policy's filters run a few times per poll instead
-    of once per session, and once more for `seconds_until_eligible`. Only for one poll of one
-    server's policies: nothing is ever evicted."""
-
-    __slots__ = ("_known",)
-
-    def __init__(self) -> None:
-        self._known: dict[tuple[object, ...], str | None] = {}
-
-    def filtered_out(self, session: Session, policy: PolicyConfig) -> str | None:
-        reads = policy.reads_queries
-        key = (
-            id(policy),  # the policies outlive the poll: an id is not reused meanwhile
-            session.state,
-            session.database,
-            session.user,
-            session.application,
-            session.client_addr,
-            session.query if reads else None,
-        )
-        try:
-            return self._known[key]
-        except KeyError:
-            why = self._known[key] = _filtered_out(session, policy)
-            return why
-
-
 def can_signal(session: Session, facts: ServerFacts) -> bool:
     """PostgreSQL's own rule (signalfuncs.c): superusers signal anyone; others never signal a
     superuser's backend, and otherwise need the session role's privileges or pg_signal_backend."""
@@ -96,16 +65,14 @@ def decide(
     reaper: ReaperSection,
     facts: ServerFacts,
     take: Take | None,
-    scopes: Scopes | None = None,
 ) -> Decision:
-    """`evaluate`, with a policy's match subject to `take` (None: every match is taken); with
-    `scopes`, the poll's filter answers so far."""
+    """`evaluate`, with a policy's match subject to `take` (None: every match is taken)."""
     reason = hard_exclusion(session, reaper=reaper, facts=facts)
     if reason is not None:
         return Decision(session=session, policy=None, reason=reason)
     misses = []
     for policy in policies:
-        matches, why = _match(session, policy, facts, scopes)
+        matches, why = _match(session, policy, facts)
         if matches and take is not None:
             # Beyond its allowance a pressure policy lets the next policies decide.
             matches, why = take(session, policy, why)
@@ -121,10 +88,8 @@ def seconds_until_eligible(
     *,
     reaper: ReaperSection,
     facts: ServerFacts,
-    scopes: Scopes | None = None,
 ) -> float | None:
-    """How long until `session`, staying in its state, exceeds a threshold of some policy
-    (with `scopes`, the poll's filter answers so far).
+    """How long until `session`, staying in its state, exceeds a threshold of some policy.
 
     None when no policy can ever match it as it is (protected, out of scope, no age known).
     Every age grows at the rate of the clock while the state does not change, so the time
@@ -133,9 +98,8 @@ def seconds_until_eligible(
     if hard_exclusion(session, reaper=reaper, facts=facts) is not None:
         return None
     soonest: float | None = None
-    filtered_out = _filtered_out if scopes is None else scopes.filtered_out
     for policy in policies:
-        if filtered_out(session, policy) is not None:
+        if _filtered_out(session, policy) is not None:
             continue
         # A pressure policy can match only once its pressure appears: no early poll for it
         # until then (the interval bounds the wait).
@@ -194,14 +158,10 @@ def hard_exclusion(  # noqa: PLR0911 - one return per rule reads best
     return None
 
 
-def _match(
-    session: Session, policy: PolicyConfig, facts: ServerFacts, scopes: Scopes | None
-) -> tuple[bool, str]:
+def _match(session: Session, policy: PolicyConfig, facts: ServerFacts) -> tuple[bool, str]:
     """Whether `policy` matches `session`, and why (the thresholds exceeded and the pressure
     that holds) or why not."""
-    why_not = (
-        _filtered_out(session, policy) if scopes is None else scopes.filtered_out(session, policy)
-    )
+    why_not = _filtered_out(session, policy)
     if why_not is not None:
         return False, why_not
     exceeded = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from reaper.policy._evaluate import Scopes, can_signal, decide, evaluate
+from reaper.policy._evaluate import can_signal, decide, evaluate
 from reaper.policy._pressure import level, role_connections
 from reaper.policy._values import Decision, Plan, age_order, oldest_first
 
@@ -23,15 +23,12 @@ def plan(
     *,
     reaper: ReaperSection,
     facts: ServerFacts,
-    scopes: Scopes | None = None,
 ) -> Plan:
     """Decide every session of one poll, then order and cap the victims.
 
     Sessions are decided oldest idle first, the order in which pressure policies spend their
-    allowance: they reap only down to their level (docs/pressure.md). `scopes` keeps the
-    poll's filter answers (a new one if not given; pass one to reuse them after the plan).
+    allowance: they reap only down to their level (docs/pressure.md).
     """
-    scopes = Scopes() if scopes is None else scopes
     ordered = sorted(sessions, key=age_order)
     take = None
     if any(p.pressure for p in policies):
@@ -39,7 +36,7 @@ def plan(
     matched: list[Decision] = []
     spared: list[Decision] = []
     for session in ordered:
-        decision = decide(session, policies, reaper=reaper, facts=facts, take=take, scopes=scopes)
+        decision = decide(session, policies, reaper=reaper, facts=facts, take=take)
         (matched if decision.matched else spared).append(decision)
     signal: list[Decision] = []
     log: list[Decision] = []

@@ -14,7 +14,6 @@ from reaper.pg.connection import PostgresError
 from reaper.policy import (
     Plan,
     Result,
-    Scopes,
     ServerFacts,
     Session,
     plan,
@@ -77,8 +76,6 @@ class _Cycle:
     started: float = field(default_factory=time.perf_counter)
     policies: tuple[PolicyConfig, ...] = field(init=False)  # the server's
     log: Any = field(init=False)  # structlog's bound logger, with the server's name
-    # The poll's policy filter answers, shared by the plan and the next deadline.
-    scopes: Scopes = field(default_factory=Scopes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policies", self.settings.policies_for(self.server))
@@ -182,11 +179,7 @@ def _decide(seen: _Seen, cycle: _Cycle) -> Plan:
         cycle.log.warning("privileges_insufficient", detail=warning)
     snapshot = seen.snapshot
     decided = plan(
-        snapshot.sessions,
-        cycle.policies,
-        reaper=cycle.settings.reaper,
-        facts=snapshot.facts,
-        scopes=cycle.scopes,
+        snapshot.sessions, cycle.policies, reaper=cycle.settings.reaper, facts=snapshot.facts
     )
     if cycle.memory is not None:
         cycle.memory.keep_only(snapshot.sessions)
@@ -298,7 +291,7 @@ def _eligible_in(
         return 0.0
     reaper, policies = cycle.settings.reaper, cycle.policies
     times = [
-        seconds_until_eligible(d.session, policies, reaper=reaper, facts=facts, scopes=cycle.scopes)
+        seconds_until_eligible(d.session, policies, reaper=reaper, facts=facts)
         for d in decided.spared
     ]
     times.append(escalations)
