@@ -1,28 +1,32 @@
-"""What does one `pg-reaper run` cost when it watches 500 servers, and does it keep their schedule?
+"""What does one `pg-reaper run` cost when it watches a fleet of real servers, and does it keep
+their schedule?
 
-It starts a few throwaway PostgreSQL servers (4 by default, ``max_connections`` 200 each), opens
-some idle sessions on each (``application_name = 'bench-fleet'``; never eligible: the policy
-reaps after 1 h idle), and runs two daemons side by side over the same window:
+It starts `--servers` tiny PostgreSQL clusters (1,000 by default; bench/fleet_servers.py: one
+initdb, copied per server, the smallest settings that run, Unix socket only), each with
+`--sessions` idle sessions (``application_name = 'bench-fleet'``; never eligible: the policy reaps
+after 1 h idle), and runs two daemons side by side over the same window:
 
-- fleet: 500 ``[[servers]]`` entries, each real server listed 125 times under different names,
-  every entry with ``interval = "10s"`` (so 500 persistent connections, 50 polls a second);
+- fleet: one ``[[servers]]`` entry per cluster, every entry with ``interval = "10s"``: no two
+  entries share a cluster, so pg-reaper's arbiter refuses none (a refusal is a warning, counted);
 - baseline: the same configuration with 1 server entry.
 
 After every entry of the fleet has completed its first poll and a short settling time, the window
 opens for ``--duration`` seconds (300 by default). Over the window, per daemon:
 
-- CPU: utime + stime from /proc/<pid>/stat, as a share of one core;
-- RSS: VmRSS at the end of the window (VmHWM, the peak, alongside); threads;
+- CPU: utime + stime from /proc/<pid>/stat, as a share of one core; per poll, and per session
+  polled (the sessions each `poll_completed` event counts: the idle ones and the reaper's own);
+- RSS: VmRSS at the start and the end of the window, its maximum and VmHWM (the peak); threads;
 - on time: from the ``poll_completed`` events (their own timestamps), per entry the gap to the
   previous poll of the same entry; a poll is on time when that gap is at most interval + 1 s.
   An entry whose last poll is more than interval + 1 s before the end of the window counts a
   late poll too.
 
 Targets: fleet < 10 % of a core, RSS < 150 MB, 100 % of polls on time. The ratios against the
-1-entry baseline give the cost per added server entry. The daemons, the sessions and the servers
-are stopped on exit, on errors, on Ctrl-C and on SIGTERM.
+1-entry baseline give the cost per added server entry. The per-session cost before and after a
+change is bench/session_cost.py's. The daemons, the sessions and the servers are stopped on exit,
+on errors, on Ctrl-C and on SIGTERM.
 
-    .venv/bin/python bench/fleet.py [--duration 300] [--entries 500] [--servers 4] [--major 18]
+    .venv/bin/python bench/fleet.py [--duration 300] [--servers 1000] [--sessions 2] [--jobs 4]
 """
 
 from __future__ import annotations
@@ -45,19 +49,18 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import common
-import psycopg
 import tomli_w
+from fleet_servers import TinyFleet, mem_available_mb
 
-from reaper.demo.embedded import SUPPORTED_MAJORS, EmbeddedPostgres
+from reaper.demo.embedded import SUPPORTED_MAJORS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from psycopg.rows import TupleRow
+    from reaper.demo.embedded import EmbeddedPostgres
 
 INTERVAL = 10.0
 SLACK = 1.0  # a poll is on time within INTERVAL + SLACK of the previous one
-SESSIONS_PER_SERVER = 20
 APPLICATION = "bench-fleet"
 TARGET_CPU = 0.10
 TARGET_RSS_MB = 150.0
@@ -77,6 +80,7 @@ class Poll:
     entry: str
     at: float  # the event's own timestamp (epoch seconds)
     duration_ms: float
+    sessions: int  # what the poll saw
 
 
 @dataclass
@@ -145,6 +149,7 @@ class Daemon:
                             entry=str(fields.get("server")),
                             at=datetime.fromisoformat(str(fields["timestamp"])).timestamp(),
                             duration_ms=float(fields.get("duration_ms", 0.0)),
+                            sessions=int(fields.get("sessions", 0)),
                         )
                     )
                 elif fields.get("level") in {"warning", "error", "critical"}:
@@ -180,18 +185,14 @@ class Daemon:
         self._thread.join(5.0)
 
 
-def write_config(path: Path, servers: Sequence[EmbeddedPostgres], entries: int) -> None:
+def write_config(path: Path, servers: Sequence[EmbeddedPostgres]) -> None:
     config = {
         "reaper": {"interval": "30s"},
         "metrics": {"listen": f"127.0.0.1:{common.free_port()}"},
         "log": {"format": "json", "level": "info"},
         "servers": [
-            {
-                "name": f"pg{i % len(servers)}-copy{i // len(servers):03d}",
-                "dsn": servers[i % len(servers)].dsn(),
-                "interval": f"{INTERVAL:g}s",
-            }
-            for i in range(entries)
+            {"name": f"pg{i:04d}", "dsn": pg.dsn(), "interval": f"{INTERVAL:g}s"}
+            for i, pg in enumerate(servers)
         ],
         "policies": [
             {"name": "idle", "states": ["idle"], "max_idle": "1h"},
@@ -226,12 +227,21 @@ class Measured:
     late: int = 0
     silent_entries: list[str] = field(default_factory=list)  # no poll at all in the window
     poll_ms: list[float] = field(default_factory=list)
+    sessions_polled: int = 0
     notes: list[str] = field(default_factory=list)
     late_tails: int = 0  # entries whose last poll came too long before the window's end
 
     @property
     def cpu_share(self) -> float:
         return self.cpu_seconds / self.window if self.window else 0.0
+
+    @property
+    def cpu_per_poll_ms(self) -> float | None:
+        return self.cpu_seconds * 1000 / self.polls if self.polls else None
+
+    @property
+    def cpu_per_session_us(self) -> float | None:
+        return self.cpu_seconds * 1e6 / self.sessions_polled if self.sessions_polled else None
 
     @property
     def on_time(self) -> float:
@@ -249,6 +259,7 @@ def tally(daemon: Daemon, measured: Measured, start: float, end: float, names: l
         elif poll.at <= end:
             by_entry.setdefault(poll.entry, []).append(poll.at)
             measured.poll_ms.append(poll.duration_ms)
+            measured.sessions_polled += poll.sessions
     limit = INTERVAL + SLACK
     for name, times in by_entry.items():
         times.sort()
@@ -315,8 +326,8 @@ def table(results: Sequence[Measured]) -> str:
     head = (
         "| daemon | entries | window s | CPU % of a core | RSS MB (start) | RSS MB (end) "
         "| RSS max MB | VmHWM MB "
-        "| threads | polls | on time | gap p50 s | gap p99 s | gap max s | poll ms p50 "
-        "| poll ms p99 |"
+        "| threads | polls | sessions per poll | CPU ms per poll | CPU µs per session polled "
+        "| on time | gap p50 s | gap p99 s | gap max s | poll ms p50 | poll ms p99 |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in results:
@@ -331,6 +342,9 @@ def table(results: Sequence[Measured]) -> str:
             _f(r.hwm_kb / 1024, 1),
             str(r.threads),
             str(r.polls),
+            _f(r.sessions_polled / r.polls if r.polls else None, 1),
+            _f(r.cpu_per_poll_ms, 3),
+            _f(r.cpu_per_session_us, 1),
             f"{r.on_time * 100:.2f} % ({r.late} late)",
             _f(_pct(r.gaps, 50), 3),
             _f(_pct(r.gaps, 99), 3),
@@ -349,13 +363,14 @@ def verdict(fleet: Measured, base: Measured) -> tuple[list[str], str]:
     per_cpu_ms = (fleet.cpu_share - base.cpu_share) * 1000 / added
     per_rss_kb = (fleet.rss_kb - base.rss_kb) / added
     polls_per_s = fleet.polls / fleet.window if fleet.window else 0.0
-    cpu_per_poll = fleet.cpu_seconds * 1000 / fleet.polls if fleet.polls else None
+    cpu_per_poll = fleet.cpu_per_poll_ms
     lines = [
         (
             f"- CPU: fleet {fleet.cpu_share * 100:.2f} % / baseline "
             f"{base.cpu_share * 100:.2f} % of a core = {_f(cpu_ratio, 1)}x; "
             f"{per_cpu_ms:.3f} ms of CPU per second per added entry; "
-            f"{_f(cpu_per_poll, 2)} ms of CPU per poll ({polls_per_s:.1f} polls/s); "
+            f"{_f(cpu_per_poll, 2)} ms of CPU per poll ({polls_per_s:.1f} polls/s, "
+            f"{_f(fleet.cpu_per_session_us, 1)} µs per session polled, fixed costs included); "
             f"target < {TARGET_CPU * 100:g} %: {fleet.cpu_share / TARGET_CPU:.2f}x the target"
         ),
         (
@@ -428,20 +443,26 @@ def notes(daemons: Sequence[Daemon], results: Sequence[Measured]) -> list[str]:
 
 
 def append_results(
-    *, info: list[str], args: argparse.Namespace, body: str, ratios: list[str], sentence: str
+    *,
+    info: list[str],
+    args: argparse.Namespace,
+    body: str,
+    ratios: list[str],
+    sentence: str,
 ) -> None:
     common.append_results(
-        title=f"fleet, one daemon watching {args.entries} server entries",
+        title=f"fleet, one daemon watching {args.servers} real servers",
         info=info,
         workload=(
-            f"{args.servers} PostgreSQL servers (max_connections 200), each with "
-            f"{SESSIONS_PER_SERVER} idle sessions, listed {args.entries // args.servers} times "
-            f'each as {args.entries} `[[servers]]` entries with `interval = "{INTERVAL:g}s"`; '
-            'policies idle and stuck-transactions with `max_idle = "1h"` (nothing eligible); '
-            "metrics listening (not scraped); JSON logs read from a pipe. The baseline daemon "
-            "(1 entry, same config otherwise) ran side by side over the same window. Window "
-            f"{args.duration:g} s, opened {SETTLE:g} s after every entry had completed its first "
-            "poll."
+            f"{args.servers} tiny PostgreSQL {args.major} clusters (bench/fleet_servers.py: one "
+            "initdb copied per server, shared_buffers 128kB, max_connections 10, autovacuum off, "
+            "Unix socket only), each started on its own (a distinct cluster for the arbiter) "
+            f"with {args.sessions} idle sessions; one `[[servers]]` entry per cluster with "
+            f'`interval = "{INTERVAL:g}s"`; policies idle and stuck-transactions with '
+            '`max_idle = "1h"` (nothing eligible); metrics listening (not scraped); JSON logs '
+            "read from a pipe. The baseline daemon (1 entry, same config otherwise) ran side by "
+            f"side over the same window. Window {args.duration:g} s, opened {SETTLE:g} s after "
+            "every entry had completed its first poll."
         ),
         body=body,
         ratios=ratios,
@@ -457,26 +478,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--duration", type=float, default=300.0, help="seconds of measurement (300)"
     )
-    parser.add_argument("--entries", type=int, default=500, help="server entries (500)")
-    parser.add_argument("--servers", type=int, default=4, help="real servers behind them (4)")
+    parser.add_argument("--servers", type=int, default=1000, help="tiny clusters (1000)")
+    parser.add_argument("--sessions", type=int, default=2, help="idle sessions each (2)")
+    parser.add_argument("--jobs", type=int, default=4, help="servers started at once (4)")
     parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
-    if args.duration < 3 * INTERVAL or args.servers < 1 or args.entries < args.servers:
-        parser.error("--duration must be >= 30 and --entries >= --servers >= 1")
-    if args.entries / args.servers + SESSIONS_PER_SERVER + 10 > 200:
-        parser.error("too many entries per server for max_connections 200: add --servers")
+    if args.duration < 3 * INTERVAL or args.servers < 1 or args.jobs < 1:
+        parser.error("--duration must be >= 30, --servers and --jobs >= 1")
+    if not 0 <= args.sessions <= 5:
+        parser.error("--sessions must be within 0..5 (max_connections 10)")
     return args
-
-
-def _open_sessions(servers: Sequence[EmbeddedPostgres]) -> list[psycopg.Connection[TupleRow]]:
-    sessions: list[psycopg.Connection[TupleRow]] = []
-    for pg in servers:
-        for _ in range(SESSIONS_PER_SERVER):
-            conn = psycopg.connect(pg.dsn(), autocommit=True, application_name=APPLICATION)
-            conn.execute("SELECT 1")
-            sessions.append(conn)
-    return sessions
 
 
 def _polled_all(wanted: set[str]) -> Callable[[Daemon], bool]:
@@ -486,53 +498,70 @@ def _polled_all(wanted: set[str]) -> Callable[[Daemon], bool]:
     return check
 
 
+def _first_round(daemons: Sequence[Daemon], names: dict[str, list[str]]) -> None:
+    for daemon in daemons:
+        wanted = set(names[daemon.name])
+        if not daemon.wait_for(_polled_all(wanted), FIRST_ROUND_TIMEOUT):
+            got = len(daemon.polled_entries() & wanted)
+            tail = "\n".join(daemon.odd[-10:])
+            raise RuntimeError(
+                f"{daemon.name}: only {got}/{len(wanted)} entries polled within "
+                f"{FIRST_ROUND_TIMEOUT:g} s:\n{tail}"
+            )
+
+
+def _fleet_notes(fleet: TinyFleet, servers: list[EmbeddedPostgres], used_mb: float) -> list[str]:
+    starts = sorted(fleet.start_seconds)
+    return [
+        (
+            f"- servers: {len(servers)} started in {fleet.started_in:.0f} s by {fleet.jobs} "
+            f"threads (copy + start + sessions: median {statistics.median(starts):.2f} s, max "
+            f"{starts[-1]:.2f} s each); one server with its {fleet.sessions_each} idle "
+            f"sessions and the daemons' sessions: {fleet.footprint(servers):.1f} MB PSS "
+            f"(median of 20); MemAvailable fell {used_mb:.0f} MB while they started"
+        )
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    servers: list[EmbeddedPostgres] = []
-    sessions: list[psycopg.Connection[TupleRow]] = []
+    common.raise_fd_limit(args.servers * (args.sessions + 1) + 200)
+    fleet = TinyFleet(
+        major=args.major,
+        count=args.servers,
+        sessions=args.sessions,
+        jobs=args.jobs,
+        application=APPLICATION,
+    )
     daemons: list[Daemon] = []
     results: list[Measured] = []
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pg-reaper-bench-")))
-        print(f"starting {args.servers} PostgreSQL {args.major} servers ...", file=sys.stderr)
-        for _ in range(args.servers):
-            pg = EmbeddedPostgres(major=args.major, settings={"max_connections": "200"})
-            stack.callback(pg.cleanup)
-            pg.start()
-            servers.append(pg)
+        stack.callback(fleet.stop)
+        print(f"starting {args.servers} tiny PostgreSQL {args.major} servers ...", file=sys.stderr)
+        before_mb = mem_available_mb()
+        servers = fleet.start()
+        used_mb = before_mb - mem_available_mb()
+        info = common.machine(servers[0])
         try:
-            sessions = _open_sessions(servers)
-            info = common.machine(servers[0])
             load_before = common.load_average()
-            write_config(work / "fleet.toml", servers, args.entries)
-            write_config(work / "baseline.toml", servers, 1)
+            write_config(work / "fleet.toml", servers)
+            write_config(work / "baseline.toml", servers[:1])
             names = {
-                "fleet": [
-                    f"pg{i % args.servers}-copy{i // args.servers:03d}" for i in range(args.entries)
-                ],
-                "baseline": ["pg0-copy000"],
+                "fleet": [f"pg{i:04d}" for i in range(len(servers))],
+                "baseline": ["pg0000"],
             }
-            print(f"starting the daemons ({args.entries} entries and 1) ...", file=sys.stderr)
+            print(f"starting the daemons ({len(servers)} entries and 1) ...", file=sys.stderr)
             for name in ("fleet", "baseline"):  # one by one: started ones are stopped below
                 daemons.append(Daemon(name, work / f"{name}.toml"))  # noqa: PERF401
-            for daemon in daemons:
-                wanted = set(names[daemon.name])
-                if not daemon.wait_for(_polled_all(wanted), FIRST_ROUND_TIMEOUT):
-                    got = len(daemon.polled_entries() & wanted)
-                    tail = "\n".join(daemon.odd[-10:])
-                    raise RuntimeError(
-                        f"{daemon.name}: only {got}/{len(wanted)} entries polled within "
-                        f"{FIRST_ROUND_TIMEOUT:g} s:\n{tail}"
-                    )
+            _first_round(daemons, names)
             print(f"every entry polled once; settling {SETTLE:g} s ...", file=sys.stderr)
             time.sleep(SETTLE)
             results = run_window(daemons[0], daemons[1], duration=args.duration, entries=names)
+            info.extend(_fleet_notes(fleet, servers, used_mb))
         finally:
             for daemon in daemons:
                 daemon.stop()
-            for conn in sessions:
-                with contextlib.suppress(psycopg.Error):
-                    conn.close()
     info.append(
         f"- load average (1/5/15 min) before the window: {load_before}; "
         f"after it: {common.load_average()}"

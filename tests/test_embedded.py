@@ -10,7 +10,7 @@ import subprocess
 import psycopg
 import pytest
 
-from reaper.demo.embedded import EmbeddedPostgres
+from reaper.demo.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
 MAJORS = [
     int(major)
@@ -133,3 +133,43 @@ def test_every_server_gets_its_own_password() -> None:
     finally:
         first.cleanup()
         second.cleanup()
+
+
+def _identity(dsn: str) -> tuple[object, ...]:
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        row = conn.execute(
+            "SELECT system_identifier, pg_postmaster_start_time(),"
+            " current_setting('port'), current_setting('wal_segment_size')"
+            " FROM pg_control_system()"
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def test_a_template_copy_is_a_cluster_of_its_own_run() -> None:
+    """Copies of one stopped cluster start on their own ports as the same system but distinct
+    runs (what bench/fleet.py relies on); a running template is refused."""
+    template = EmbeddedPostgres(initdb_options=["--wal-segsize=1"])
+    copies: list[EmbeddedPostgres] = []
+    try:
+        template.start()
+        busy = EmbeddedPostgres(template=template.data_dir)
+        copies.append(busy)
+        with pytest.raises(EmbeddedPostgresError, match="in use"):
+            busy.start()
+        template.stop()
+        for _ in range(2):
+            pg = EmbeddedPostgres(template=template.data_dir, password=template.password)
+            copies.append(pg)
+            pg.start()
+        started = copies[1:]
+        first, second = (_identity(pg.dsn(tcp=True)) for pg in started)
+        assert first[0] == second[0]  # one system identifier
+        assert first[1] != second[1]  # two postmaster runs
+        assert (first[2], second[2]) == (str(started[0].port), str(started[1].port))
+        assert first[3] == "1MB"  # initdb_options reached initdb
+        conf = (started[0].data_dir / "postgresql.conf").read_text()
+        assert conf.count("include 'pg_reaper.conf'") == 1
+    finally:
+        for pg in [*copies, template]:
+            pg.cleanup()

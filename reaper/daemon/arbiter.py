@@ -48,16 +48,28 @@ class ClusterArbiter:
         self._lock = threading.Lock()
         self._seats: dict[str, Seat] = {}
         self._acting: dict[clusters.ClusterIdentity, Seat] = {}  # under self._lock
+        # Under self._lock too: the seats on each cluster (by their `cluster`), and how many
+        # seats have not had their first identity read. With them a cycle costs the same for
+        # 1 entry or 1,000; a scan of every entry at every cycle of each would not.
+        self._members: dict[clusters.ClusterIdentity, dict[str, Seat]] = {}
+        self._pending = 0
+        self._order: tuple[object, dict[str, int]] | None = None  # (settings, name -> index)
 
     def seat(self, name: str) -> Seat:
         seat = Seat(name=name)
         with self._lock:
             self._seats[name] = seat
+            self._pending += 1
         return seat
 
     def unseat(self, name: str) -> None:
         with self._lock:
-            self._seats.pop(name, None)
+            seat = self._seats.pop(name, None)
+            if seat is not None:
+                self._place(seat, None)
+                if not seat.first_identity.is_set():
+                    seat.first_identity.set()
+                    self._pending -= 1
 
     def admit(self, seat: Seat, conn: ServerConnection, *, settings: Settings) -> str | None:
         """None when `seat`'s entry may act on its cluster this cycle; else why not, which
@@ -71,9 +83,13 @@ class ClusterArbiter:
         except PostgresError as exc:
             return str(exc)
         finally:
-            seat.first_identity.set()
+            if not seat.first_identity.is_set():
+                with self._lock:
+                    if not seat.first_identity.is_set():
+                        seat.first_identity.set()
+                        self._pending -= 1
         self._wait_for_earlier_entries(seat, settings=settings)
-        order = {server.name: index for index, server in enumerate(settings.servers)}
+        order = self._order_of(settings)
         acting = self._choose(seat, identity, order)
         if acting is seat:
             self._say_refused(seat, None, acting=seat.name)
@@ -98,7 +114,8 @@ class ClusterArbiter:
         with self._lock:
             for key in [k for k, s in self._acting.items() if s is seat]:
                 del self._acting[key]
-            seat.cluster = seat.identified = seat.refused = None
+            self._place(seat, None)
+            seat.identified = seat.refused = None
 
     def _identify(self, seat: Seat, conn: ServerConnection) -> clusters.ClusterIdentity:
         """The cluster `conn`'s session is on, read again on a new session."""
@@ -108,8 +125,28 @@ class ClusterArbiter:
             identity = clusters.identify(conn)
             seat.identified = (conn, conn.sessions_opened)
         with self._lock:
-            seat.cluster = identity
+            self._place(seat, identity)
         return identity
+
+    def _place(self, seat: Seat, identity: clusters.ClusterIdentity | None) -> None:
+        """Set `seat.cluster`, and the index of the seats on each cluster. Under the lock."""
+        if seat.cluster is not None:
+            members = self._members.get(seat.cluster)
+            if members is not None and members.get(seat.name) is seat:
+                del members[seat.name]
+                if not members:
+                    del self._members[seat.cluster]
+        seat.cluster = identity
+        if identity is not None:
+            self._members.setdefault(identity, {})[seat.name] = seat
+
+    def _order_of(self, settings: Settings) -> dict[str, int]:
+        """Each entry's place in the configuration, computed once per settings object."""
+        known = self._order
+        if known is None or known[0] is not settings:
+            order = {server.name: index for index, server in enumerate(settings.servers)}
+            self._order = known = (settings, order)
+        return known[1]
 
     def _choose(
         self, seat: Seat, identity: clusters.ClusterIdentity, order: dict[str, int]
@@ -121,8 +158,9 @@ class ClusterArbiter:
             acting = self._acting.get(identity)
             if acting is None or acting is seat or self._seats.get(acting.name) is not acting:
                 # Free, or this entry's to keep or to hand to an earlier one on the cluster.
+                members = self._members.get(identity, {}).values()
                 acting = min(
-                    (s for s in self._seats.values() if s.cluster == identity and s.name in order),
+                    (s for s in members if s.cluster == identity and s.name in order),
                     key=lambda s: order[s.name],
                     default=seat,
                 )
@@ -134,6 +172,8 @@ class ClusterArbiter:
         the entries before this one read their identity first (bounded by the time a dead or
         hung server takes), so that a later entry never acts on a cluster before an earlier
         one could say it is on it too."""
+        if not self._pending:  # every entry's first identity is read: none to wait for
+            return
         reaper = settings.reaper
         deadline = time.monotonic() + (
             reaper.connect_timeout.total_seconds() + reaper.statement_timeout.total_seconds() + 3

@@ -44,6 +44,13 @@ __all__ = ["Scheduler"]
 # Job threads are created on demand, so a generous bound costs nothing while idle; it must
 # exceed the number of servers so that a hung server never holds up another's job.
 _MIN_WORKERS = 64
+# The first runs (and the runs a reload asks for) of many servers are spread this far apart at
+# most, over one interval at most: all due at once, each would take a thread of its own
+# (threads are kept once made, a few hundred kB each) and they would stay bunched.
+_FIRST_RUN_SPACING = 0.01
+# A next run this close to the one its job's trigger has set already is left as it is (most
+# cycles of a quiet server end due one interval after they started, which is the trigger's).
+_SAME_DUE = 0.005
 
 
 @dataclass(kw_only=True)
@@ -70,10 +77,24 @@ class _Worker:
     # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate), and the
     # episodes its `log` policies reported (each once, not at every poll).
     memory: Memory = field(default_factory=Memory)
+    # Its entry in `settings` (None: not there), looked up once per settings object: a search
+    # of every entry at every cycle costs a fleet of N servers N^2 steps per interval.
+    _found: tuple[Settings, ServerConfig | None] | None = None
+
+    @property
+    def config(self) -> ServerConfig | None:
+        settings = self.settings
+        if self._found is None or self._found[0] is not settings:
+            found = next((s for s in settings.servers if s.name == self.name), None)
+            self._found = (settings, found)
+        return self._found[1]
 
     @property
     def server(self) -> ServerConfig:
-        return next(s for s in self.settings.servers if s.name == self.name)
+        server = self.config
+        if server is None:
+            raise KeyError(self.name)
+        return server
 
 
 class Scheduler:
@@ -129,8 +150,9 @@ class Scheduler:
     def start(self) -> None:
         self._metrics.configure(self._settings)
         ha.announce(self._settings, log=self._log)
+        offsets = _spread(self._settings)
         for server in self._settings.servers:
-            self._add(server)
+            self._add(server, after=offsets[server.name])
         self._probes.sync(self._settings, self._targets())
         self._scheduler.start()
 
@@ -177,9 +199,10 @@ class Scheduler:
         self._metrics.configure(settings)
         for name in old_names - new_names:
             self._remove(name, policies=[p.name for p in old.policies_for(_find(old, name))])
+        offsets = _spread(settings)
         for server in settings.servers:
             if server.name not in old_names:
-                self._add(server)
+                self._add(server, after=offsets[server.name])
                 continue
             with self._lock:
                 worker = self._workers[server.name]
@@ -195,12 +218,15 @@ class Scheduler:
                     _job_id(server.name), trigger=_trigger(settings, server)
                 )
             # New thresholds move every deadline: poll now (or, if a cycle is running, as soon
-            # as it ends: see _cycle), which arms anew.
+            # as it ends: see _cycle), which arms anew; the servers of a fleet a few
+            # milliseconds apart.
             self._armed.cancel(server.name)
-            self._scheduler.modify_job(_job_id(server.name), next_run_time=_now())
+            self._scheduler.modify_job(
+                _job_id(server.name), next_run_time=_now(offsets[server.name])
+            )
         self._probes.sync(settings, self._targets())
 
-    def _add(self, server: ServerConfig) -> None:
+    def _add(self, server: ServerConfig, *, after: float = 0.0) -> None:
         worker = _Worker(
             name=server.name,
             settings=self._settings,
@@ -215,7 +241,7 @@ class Scheduler:
             args=[worker],
             id=_job_id(server.name),
             name=server.name,
-            next_run_time=_now(),
+            next_run_time=_now(after),
         )
 
     def _remove(self, name: str, *, policies: list[str]) -> None:
@@ -241,7 +267,7 @@ class Scheduler:
         worker.cycle_thread = threading.get_ident()
         with worker.lock:
             settings, generation = worker.settings, worker.generation
-            if worker.name not in {s.name for s in settings.servers}:
+            if worker.config is None:
                 return  # removed by a reload while this run was queued
             server = worker.server
             worker.poll_by = None
@@ -307,6 +333,12 @@ class Scheduler:
                 due = min(due, worker.poll_by)
         if due is None:
             return
+        job = self._scheduler.get_job(event.job_id)
+        if job is None:
+            return  # removed by a reload or shutdown meanwhile
+        planned = job.next_run_time
+        if planned is not None and abs((due - planned).total_seconds()) <= _SAME_DUE:
+            return  # its trigger's next run already: a change would only wake the scheduler
         try:
             self._scheduler.modify_job(event.job_id, next_run_time=max(due, _now()))
         except Exception:  # noqa: BLE001 - the job was removed by a reload or shutdown meanwhile
@@ -418,8 +450,19 @@ def _find(settings: Settings, name: str) -> ServerConfig:
     return next(s for s in settings.servers if s.name == name)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+def _now(after: float = 0.0) -> datetime:
+    return datetime.fromtimestamp(time.time() + after, tz=UTC)
+
+
+def _spread(settings: Settings) -> dict[str, float]:
+    """Seconds from now to each server's first run: _FIRST_RUN_SPACING apart, or closer so
+    that the last is due within the shortest interval."""
+    servers = settings.servers
+    if not servers:
+        return {}
+    shortest = min(settings.interval_for(s).total_seconds() for s in servers)
+    step = min(_FIRST_RUN_SPACING, shortest / len(servers))
+    return {server.name: i * step for i, server in enumerate(servers)}
 
 
 def _close(worker: _Worker) -> None:

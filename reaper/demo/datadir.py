@@ -28,6 +28,7 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
 }
 # Fixed by the constructor's arguments; a `settings` entry would silently disagree with them.
 _RESERVED_SETTINGS = frozenset({"port", "unix_socket_directories"})
+_INCLUDE = "include 'pg_reaper.conf'"
 _HBA_RULES = (
     ("local", "all", "all", "trust"),
     ("host", "all", "all", "127.0.0.1/32", "scram-sha-256"),
@@ -81,7 +82,10 @@ def write_config(data_dir: Path, settings: Mapping[str, str]) -> Path:
         "# Written by pg-reaper's EmbeddedPostgres.\n"
         + "".join(f"{name} = {quote_setting(value)}\n" for name, value in settings.items())
     )
-    # postgresql.auto.conf is read after this, so ALTER SYSTEM still overrides these.
-    with (data_dir / "postgresql.conf").open("a") as conf:
-        conf.write("\ninclude 'pg_reaper.conf'\n")
+    # postgresql.auto.conf is read after this, so ALTER SYSTEM still overrides these. A copied
+    # data directory includes it already.
+    conf = data_dir / "postgresql.conf"
+    if _INCLUDE not in conf.read_text().splitlines():
+        with conf.open("a") as out:
+            out.write(f"\n{_INCLUDE}\n")
     return include

@@ -8,7 +8,8 @@ fixed list.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -51,6 +52,10 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call] # *_created series help no alert
+        # Each series a cycle updates, looked up once: labels() costs a sort and a lock at every
+        # call, a dozen calls per cycle of every server. Emptied whenever a series is removed.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._children_lock = threading.Lock()
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_reaped = Counter(
@@ -207,6 +212,7 @@ class Metrics:
     def configure(self, settings: Settings) -> None:
         """Show every series of the configured servers and policies, at 0 until measured."""
         self.dry_run.set(1 if settings.reaper.dry_run else 0)
+        self._forget_children()
         for server in settings.servers:
             self.server_up.labels(server=server.name)
             if not settings.ha.enabled:
@@ -261,6 +267,7 @@ class Metrics:
             _remove(self.sessions, server, state)
         for policy in policies:
             self.forget_policy(server, policy)
+        self._forget_children()
 
     def show_pressure_probes(self, server: str) -> None:
         """The probe's series of a server that is probed, at 0 until it probes."""
@@ -271,6 +278,7 @@ class Metrics:
         """A server no longer probed (no pressure policies, or removed)."""
         for outcome in PROBE_OUTCOMES:
             _remove(self.pressure_probes, server, outcome)
+        self._forget_children()
 
     def forget_policy(self, server: str, policy: str) -> None:
         _remove(self.candidates, server, policy)
@@ -279,6 +287,22 @@ class Metrics:
             _remove(self.sessions_reaped, server, policy, action)
         for reason in _FAILURE_REASONS.values():
             _remove(self.reap_failures, server, policy, reason)
+        self._forget_children()
+
+    def _child(self, metric: Gauge | Counter | Histogram, *values: str) -> Any:  # noqa: ANN401 - prometheus_client's children are untyped
+        """`metric.labels(*values)` (in the metric's label order), from the cache."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            # Under the lock, so that a series removed meanwhile is never cached: the removal
+            # empties the cache after it (_forget_children).
+            with self._children_lock:
+                child = self._children[key] = metric.labels(*values)
+        return child
+
+    def _forget_children(self) -> None:
+        with self._children_lock:
+            self._children.clear()
 
     def forget_leader_gauges(self, server: str, *, policies: Iterable[str]) -> None:
         """[ha]: drop what only a server's leader measures (it polls, a follower only probes),
@@ -291,6 +315,7 @@ class Metrics:
         for policy in policies:
             _remove(self.candidates, server, policy)
             _remove(self.pressure, server, policy)
+        self._forget_children()  # a series removed must be made anew when it comes back
 
     def record_probe(self, server: str, *, finished_at: float) -> None:
         """[ha]: a follower's cycle, one probe that the server answered."""
@@ -305,18 +330,18 @@ class Metrics:
     def record(self, report: CycleReport, *, policies: Iterable[str], finished_at: float) -> None:
         """Account for one successful cycle of one server."""
         server = report.server
-        self.server_up.labels(server=server).set(1)
-        self.last_poll.labels(server=server).set(finished_at)
-        self.poll_duration.labels(server=server).observe(report.duration_ms / 1000)
+        self._child(self.server_up, server).set(1)
+        self._child(self.last_poll, server).set(finished_at)
+        self._child(self.poll_duration, server).observe(report.duration_ms / 1000)
         self._record_connections(report)
         by_state = dict.fromkeys(_STATES, 0)
         for session in report.sessions:
             by_state[session.state if session.state in by_state else UNKNOWN_STATE] += 1
         for state, count in by_state.items():
-            self.sessions.labels(server=server, state=state).set(count)
+            self._child(self.sessions, server, state).set(count)
         matched = self.record_signals(report, matched=dict.fromkeys(policies, 0))
         for policy, count in matched.items():
-            self.candidates.labels(server=server, policy=policy).set(count)
+            self._child(self.candidates, server, policy).set(count)
 
     def record_signals(
         self, report: CycleReport, *, matched: dict[str, int] | None = None
@@ -334,22 +359,22 @@ class Metrics:
             elif report.dry_run:
                 continue  # nothing was signalled: no reap and no failure (a `denied` is predicted)
             elif (reason := _FAILURE_REASONS.get(outcome.result)) is not None:
-                self.reap_failures.labels(server=server, policy=policy, reason=reason).inc()
+                self._child(self.reap_failures, server, policy, reason).inc()
             elif action := _REAPED_ACTIONS.get(outcome.result):
-                self.sessions_reaped.labels(server=server, policy=policy, action=action).inc()
+                self._child(self.sessions_reaped, server, policy, action).inc()
         if deferred:
-            self.deferred.labels(server=server).inc(deferred)
+            self._child(self.deferred, server).inc(deferred)
         return matched
 
     def _record_connections(self, report: CycleReport) -> None:
         """How full the server was at the poll, and which pressure conditions held."""
         server = report.server
         if report.facts is not None:
-            self.max_connections.labels(server=server).set(report.facts.max_connections)
-            self.connections_used.labels(server=server).set(report.facts.client_sessions)
-            self.connections_usable.labels(server=server).set(report.facts.usable_connections)
+            self._child(self.max_connections, server).set(report.facts.max_connections)
+            self._child(self.connections_used, server).set(report.facts.client_sessions)
+            self._child(self.connections_usable, server).set(report.facts.usable_connections)
         for policy, held in report.pressure:
-            self.pressure.labels(server=server, policy=policy).set(1 if held else 0)
+            self._child(self.pressure, server, policy).set(1 if held else 0)
 
 
 def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:

@@ -54,8 +54,13 @@ def _own_slot_not_free(exc: psycopg.Error, *, since: float) -> bool:
 
 
 def query(name: str) -> str:
-    """The text of `reaper/pg/sql/<name>.sql`."""
-    return files("reaper.pg.sql").joinpath(f"{name}.sql").read_text(encoding="utf-8")
+    """The statement of `reaper/pg/sql/<name>.sql`, without its whole-line comments: psycopg
+    caches the conversion of a statement's %(name)s placeholders only up to 4 kB, and the poll
+    with its comments is longer (its conversion would cost every poll more than its rows)."""
+    text = files("reaper.pg.sql").joinpath(f"{name}.sql").read_text(encoding="utf-8")
+    return "".join(
+        line for line in text.splitlines(keepends=True) if not line.lstrip().startswith("--")
+    )
 
 
 # The reaper's own session, pinned in the startup packet (libpq's `options`): PostgreSQL ranks
@@ -400,7 +405,10 @@ class Connection:
         deadline = deadlines.arm(self._answer_deadline, partial(self._sever, conn))
         try:
             cursor = conn.execute(text, params)
-            return cursor.fetchall() if cursor.description is not None else []  # DDL, INSERT
+            # Rows only from a statement that returns some (not DDL, INSERT); the result's status
+            # tells, where cursor.description would build a Column object per column first.
+            result = cursor.pgresult
+            return cursor.fetchall() if result is not None and result.nfields else []
         finally:
             deadline.cancel()
 

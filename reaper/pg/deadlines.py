@@ -3,13 +3,16 @@
 Every statement the reaper sends is watched: a stopped or unreachable server cannot enforce its
 own statement_timeout, so the reaper severs the connection itself when no answer comes in time.
 A timer thread per statement would cost a thread start and stop for each of them (two per poll,
-hundreds per second for a large fleet); one thread and a heap cost a push and a flag.
+hundreds per second for a large fleet); one thread and a heap cost a push and a flag. The thread
+is woken only for a deadline earlier than the one it sleeps until: answered statements leave
+their entries behind, which it drops when it wakes.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -47,6 +50,10 @@ class _Watch:
         self._heap: list[tuple[float, int, Deadline]] = []
         self._order = itertools.count()  # ties in `at` never compare two Deadlines
         self._thread: threading.Thread | None = None
+        # When the watcher wakes up by itself (inf: it waits for a notification; -inf: it is
+        # awake and looks at the heap before it waits again). Waking it for a deadline later
+        # than that would cost a thread switch at every statement, for nothing.
+        self._until = -math.inf
 
     def arm(self, seconds: float, action: Callable[[], None]) -> Deadline:
         deadline = Deadline(time.monotonic() + seconds, action)
@@ -55,14 +62,13 @@ class _Watch:
             # the heap holds about one entry per statement in flight.
             while self._heap and self._heap[0][2].cancelled:
                 heapq.heappop(self._heap)
-            earliest = not self._heap or deadline.at < self._heap[0][0]
             heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="pg-reaper-deadlines", daemon=True
                 )
                 self._thread.start()
-            elif earliest:
+            elif deadline.at < self._until:
                 self._wake.notify()
         return deadline
 
@@ -72,11 +78,15 @@ class _Watch:
                 while self._heap and self._heap[0][2].cancelled:
                     heapq.heappop(self._heap)
                 if not self._heap:
+                    self._until = math.inf
                     self._wake.wait()
+                    self._until = -math.inf
                     continue
                 left = self._heap[0][0] - time.monotonic()
                 if left > 0:
+                    self._until = self._heap[0][0]
                     self._wake.wait(left)
+                    self._until = -math.inf
                     continue
                 action = heapq.heappop(self._heap)[2]._take()  # noqa: SLF001 - its own class
             if action is not None:
