@@ -56,9 +56,10 @@ def _own_slot_not_free(exc: psycopg.Error, *, since: float) -> bool:
 def query(name: str) -> str:
     """The statement of `reaper/pg/sql/<name>.sql`, without its whole-line comments: psycopg
     caches the conversion of a statement's %(name)s placeholders only up to 4 kB, and the poll
-    with its comments is longer (its conversion would cost every poll more than its rows)."""
+    with its comments is longer (its conversion would cost every poll more than its rows). One
+    comment line is kept, naming the statement, for a DBA who sees it in pg_stat_activity."""
     text = files("reaper.pg.sql").joinpath(f"{name}.sql").read_text(encoding="utf-8")
-    return "".join(
+    return f"-- pg-reaper: {name}\n" + "".join(
         line for line in text.splitlines(keepends=True) if not line.lstrip().startswith("--")
     )
 

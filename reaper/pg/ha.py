@@ -31,11 +31,15 @@ __all__ = ["Leadership", "LockHolder", "Membership", "act", "lead", "lock_key_ha
 
 
 def _compact(text: str) -> str:
-    """`text` without its comment lines and runs of white space (no string literal in these
-    statements holds any): a follower runs ha_lead.sql at every cycle, and psycopg keeps the
-    parsed form of a statement only when its text is under 4 kB."""
-    lines = (line for line in text.splitlines() if not line.lstrip().startswith("--"))
-    return " ".join(" ".join(lines).split())
+    """A statement of `query()` with its runs of white space made one space (no string literal
+    in these statements holds any), its naming comment line kept: a follower runs ha_lead.sql at
+    every cycle, and psycopg keeps the parsed form of a statement only when its text is under
+    4 kB."""
+    name, _, body = text.partition("\n")
+    if "--" in body:  # a comment at the end of a line would swallow the rest of the statement
+        msg = "a statement made one line must have no comment after its code"
+        raise ValueError(msg)
+    return f"{name}\n{' '.join(body.split())}"
 
 
 HA_LEAD_SQL = _compact(query("ha_lead"))
