@@ -232,6 +232,12 @@ def test_a_burst_past_the_level_is_reaped_on_the_probes_word_not_at_the_interval
 
         assert event["policies"] == ["crowded"]
         assert event["connections"] > 13
+        # The server's view changes before the daemon has logged what it did: wait for its cycle.
+        daemon.wait_until(
+            lambda: sum(p["reaped"] for p in daemon.events("poll_completed")[polls_before:]) >= 3,
+            timeout=10,
+            what="the cycle that reaped",
+        )
         reaped = daemon.events("session_reaped", policy="crowded")
         assert sorted(e["pid"] for e in reaped) == sorted(old[:3]), "the three oldest"
         # Polls brought forward by the probe (one, or two should a probe have seen the burst
