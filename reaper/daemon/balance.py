@@ -117,7 +117,7 @@ class Balance:
             return seen
         self.settling = True
         self.free_since = self.free_since or now
-        if not may_take or not (mine or now - self.free_since >= self.interval):
+        if not may_take or not (mine or now - self.free_since >= self._grace(now)):
             return seen
         taken = lead(conn, self.membership.lock_key, acquire=True, membership=self.membership)
         if taken.leader:
@@ -141,6 +141,13 @@ class Balance:
         if asking:
             act(conn, self.membership, release=False, want=False)
         return seen
+
+    def _grace(self, now: float) -> float:
+        """How long a free lock waits for the member that should lead the server before this
+        instance takes it: an interval; three while this instance leaves the server it lost to
+        the others, so that the instance that lost it does not race them for it: they see the
+        free lock within an interval and take it one interval later."""
+        return self.interval * (3 if now < self.retired_until else 1)
 
     def lost(self) -> None:
         """The server's lock was taken from this instance: it leaves the server where it goes."""
