@@ -6,12 +6,10 @@ for the cycle (metrics, the server's state) and sets its next run.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from apscheduler.events import (
     EVENT_JOB_ERROR,
@@ -22,15 +20,16 @@ from apscheduler.events import (
 )
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.interval import IntervalTrigger
 
 from reaper.daemon import ha
-from reaper.daemon.arbiter import ClusterArbiter, Seat
+from reaper.daemon.arbiter import ClusterArbiter
 from reaper.daemon.armed import ArmedSignals
 from reaper.daemon.cadence import delay_for
+from reaper.daemon.jobs import job_id, now, quiet_apscheduler, spread, trigger
 from reaper.daemon.probe import Probes
+from reaper.daemon.worker import Worker
 from reaper.observe.log import get_logger
-from reaper.sweep import Memory, SweepReport, connect, sweep
+from reaper.sweep import SweepReport, connect, sweep
 
 if TYPE_CHECKING:
     from reaper.observe.audit import AuditSink
@@ -44,57 +43,9 @@ __all__ = ["Scheduler"]
 # Job threads are created on demand, so a generous bound costs nothing while idle; it must
 # exceed the number of servers so that a hung server never holds up another's job.
 _MIN_WORKERS = 64
-# The first runs (and the runs a reload asks for) of many servers are spread this far apart at
-# most, over one interval at most: all due at once, each would take a thread of its own
-# (threads are kept once made, a few hundred kB each) and they would stay bunched.
-_FIRST_RUN_SPACING = 0.01
 # A next run this close to the one its job's trigger has set already is left as it is (most
 # cycles of a quiet server end due one interval after they started, which is the trigger's).
 _SAME_DUE = 0.005
-
-
-@dataclass(kw_only=True)
-class _Worker:
-    """A server's state between cycles. Only its own job touches it while it runs."""
-
-    name: str
-    settings: Settings
-    seat: Seat  # its standing among the entries on its cluster (one acts on each)
-    leadership: ha.LeaderState  # [ha]: whether it holds the server's lock
-    conn: ServerConnection | None = None
-    conn_key: tuple[Any, ...] = ()
-    failures: int = 0
-    state: str = "unknown"  # unknown | up | down
-    last_error: str | None = None
-    tried: bool = False
-    polls: int = 0
-    next_due: datetime | None = None  # set by a cycle, applied once the job has finished
-    poll_by: datetime | None = None  # asked for by an armed signal (escalation, cap, lost lock)
-    cycle_thread: int | None = None  # the pool thread running (or last running) the cycle
-    generation: int = 0  # bumped by every reload that touches this server
-    removed: bool = False  # by a reload: a cycle still running arms nothing any more
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # The sessions it cancelled by a policy with escalate_after (cancel-then-terminate), and the
-    # episodes its `log` policies reported (each once, not at every poll).
-    memory: Memory = field(default_factory=Memory)
-    # Its entry in `settings` (None: not there), looked up once per settings object: a search
-    # of every entry at every cycle costs a fleet of N servers N^2 steps per interval.
-    _found: tuple[Settings, ServerConfig | None] | None = None
-
-    @property
-    def config(self) -> ServerConfig | None:
-        settings = self.settings
-        if self._found is None or self._found[0] is not settings:
-            found = next((s for s in settings.servers if s.name == self.name), None)
-            self._found = (settings, found)
-        return self._found[1]
-
-    @property
-    def server(self) -> ServerConfig:
-        server = self.config
-        if server is None:
-            raise KeyError(self.name)
-        return server
 
 
 class Scheduler:
@@ -112,7 +63,7 @@ class Scheduler:
         self._metrics = metrics
         self._audit = audit
         self._notifications = notifications
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, Worker] = {}
         self._lock = threading.Lock()
         # Per server: its cycle, and its armed timer's firing (which waits for the cycle).
         workers = max(_MIN_WORKERS, 3 * len(settings.servers))
@@ -131,12 +82,12 @@ class Scheduler:
         # run's deadline is applied on its EVENT_JOB_SUBMITTED, which comes after the update.
         self._scheduler.add_listener(self._on_job_done, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self._scheduler.add_listener(self._on_job_submitted, EVENT_JOB_SUBMITTED)
-        _quiet_apscheduler()
+        quiet_apscheduler()
         self._log = get_logger()
         self._arbiter = ClusterArbiter(log=self._log)
         # The pressure fast path: a probe job beside the cycle job of each server with pressure
         # policies (probe.py).
-        self._probes = Probes(self._scheduler, metrics=metrics, log=self._log, cycle_job=_job_id)
+        self._probes = Probes(self._scheduler, metrics=metrics, log=self._log, cycle_job=job_id)
         self._armed = ArmedSignals(
             self._scheduler,
             metrics=metrics,
@@ -150,7 +101,7 @@ class Scheduler:
     def start(self) -> None:
         self._metrics.configure(self._settings)
         ha.announce(self._settings, log=self._log)
-        offsets = _spread(self._settings)
+        offsets = spread(self._settings)
         for server in self._settings.servers:
             self._add(server, after=offsets[server.name])
         self._probes.sync(self._settings, self._targets())
@@ -180,7 +131,7 @@ class Scheduler:
         for worker in workers:
             if worker.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 try:
-                    _close(worker)
+                    worker.close()
                 finally:
                     worker.lock.release()
             else:
@@ -199,7 +150,7 @@ class Scheduler:
         self._metrics.configure(settings)
         for name in old_names - new_names:
             self._remove(name, policies=[p.name for p in old.policies_for(_find(old, name))])
-        offsets = _spread(settings)
+        offsets = spread(settings)
         for server in settings.servers:
             if server.name not in old_names:
                 self._add(server, after=offsets[server.name])
@@ -215,19 +166,17 @@ class Scheduler:
                 self._metrics.forget_policy(server.name, policy)
             if old.interval_for(before) != settings.interval_for(server):
                 self._scheduler.reschedule_job(
-                    _job_id(server.name), trigger=_trigger(settings, server)
+                    job_id(server.name), trigger=trigger(settings, server)
                 )
             # New thresholds move every deadline: poll now (or, if a cycle is running, as soon
             # as it ends: see _cycle), which arms anew; the servers of a fleet a few
             # milliseconds apart.
             self._armed.cancel(server.name)
-            self._scheduler.modify_job(
-                _job_id(server.name), next_run_time=_now(offsets[server.name])
-            )
+            self._scheduler.modify_job(job_id(server.name), next_run_time=now(offsets[server.name]))
         self._probes.sync(settings, self._targets())
 
     def _add(self, server: ServerConfig, *, after: float = 0.0) -> None:
-        worker = _Worker(
+        worker = Worker(
             name=server.name,
             settings=self._settings,
             seat=self._arbiter.seat(server.name),
@@ -237,15 +186,15 @@ class Scheduler:
             self._workers[server.name] = worker
         self._scheduler.add_job(
             self._cycle,
-            trigger=_trigger(self._settings, server),
+            trigger=trigger(self._settings, server),
             args=[worker],
-            id=_job_id(server.name),
+            id=job_id(server.name),
             name=server.name,
-            next_run_time=_now(after),
+            next_run_time=now(after),
         )
 
     def _remove(self, name: str, *, policies: list[str]) -> None:
-        self._scheduler.remove_job(_job_id(name))
+        self._scheduler.remove_job(job_id(name))
         with self._lock:
             worker = self._workers.pop(name)
         worker.removed = True  # before the cancel, which waits for an arming in progress
@@ -256,13 +205,13 @@ class Scheduler:
 
         def close_when_idle() -> None:
             with worker.lock:
-                _close(worker)
+                worker.close()
 
         threading.Thread(target=close_when_idle, name=f"close-{name}", daemon=True).start()
 
     # one cycle
 
-    def _cycle(self, worker: _Worker) -> None:
+    def _cycle(self, worker: Worker) -> None:
         started_wall, started = time.time(), time.monotonic()
         worker.cycle_thread = threading.get_ident()
         with worker.lock:
@@ -302,7 +251,7 @@ class Scheduler:
         # A reload during this cycle made its deadline stale: poll again under the new rules.
         # A full interval (an [ha] follower's probe, a quiet server) is the job's own trigger:
         # no rescheduling.
-        worker.next_due = due if worker.generation == generation else _now()
+        worker.next_due = due if worker.generation == generation else now()
         if (
             worker.generation == generation
             and delay >= settings.interval_for(server).total_seconds()
@@ -321,12 +270,12 @@ class Scheduler:
         if worker is not None:
             self._apply_next_due(worker, event)
 
-    def _worker_of(self, event: JobEvent) -> _Worker | None:
+    def _worker_of(self, event: JobEvent) -> Worker | None:
         name = str(event.job_id).removeprefix("server:")
         with self._lock:
             return self._workers.get(name)
 
-    def _apply_next_due(self, worker: _Worker, event: JobEvent) -> None:
+    def _apply_next_due(self, worker: Worker, event: JobEvent) -> None:
         with self._lock:
             due, worker.next_due = worker.next_due, None
             if due is not None and worker.poll_by is not None:
@@ -340,30 +289,30 @@ class Scheduler:
         if planned is not None and abs((due - planned).total_seconds()) <= _SAME_DUE:
             return  # its trigger's next run already: a change would only wake the scheduler
         try:
-            self._scheduler.modify_job(event.job_id, next_run_time=max(due, _now()))
+            self._scheduler.modify_job(event.job_id, next_run_time=max(due, now()))
         except Exception:  # noqa: BLE001 - the job was removed by a reload or shutdown meanwhile
             return
 
-    def _targets(self) -> list[_Worker]:
+    def _targets(self) -> list[Worker]:
         with self._lock:
             return list(self._workers.values())
 
     def _poll_within(self, name: str, seconds: float) -> None:
         """Poll `name` within `seconds` (for an armed signal that needs a poll to judge)."""
-        when = _now() + timedelta(seconds=seconds)
+        when = now() + timedelta(seconds=seconds)
         with self._lock:
             worker = self._workers.get(name)
             if worker is None:
                 return
             worker.poll_by = when if worker.poll_by is None else min(worker.poll_by, when)
-        job = self._scheduler.get_job(_job_id(name))
+        job = self._scheduler.get_job(job_id(name))
         if job is not None and job.next_run_time is not None and job.next_run_time > when:
             try:
-                self._scheduler.modify_job(_job_id(name), next_run_time=when)
+                self._scheduler.modify_job(job_id(name), next_run_time=when)
             except Exception:  # noqa: BLE001 - removed by a reload or shutdown meanwhile
                 return
 
-    def _sweep(self, worker: _Worker, *, server: ServerConfig, settings: Settings) -> SweepReport:
+    def _sweep(self, worker: Worker, *, server: ServerConfig, settings: Settings) -> SweepReport:
         conn = self._connection(worker, server=server, settings=settings)
         started = time.perf_counter()
         if (refused := self._arbiter.admit(worker.seat, conn, settings=settings)) is not None:
@@ -394,7 +343,7 @@ class Scheduler:
             )
 
     def _connection(
-        self, worker: _Worker, *, server: ServerConfig, settings: Settings
+        self, worker: Worker, *, server: ServerConfig, settings: Settings
     ) -> ServerConnection:
         """The server's connection, made anew when its settings changed."""
         lock = settings.ha
@@ -407,12 +356,12 @@ class Scheduler:
             (lock.enabled, lock.lock_key, lock.lock_database),
         )
         if worker.conn is None or worker.conn_key != key:
-            _close(worker)
+            worker.close()
             worker.conn, worker.conn_key = connect(server, settings, ha=True), key
             worker.leadership.new_connection()
         return worker.conn
 
-    def _transition(self, worker: _Worker, report: SweepReport) -> None:
+    def _transition(self, worker: Worker, report: SweepReport) -> None:
         """One log line per change of a server's state, not one per failed cycle: the retries
         of an outage, whatever their error, are at debug level."""
         if report.ok:
@@ -438,50 +387,5 @@ class Scheduler:
         return self._armed.armed(name)
 
 
-def _trigger(settings: Settings, server: ServerConfig) -> IntervalTrigger:
-    return IntervalTrigger(seconds=settings.interval_for(server).total_seconds(), timezone=UTC)
-
-
-def _job_id(name: str) -> str:
-    return f"server:{name}"
-
-
 def _find(settings: Settings, name: str) -> ServerConfig:
     return next(s for s in settings.servers if s.name == name)
-
-
-def _now(after: float = 0.0) -> datetime:
-    return datetime.fromtimestamp(time.time() + after, tz=UTC)
-
-
-def _spread(settings: Settings) -> dict[str, float]:
-    """Seconds from now to each server's first run: _FIRST_RUN_SPACING apart, or closer so
-    that the last is due within the shortest interval."""
-    servers = settings.servers
-    if not servers:
-        return {}
-    shortest = min(settings.interval_for(s).total_seconds() for s in servers)
-    step = min(_FIRST_RUN_SPACING, shortest / len(servers))
-    return {server.name: i * step for i, server in enumerate(servers)}
-
-
-def _close(worker: _Worker) -> None:
-    if worker.conn is not None:
-        worker.conn.close()
-    worker.conn = None
-
-
-def _quiet_apscheduler() -> None:
-    """APScheduler logs every run at INFO, and every run skipped because the previous one is
-    still busy at WARNING: both are the scheduler doing its job (overruns and failures are
-    reported as pg-reaper's own events). Keep only its errors, as events."""
-    logger = logging.getLogger("apscheduler")
-    logger.setLevel(logging.ERROR)
-    logger.propagate = False
-    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
-        logger.addHandler(_ToStructlog())
-
-
-class _ToStructlog(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        get_logger().error("scheduler", message=record.getMessage())
