@@ -69,3 +69,21 @@ def test_a_log_policy_counts_its_first_report_of_an_episode_only() -> None:
 
     assert _sample(metrics, "pg_reaper_sessions_reaped_total", policy="idle", action="log") == 1
     assert _sample(metrics, "pg_reaper_candidates", policy="idle") == 2
+
+
+def test_a_series_dropped_when_leadership_went_comes_back_when_it_returns() -> None:
+    """[ha]: a follower drops what only the leader measures; should it lead again, its cycles'
+    series are exported again (the cached children of the dropped series are not reused)."""
+    metrics = Metrics()
+    report = _report(Result.TERMINATED, dry_run=False)
+    metrics.record(report, policies=["idle"], finished_at=0.0)
+    assert _sample(metrics, "pg_reaper_sessions", state="idle") == 0
+    assert _sample(metrics, "pg_reaper_candidates", policy="idle") == 1
+
+    metrics.forget_leader_gauges(SERVER, policies=["idle"])
+    assert _sample(metrics, "pg_reaper_sessions", state="idle") is None
+    assert _sample(metrics, "pg_reaper_candidates", policy="idle") is None
+
+    metrics.record(report, policies=["idle"], finished_at=0.0)
+    assert _sample(metrics, "pg_reaper_sessions", state="idle") == 0
+    assert _sample(metrics, "pg_reaper_candidates", policy="idle") == 1

@@ -217,8 +217,8 @@ class Metrics:
             self.server_up.labels(server=server.name)
             if not settings.ha.enabled:
                 self.leader.labels(server=server.name).set(1)
-                _remove(self.lock_held_by_other, server.name)  # [ha] may have been turned off
-                _remove(self.ha_probes, server.name)
+                self._remove(self.lock_held_by_other, server.name)  # [ha] may have been turned off
+                self._remove(self.ha_probes, server.name)
             else:
                 self.leader.labels(server=server.name)
                 self.lock_held_by_other.labels(server=server.name)
@@ -232,7 +232,7 @@ class Metrics:
                 if policy.pressure:
                     self.pressure.labels(server=server.name, policy=policy.name)
                 else:  # a reload may have taken its pressure key away
-                    _remove(self.pressure, server.name, policy.name)
+                    self._remove(self.pressure, server.name, policy.name)
                 # Counters exist from the start at 0: increase() needs a sample before the
                 # first reap (or the first failure) to see it.
                 self.sessions_reaped.labels(
@@ -262,12 +262,11 @@ class Metrics:
             self.last_poll,
             self.poll_duration,
         ):
-            _remove(metric, server)
+            self._remove(metric, server)
         for state in _STATES:
-            _remove(self.sessions, server, state)
+            self._remove(self.sessions, server, state)
         for policy in policies:
             self.forget_policy(server, policy)
-        self._forget_children()
 
     def show_pressure_probes(self, server: str) -> None:
         """The probe's series of a server that is probed, at 0 until it probes."""
@@ -277,17 +276,15 @@ class Metrics:
     def forget_pressure_probes(self, server: str) -> None:
         """A server no longer probed (no pressure policies, or removed)."""
         for outcome in PROBE_OUTCOMES:
-            _remove(self.pressure_probes, server, outcome)
-        self._forget_children()
+            self._remove(self.pressure_probes, server, outcome)
 
     def forget_policy(self, server: str, policy: str) -> None:
-        _remove(self.candidates, server, policy)
-        _remove(self.pressure, server, policy)
+        self._remove(self.candidates, server, policy)
+        self._remove(self.pressure, server, policy)
         for action in _REAPED_ACTIONS.values():
-            _remove(self.sessions_reaped, server, policy, action)
+            self._remove(self.sessions_reaped, server, policy, action)
         for reason in _FAILURE_REASONS.values():
-            _remove(self.reap_failures, server, policy, reason)
-        self._forget_children()
+            self._remove(self.reap_failures, server, policy, reason)
 
     def _child(self, metric: Gauge | Counter | Histogram, *values: str) -> Any:  # noqa: ANN401 - prometheus_client's children are untyped
         """`metric.labels(*values)` (in the metric's label order), from the cache."""
@@ -295,7 +292,7 @@ class Metrics:
         child = self._children.get(key)
         if child is None:
             # Under the lock, so that a series removed meanwhile is never cached: the removal
-            # empties the cache after it (_forget_children).
+            # evicts it from the cache after it (_remove).
             with self._children_lock:
                 child = self._children[key] = metric.labels(*values)
         return child
@@ -304,18 +301,24 @@ class Metrics:
         with self._children_lock:
             self._children.clear()
 
+    def _remove(self, metric: Gauge | Counter | Histogram, *labels: str) -> None:
+        """Remove a series, and its child from the cache: a series removed must be made anew
+        when it comes back (a cached child would be set but no longer exported)."""
+        _remove(metric, *labels)
+        with self._children_lock:
+            self._children.pop((metric, labels), None)
+
     def forget_leader_gauges(self, server: str, *, policies: Iterable[str]) -> None:
         """[ha]: drop what only a server's leader measures (it polls, a follower only probes),
         so that a follower never shows a stale value: `max by (server)` over the instances
         gives the leader's (docs/ha.md)."""
         for metric in (self.max_connections, self.connections_used, self.connections_usable):
-            _remove(metric, server)
+            self._remove(metric, server)
         for state in _STATES:
-            _remove(self.sessions, server, state)
+            self._remove(self.sessions, server, state)
         for policy in policies:
-            _remove(self.candidates, server, policy)
-            _remove(self.pressure, server, policy)
-        self._forget_children()  # a series removed must be made anew when it comes back
+            self._remove(self.candidates, server, policy)
+            self._remove(self.pressure, server, policy)
 
     def record_probe(self, server: str, *, finished_at: float) -> None:
         """[ha]: a follower's cycle, one probe that the server answered."""
