@@ -63,8 +63,9 @@ def table(servers: tuple[str, ...], members: frozenset[int]) -> dict[str, int]:
 
 
 def preferred(server: str, servers: tuple[str, ...], members: frozenset[int]) -> int | None:
-    """The member that should lead `server`, from the table of `servers` and `members`."""
-    names = tuple(sorted(set(servers) | {server}))
+    """The member that should lead `server`, from the table of `servers` (sorted, without
+    duplicates) and `members`."""
+    names = servers if server in servers else tuple(sorted({*servers, server}))
     return table(names, members).get(server)
 
 

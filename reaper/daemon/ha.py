@@ -82,12 +82,26 @@ class LeaderState:
     retry_at: float = 0.0
     other: LockHolder | None = None  # the lock's holder that is not a pg-reaper instance
     balance: Balance | None = None
+    balanced_for: Settings | None = None  # the settings `balance` was last fitted to
 
     def lock(self, settings: Settings) -> CycleLock | None:
         """The lock of the coming cycle (None without [ha])."""
         ha = settings.ha
         if not ha.enabled:
             return None
+        if self.balance is None or self.balanced_for is not settings:
+            # Once per configuration, not per cycle: a fleet's N servers would cost each cycle
+            # a search and a sort of N names.
+            self._fit_balance(settings)
+        return CycleLock(
+            key=ha.lock_key,
+            acquire=time.monotonic() >= self.retry_at,
+            held_by=self.session if self.leader else None,
+            balance=self.balance,
+        )
+
+    def _fit_balance(self, settings: Settings) -> None:
+        ha = settings.ha
         server = next(s for s in settings.servers if s.name == self.server)
         membership = Membership(lock_key=ha.lock_key, member=member_id(ha.instance))
         servers = tuple(sorted(s.name for s in settings.servers))
@@ -97,12 +111,7 @@ class LeaderState:
                 server=self.server, membership=membership, servers=servers, interval=interval
             )
         self.balance.servers, self.balance.interval = servers, interval
-        return CycleLock(
-            key=ha.lock_key,
-            acquire=time.monotonic() >= self.retry_at,
-            held_by=self.session if self.leader else None,
-            balance=self.balance,
-        )
+        self.balanced_for = settings
 
     def cadence(self, delay: float, report: SweepReport, *, settings: Settings) -> float:
         """Seconds to the next cycle: `delay` (the deadline rule), but a follower only probes,
