@@ -394,7 +394,7 @@ def test_a_bad_probe_interval_is_an_error_naming_the_key(
 
 @dataclass(kw_only=True)
 class _Target:
-    """A server's worker as the probe sees it (reaper/daemon/scheduler.py `_Worker`)."""
+    """A server's worker as the probe sees it (reaper/daemon/worker.py `Worker`)."""
 
     name: str
     settings: Settings
@@ -406,6 +406,10 @@ class _Target:
     @property
     def server(self) -> ServerConfig:
         return self.settings.servers[0]
+
+    @property
+    def config(self) -> ServerConfig | None:
+        return next((s for s in self.settings.servers if s.name == self.name), None)
 
 
 @pytest.fixture

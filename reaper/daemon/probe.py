@@ -43,12 +43,14 @@ __all__ = ["Probes"]
 
 
 class Target(Protocol):
-    """What a probe reads of a server's worker (reaper/daemon/scheduler.py `_Worker`)."""
+    """What a probe reads of a server's worker (reaper/daemon/worker.py `Worker`)."""
 
     @property
     def name(self) -> str: ...
     @property
     def settings(self) -> Settings: ...
+    @property
+    def config(self) -> ServerConfig | None: ...
     @property
     def server(self) -> ServerConfig: ...
     @property
@@ -165,7 +167,7 @@ class Probes:
 
     def _probe_locked(self, target: Target) -> None:
         settings, conn = target.settings, target.conn
-        if target.name not in {s.name for s in settings.servers} or conn is None:
+        if target.config is None or conn is None:
             return  # removed by a reload, or never connected
         if target.state != "up" or (settings.ha.enabled and target.leadership.leader is not True):
             return  # down (the cycle retries), or an [ha] follower (it could not act)
