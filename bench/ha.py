@@ -139,8 +139,13 @@ def wait_split(
 def measure(
     daemons: Sequence[Daemon], names: Sequence[str], window: float
 ) -> list[tuple[float, float, float]]:
-    """(CPU seconds, polls, probes) of each daemon over `window` seconds."""
-    before = [(d.cpu(), *d.counts(names)) for d in daemons]
+    """(CPU seconds, polls, probes) of each daemon over `window` seconds. The counts are
+    scraped outside the CPU window (before its start, after its end): rendering /metrics is
+    the daemon's work too, and there are three daemons to scrape against one."""
+    before = []
+    for daemon in daemons:
+        polls, probes = daemon.counts(names)
+        before.append((daemon.cpu(), polls, probes))
     time.sleep(window)
     after = [(d.cpu(), *d.counts(names)) for d in daemons]
     return [(a[0] - b[0], a[1] - b[1], a[2] - b[2]) for a, b in zip(after, before, strict=True)]

@@ -83,6 +83,25 @@ def _fire(
     return {o.decision.session.application: o.result for o in report.outcomes}
 
 
+def test_a_poll_arms_only_the_crossings_within_its_horizon(
+    pg: TestServer, sessions: Sessions
+) -> None:
+    sessions.idle(application="arm-horizon")
+    settings = _settings(pg, [_kill("arm-horizon")])
+    conn = connect(settings.servers[0], settings)
+    server, report = _poll(conn, settings)
+    # Its crossing is under 2 s away: past a 0.5 s horizon, inside a 10 s one.
+    beyond = arming(report, server=server, settings=settings, horizon=0.5)
+    assert beyond.victims == ()
+    assert beyond.eligible_in == report.eligible_in  # a later poll, within the horizon, arms it
+    assert report.eligible_in is not None
+    assert 0.5 < report.eligible_in <= 2.0
+    within = arming(report, server=server, settings=settings, horizon=10.0)
+    assert [a.decision.session.application for a in within.victims] == ["arm-horizon"]
+    assert 0.0 < within.victims[0].at - time.monotonic() <= 2.0
+    conn.close()
+
+
 # --- the firing: race-safe, and never before the server says the age is past ------------------
 
 
@@ -352,10 +371,13 @@ def test_sighup_with_a_changed_threshold_re_arms(
     victim = sessions.idle(application="ta-hup")
     pid = victim.info.backend_pid
     polls = len(daemon.events("poll_completed"))
-    daemon.send(signal.SIGHUP)  # the same rules: a poll now, which arms the new session for 1h
+    daemon.send(signal.SIGHUP)  # the same rules: a poll now, which sees the new session
     daemon.wait_event("config_reloaded")
-    daemon.wait_value("pg_reaper_armed_sessions", lambda v: v == 1, server=server)
-    assert len(daemon.events("poll_completed")) > polls
+    daemon.wait_until(
+        lambda: len(daemon.events("poll_completed")) > polls + 1, timeout=10, what="two polls"
+    )
+    # An hour away is past the horizon (two polls of 1 s): a later poll arms it, none now.
+    assert daemon.value("pg_reaper_armed_sessions", server=server) == 0
 
     _daemon_rewrite(path, max_idle="3s")
     daemon.send(signal.SIGHUP)

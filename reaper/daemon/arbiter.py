@@ -36,6 +36,9 @@ class Seat:
     identified: tuple[object, int] | None = None
     refused: str | None = None
     refused_this_cycle: bool = False
+    # The clusters it acts on by the arbiter's table (one, or none), under the arbiter's lock:
+    # a seat's entries are dropped without a scan of every cluster's.
+    acts_on: set[clusters.ClusterIdentity] = field(default_factory=set)
     # Set once its first session's identity has been read (or could not be).
     first_identity: threading.Event = field(default_factory=threading.Event)
 
@@ -78,6 +81,8 @@ class ClusterArbiter:
         if len(settings.servers) < 2:  # one entry is one cluster
             self._say_refused(seat, None, acting=seat.name)
             return None
+        if self._alone(seat, conn):
+            return None
         try:
             identity = self._identify(seat, conn)
         except PostgresError as exc:
@@ -112,10 +117,26 @@ class ClusterArbiter:
         if ok or seat.refused_this_cycle:
             return
         with self._lock:
-            for key in [k for k, s in self._acting.items() if s is seat]:
-                del self._acting[key]
+            self._stop_acting(seat)
             self._place(seat, None)
             seat.identified = seat.refused = None
+
+    def _alone(self, seat: Seat, conn: ServerConnection) -> bool:
+        """Whether `seat` acts on its cluster, as its last cycle found, and is the only entry
+        seen on it: the same session (so the same cluster), nothing to hand over, nothing to
+        say. A fleet's entries are each alone on their cluster: the whole check is then this."""
+        if seat.refused is not None or not seat.first_identity.is_set():
+            return False
+        if not conn.connected or seat.identified != (conn, conn.sessions_opened):
+            return False  # a new session: read its cluster again (the slow path connects)
+        with self._lock:
+            cluster = seat.cluster
+            return (
+                cluster is not None
+                and self._acting.get(cluster) is seat
+                and len(self._members.get(cluster, ())) == 1
+                and self._seats.get(seat.name) is seat
+            )
 
     def _identify(self, seat: Seat, conn: ServerConnection) -> clusters.ClusterIdentity:
         """The cluster `conn`'s session is on, read again on a new session."""
@@ -153,8 +174,7 @@ class ClusterArbiter:
     ) -> Seat:
         """The entry that acts on `identity` this cycle."""
         with self._lock:
-            for key in [k for k, s in self._acting.items() if s is seat and k != identity]:
-                del self._acting[key]  # its session is now on another cluster
+            self._stop_acting(seat, keep=identity)  # its session is now on another cluster
             acting = self._acting.get(identity)
             if acting is None or acting is seat or self._seats.get(acting.name) is not acting:
                 # Free, or this entry's to keep or to hand to an earlier one on the cluster.
@@ -164,8 +184,19 @@ class ClusterArbiter:
                     key=lambda s: order[s.name],
                     default=seat,
                 )
+                previous = self._acting.get(identity)
+                if previous is not None:
+                    previous.acts_on.discard(identity)
                 self._acting[identity] = acting
+                acting.acts_on.add(identity)
             return acting
+
+    def _stop_acting(self, seat: Seat, *, keep: clusters.ClusterIdentity | None = None) -> None:
+        """Drop `seat` from the table of acting entries, except on `keep`. Under the lock."""
+        for key in [k for k in seat.acts_on if k != keep]:
+            seat.acts_on.discard(key)
+            if self._acting.get(key) is seat:
+                del self._acting[key]
 
     def _wait_for_earlier_entries(self, seat: Seat, *, settings: Settings) -> None:
         """At start (or when a reload adds several entries), all first cycles run at once: let

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.triggers.date import DateTrigger
 
+from reaper.daemon.cadence import poll_bound
 from reaper.observe.log import get_logger
 from reaper.policy import Result
 from reaper.sweep import audit_event
@@ -52,6 +53,11 @@ RETRY = 0.005
 RETRIES = 8
 # How long a firing waits for the server's cycle to end: a cycle replaces the armed set anyway.
 LOCK_WAIT = 1.0
+# A poll arms the sessions that cross within this many of the server's longest poll gaps (its
+# `interval`, or its smallest threshold if shorter): a later crossing is armed by a later poll,
+# so a fleet whose thresholds are far longer than its interval arms (and schedules) nothing.
+# Two gaps, not one: a next poll that runs late never makes a crossing just after it late.
+HORIZON_POLLS = 2
 
 
 class Worker(Protocol):
@@ -105,15 +111,20 @@ class ArmedSignals:
         """Replace `worker`'s armed set by what the cycle of `report` arms (nothing, unless it
         was the leader's and not a dry run). Called under the worker's lock. Returns `report`
         with the crossings left for the polls as its `eligible_in`."""
-        armed = arming(report, server=server, settings=settings)
+        horizon = HORIZON_POLLS * poll_bound(settings, server)
+        armed = arming(report, server=server, settings=settings, horizon=horizon)
         with self._lock:
+            had = self._sets.get(worker.name) is not None
             self._cancel(worker.name)
             if armed.victims and not worker.removed:
                 self._sets[worker.name] = _Set(
                     worker=worker, victims=list(armed.victims), token=next(self._tokens)
                 )
                 self._schedule(worker.name)
-        self._metrics.armed_sessions.labels(server=worker.name).set(len(armed.victims))
+        if had or armed.victims:
+            self._metrics.armed_sessions.labels(server=worker.name).set(len(armed.victims))
+        if armed.eligible_in == report.eligible_in:
+            return report
         return replace(report, eligible_in=armed.eligible_in)
 
     def cancel(self, name: str) -> None:

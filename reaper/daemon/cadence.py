@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from reaper.settings import ServerConfig, Settings
     from reaper.sweep import SweepReport
 
-__all__ = ["delay_for", "next_delay"]
+__all__ = ["delay_for", "next_delay", "poll_bound"]
 
 # Poll a little after the computed crossing: eligibility is "age > threshold", strictly.
 _PAST_THRESHOLD = 0.05
@@ -26,6 +26,25 @@ def delay_for(
     report: SweepReport, *, settings: Settings, server: ServerConfig, failures: int
 ) -> float:
     """Seconds from the start of this cycle of `server` to its next one."""
+    return next_delay(
+        report,
+        interval=settings.interval_for(server).total_seconds(),
+        min_interval=settings.reaper.min_interval.total_seconds(),
+        smallest_threshold=_smallest_threshold(settings, server),
+        failures=failures,
+    )
+
+
+def poll_bound(settings: Settings, server: ServerConfig) -> float:
+    """The longest time from one successful poll of `server` to the next (the rule's upper
+    bound): a crossing further away is seen again by a poll before it comes."""
+    bound = settings.interval_for(server).total_seconds()
+    if (smallest := _smallest_threshold(settings, server)) is not None:
+        bound = min(bound, smallest)
+    return max(bound, settings.reaper.min_interval.total_seconds())
+
+
+def _smallest_threshold(settings: Settings, server: ServerConfig) -> float | None:
     # A pressure policy cannot match before pressure appears, which `interval` bounds; its
     # (often short) thresholds must not make a quiet server be polled every min_interval.
     # when_blocking too: a lock wait that begins just after a poll is seen before it is due.
@@ -35,13 +54,7 @@ def delay_for(
         if not p.pressure
         for t in (*p.thresholds.values(), *filter(None, [p.when_blocking]))
     ]
-    return next_delay(
-        report,
-        interval=settings.interval_for(server).total_seconds(),
-        min_interval=settings.reaper.min_interval.total_seconds(),
-        smallest_threshold=min(thresholds, default=None),
-        failures=failures,
-    )
+    return min(thresholds, default=None)
 
 
 def next_delay(

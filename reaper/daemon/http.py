@@ -58,7 +58,6 @@ MAX_CONNECTIONS = 128
 _MAX_HEAD = 64 * 1024  # past this, wsgiref gets the request as it is (and refuses it)
 _HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
 _BACKLOG = 64
-_POLL_SECONDS = 0.5  # how soon stop() is noticed
 # The address is not configured on this host, or its family is not supported: skip it when a
 # host name resolves to several addresses (as PostgreSQL's listen_addresses does).
 _UNBINDABLE = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
@@ -156,6 +155,9 @@ class HttpServer:
         self._handed_over: set[socket.socket] = set()  # queued for or held by a handler thread
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        # stop() writes a byte here: the accepting thread sleeps until a client or stop() comes,
+        # rather than waking every so often to look.
+        self._stop_reader, self._stop_writer = socket.socketpair()
         self._log = get_logger()
         self._thread = threading.Thread(target=self._serve, name="pg-reaper-http", daemon=True)
 
@@ -168,9 +170,11 @@ class HttpServer:
 
     def stop(self) -> None:
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._stop_writer.send(b"\0")
         if self._thread.is_alive():
             self._thread.join()
-        for sock in self._sockets:
+        for sock in (*self._sockets, self._stop_reader, self._stop_writer):
             sock.close()
         for conn in list(self._waiting):
             self._drop(conn)
@@ -187,21 +191,25 @@ class HttpServer:
             for listener in self._sockets:
                 listener.settimeout(0.0)  # non-blocking
                 selector.register(listener, selectors.EVENT_READ)
+            selector.register(self._stop_reader, selectors.EVENT_READ)
             while not self._stopping.is_set():
                 for key, _ in selector.select(self._next_wait()):
                     sock = key.fileobj
                     assert isinstance(sock, socket.socket)  # noqa: S101 - only sockets registered
+                    if sock is self._stop_reader:
+                        break
                     if sock in self._sockets:
                         self._accept(selector, sock)
                     elif sock in self._waiting:  # not dropped earlier in this round
                         self._read_head(selector, sock)
                 self._drop_expired(selector)
 
-    def _next_wait(self) -> float:
+    def _next_wait(self) -> float | None:
+        """Until the oldest client's head is due; with none waiting, until something comes."""
         if not self._waiting:
-            return _POLL_SECONDS
+            return None
         oldest = next(iter(self._waiting.values()))  # dicts keep accept order
-        return max(0.0, min(_POLL_SECONDS, oldest.deadline - time.monotonic()))
+        return max(0.0, oldest.deadline - time.monotonic())
 
     def _accept(self, selector: selectors.BaseSelector, listener: socket.socket) -> None:
         try:

@@ -6,6 +6,7 @@ for the cycle (metrics, the server's state) and sets its next run.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -19,16 +20,19 @@ from apscheduler.events import (
     JobExecutionEvent,
 )
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from reaper.daemon import ha
 from reaper.daemon.arbiter import ClusterArbiter
 from reaper.daemon.armed import ArmedSignals
 from reaper.daemon.cadence import delay_for
+from reaper.daemon.follow import FollowerRound
 from reaper.daemon.jobs import job_id, now, quiet_apscheduler, spread, trigger
 from reaper.daemon.probe import Probes
 from reaper.daemon.worker import Worker
 from reaper.observe.log import get_logger
+from reaper.pg.connection import PostgresError
 from reaper.sweep import SweepReport, connect, sweep
 
 if TYPE_CHECKING:
@@ -88,6 +92,8 @@ class Scheduler:
         # The pressure fast path: a probe job beside the cycle job of each server with pressure
         # policies (probe.py).
         self._probes = Probes(self._scheduler, metrics=metrics, log=self._log, cycle_job=job_id)
+        # [ha]: the servers this instance steadily follows, probed in rounds (follow.py).
+        self._round = FollowerRound(self._scheduler, run=self._run_parked, wake=self._wake)
         self._armed = ArmedSignals(
             self._scheduler,
             metrics=metrics,
@@ -123,6 +129,7 @@ class Scheduler:
         Returns how many cycles were still running (on a server that stopped answering).
         """
         self._scheduler.shutdown(wait=False)
+        self._round.cancel()
         self._armed.cancel_all()
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -159,6 +166,8 @@ class Scheduler:
                 worker = self._workers[server.name]
                 worker.settings = settings
                 worker.generation += 1
+                worker.park_at = None
+            self._round.unpark(server.name)  # its own job resumes below
             before = _find(old, server.name)
             for policy in {p.name for p in old.policies_for(before)} - {
                 p.name for p in settings.policies_for(server)
@@ -195,6 +204,7 @@ class Scheduler:
 
     def _remove(self, name: str, *, policies: list[str]) -> None:
         self._scheduler.remove_job(job_id(name))
+        self._round.unpark(name)
         with self._lock:
             worker = self._workers.pop(name)
         worker.removed = True  # before the cancel, which waits for an arming in progress
@@ -250,13 +260,15 @@ class Scheduler:
             )
         # A reload during this cycle made its deadline stale: poll again under the new rules.
         # A full interval (an [ha] follower's probe, a quiet server) is the job's own trigger:
-        # no rescheduling.
-        worker.next_due = due if worker.generation == generation else now()
-        if (
+        # no rescheduling; a steady follower's next probe goes in the rounds (follow.py).
+        worker.due = due if worker.generation == generation else now()
+        steady = (
             worker.generation == generation
             and delay >= settings.interval_for(server).total_seconds()
-        ):
-            worker.next_due = None
+        )
+        worker.next_due = None if steady else worker.due
+        follows = steady and report.probe_only and settings.ha.enabled and not worker.removed
+        worker.park_at = started + delay if follows else None
 
     def _on_job_done(self, event: JobExecutionEvent) -> None:
         worker = self._worker_of(event)
@@ -278,8 +290,12 @@ class Scheduler:
     def _apply_next_due(self, worker: Worker, event: JobEvent) -> None:
         with self._lock:
             due, worker.next_due = worker.next_due, None
+            park_at, worker.park_at = worker.park_at, None
             if due is not None and worker.poll_by is not None:
                 due = min(due, worker.poll_by)
+        if park_at is not None:
+            self._park(worker, at=park_at)
+            return
         if due is None:
             return
         job = self._scheduler.get_job(event.job_id)
@@ -293,6 +309,58 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - the job was removed by a reload or shutdown meanwhile
             return
 
+    # [ha] followers in rounds (follow.py)
+
+    def _park(self, worker: Worker, *, at: float) -> None:
+        """Pause the server's own job and probe it in the rounds from `at` on."""
+        try:
+            self._scheduler.pause_job(job_id(worker.name))
+        except JobLookupError:
+            return  # removed by a reload or shutdown meanwhile
+        server = worker.config
+        if server is None:
+            return
+        interval = worker.settings.interval_for(server).total_seconds()
+        self._round.park(worker, due=at, interval=interval)
+
+    def _run_parked(self, worker: Worker) -> float | None:
+        """A parked server's probe, run by a round: its cycle's first statement, the lock probe,
+        and nothing else while it finds the server as the last cycle left it (this instance
+        follows, nothing changing hands). Returns when the next is due; None, for anything
+        else (a failure, a new session, leadership moving), resumes the server's own job,
+        whose cycle looks again and accounts for it."""
+        with worker.lock:
+            conn, server, settings = worker.conn, worker.config, worker.settings
+            lock = worker.leadership.lock(settings)
+            balance = worker.leadership.balance
+            if conn is None or server is None or lock is None or balance is None or worker.removed:
+                return None
+            session, started = conn.sessions_opened, time.monotonic()
+            try:
+                seen = lock.lead(conn)
+            except PostgresError:
+                return None
+            if (
+                seen.leader
+                or seen.holder is None
+                or balance.settling
+                or seen.other != worker.leadership.other
+                or conn.sessions_opened != session
+            ):
+                return None
+            worker.polls += 1
+        self._metrics.record_probe(worker.name, finished_at=time.time())
+        return started + settings.interval_for(server).total_seconds()
+
+    def _wake(self, worker: Worker) -> None:
+        """Resume a server's own job at its last cycle's due time (or an armed signal's)."""
+        with self._lock:
+            due, worker.next_due = worker.next_due or worker.due, None
+            if worker.poll_by is not None:
+                due = worker.poll_by if due is None else min(due, worker.poll_by)
+        with contextlib.suppress(JobLookupError):
+            self._scheduler.modify_job(job_id(worker.name), next_run_time=max(due or now(), now()))
+
     def _targets(self) -> list[Worker]:
         with self._lock:
             return list(self._workers.values())
@@ -305,6 +373,10 @@ class Scheduler:
             if worker is None:
                 return
             worker.poll_by = when if worker.poll_by is None else min(worker.poll_by, when)
+        if self._round.unpark(name):  # its own job is paused: resume it by then
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.modify_job(job_id(name), next_run_time=when)
+            return
         job = self._scheduler.get_job(job_id(name))
         if job is not None and job.next_run_time is not None and job.next_run_time > when:
             try:

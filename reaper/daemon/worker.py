@@ -35,6 +35,10 @@ class Worker:
     tried: bool = False
     polls: int = 0
     next_due: datetime | None = None  # set by a cycle, applied once the job has finished
+    due: datetime | None = None  # when the last cycle said the next is due
+    # [ha]: time.monotonic() of the next probe if the last cycle left this instance a steady
+    # follower of the server (follow.py: its probes go in the rounds, its own job is paused).
+    park_at: float | None = None
     poll_by: datetime | None = None  # asked for by an armed signal (escalation, cap, lost lock)
     cycle_thread: int | None = None  # the pool thread running (or last running) the cycle
     generation: int = 0  # bumped by every reload that touches this server

@@ -322,9 +322,9 @@ class Metrics:
 
     def record_probe(self, server: str, *, finished_at: float) -> None:
         """[ha]: a follower's cycle, one probe that the server answered."""
-        self.server_up.labels(server=server).set(1)
-        self.last_poll.labels(server=server).set(finished_at)
-        self.ha_probes.labels(server=server).inc()
+        self._child(self.server_up, server).set(1)
+        self._child(self.last_poll, server).set(finished_at)
+        self._child(self.ha_probes, server).inc()
 
     def record_poll_failure(self, server: str) -> None:
         self.poll_errors.labels(server=server).inc()

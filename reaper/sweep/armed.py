@@ -66,10 +66,18 @@ class Arming:
     eligible_in: float | None = None
 
 
-def arming(report: SweepReport, *, server: ServerConfig, settings: Settings) -> Arming:
+def arming(
+    report: SweepReport,
+    *,
+    server: ServerConfig,
+    settings: Settings,
+    horizon: float | None = None,
+) -> Arming:
     """The sessions of `report` to arm: only after a successful poll by the leader that may
     signal (not a dry run, not a preview). The others are left to the polls (`eligible_in`):
-    those a `log`, pressure or when_blocking policy would take, and escalations."""
+    those a `log`, pressure or when_blocking policy would take, and escalations. With
+    `horizon`, a session that crosses later than that many seconds after the poll is left to
+    the polls too: they come sooner than that, and the one before its moment arms it."""
     if (
         not report.ok
         or report.dry_run
@@ -80,6 +88,9 @@ def arming(report: SweepReport, *, server: ServerConfig, settings: Settings) -> 
         return Arming(eligible_in=report.eligible_in)
     if any(o.result is Result.DEFERRED for o in report.outcomes):
         # Victims held back by the cap: the next poll comes at once and arms then.
+        return Arming(eligible_in=report.eligible_in)
+    if horizon is not None and (report.eligible_in is None or report.eligible_in > horizon):
+        # The poll's earliest crossing (an escalation's included) is past the horizon.
         return Arming(eligible_in=report.eligible_in)
     policies = settings.policies_for(server)
     by_name = {p.name: p for p in policies}
@@ -94,6 +105,9 @@ def arming(report: SweepReport, *, server: ServerConfig, settings: Settings) -> 
             session, policies, reaper=settings.reaper, facts=report.facts
         )
         if delta is None:
+            continue
+        if horizon is not None and delta > horizon:
+            left.append(delta)  # for a later poll to arm
             continue
         decision = evaluate(
             _aged(session, delta + _PAST), policies, reaper=settings.reaper, facts=report.facts

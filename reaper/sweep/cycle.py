@@ -4,7 +4,7 @@ policy engine), act (signal, or not), report (the report, its audit events and i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from reaper.identifiers import quote_identifier
@@ -146,8 +146,10 @@ def sweep(  # noqa: PLR0913 - keyword-only, each one a collaborator of the cycle
     outcomes = _act(conn, decided, cycle, leader=seen.leader)
     # The signalling statement found the lock gone (the session was lost and reopened).
     leader = seen.leader and not any(o.result is Result.NOT_LEADER for o in outcomes)
-    report = _report(cycle, seen, decided=decided, outcomes=outcomes, leader=leader)
-    report = replace(report, session=conn.sessions_opened)  # reopened, if it was, by a signal
+    # The session: reopened, if it was, by a signal.
+    report = _report(
+        cycle, seen, decided=decided, outcomes=outcomes, leader=leader, session=conn.sessions_opened
+    )
     if mode == "reap":
         _tell(report, cycle, deferred=len(decided.deferred) if leader else 0)
     return report
@@ -232,6 +234,7 @@ def _report(
     decided: Plan,
     outcomes: tuple[Outcome, ...],
     leader: bool,
+    session: int,
 ) -> SweepReport:
     facts, leadership = seen.snapshot.facts, seen.leadership
     cancels = None if cycle.memory is None else cycle.memory.cancels
@@ -255,6 +258,7 @@ def _report(
         lock_held_by_other=None if leadership is None else leadership.other,
         polled=None if seen.snapshot.now is None else (seen.snapshot.now, seen.snapshot.sent),
         escalation_in=escalations,
+        session=session,
     )
 
 
