@@ -23,7 +23,7 @@ __all__ = ["job_id", "now", "quiet_apscheduler", "spread", "trigger"]
 # small groups, each due at one moment: one wake-up of the scheduler dispatches a whole group,
 # and a quiet server's job keeps its phase, so the groups stay.
 _FIRST_RUN_SPACING = 0.01
-_GROUP = 4
+_GROUP = 10
 
 
 def trigger(settings: Settings, server: ServerConfig) -> IntervalTrigger:
