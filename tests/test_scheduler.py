@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from reaper.daemon.cadence import next_delay
+from reaper.daemon.cadence import next_delay, poll_bound
+from reaper.daemon.jobs import spread
+from reaper.settings import Settings
 from reaper.sweep import SweepReport
 
 
@@ -42,3 +44,28 @@ def test_lost_server_is_retried_with_backoff_up_to_interval(failures: int, expec
     failed = report(None, error="connection refused")
     delay = next_delay(failed, interval=30, min_interval=1, smallest_threshold=5, failures=failures)
     assert delay == expected
+
+
+def _fleet(count: int, *, interval: str, **policy: str) -> Settings:
+    return Settings(
+        servers=[{"name": f"s{i}", "dsn": f"host=h{i}"} for i in range(count)],
+        policies=[{"name": "idle", "max_idle": "1h", **policy}],
+        reaper={"interval": interval},
+    )
+
+
+def test_first_runs_come_in_groups_of_ten_spread_within_the_shortest_interval() -> None:
+    offsets = spread(_fleet(25, interval="10s"))
+    assert [offsets[f"s{i}"] for i in (0, 9, 10, 19, 20, 24)] == pytest.approx(
+        [0.0, 0.0, 0.1, 0.1, 0.2, 0.2]
+    )
+    crowded = spread(_fleet(1000, interval="1s"))
+    assert len(set(crowded.values())) == 100  # a hundred groups
+    assert max(crowded.values()) < 1.0
+
+
+def test_the_poll_bound_is_the_interval_or_the_smallest_threshold_if_shorter() -> None:
+    quiet = _fleet(1, interval="10s")
+    assert poll_bound(quiet, quiet.servers[0]) == 10.0
+    short = _fleet(1, interval="10s", max_idle="3s")
+    assert poll_bound(short, short.servers[0]) == 3.0

@@ -6,6 +6,7 @@ watchdog). A reload builds and validates the whole new configuration before swap
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import signal
@@ -44,6 +45,26 @@ _NOTIFY_FLUSH_TIMEOUT = 2.0
 WATCH_INTERVAL = 5.0
 
 
+# glibc gives a thread that contends for malloc an arena of its own, up to eight per core, and
+# keeps what each arena once held: a daemon with a thread per busy server (hundreds, in a fleet
+# on a loaded machine) grows by megabytes of half-empty heaps. Two arenas, as the environment
+# variable MALLOC_ARENA_MAX=2 would set, are plenty for threads that mostly wait on sockets.
+_M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
+_MALLOC_ARENAS = 2
+
+
+def _limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas for the threads started from now on, unless the operator set
+    MALLOC_ARENA_MAX; nothing elsewhere than glibc (musl, macOS have no such parameter)."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
+
+
 def _fingerprint(path: Path) -> str | None:
     """What the config file holds now (None: it cannot be read right now, as for a moment while
     a ConfigMap's files are swapped)."""
@@ -55,6 +76,7 @@ def _fingerprint(path: Path) -> str | None:
 
 class Daemon:
     def __init__(self, *, config_path: Path, settings: Settings, force_dry_run: bool) -> None:
+        _limit_malloc_arenas()  # before any thread of the daemon starts
         self._path = config_path
         self._force_dry_run = force_dry_run
         self._settings = settings

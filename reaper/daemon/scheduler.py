@@ -453,6 +453,10 @@ class Scheduler:
             worker = self._workers.get(name)
         return worker.polls if worker else 0
 
+    def parked(self) -> set[str]:
+        """[ha]: the servers this instance follows and probes in rounds now."""
+        return self._round.parked()
+
     def armed(self, name: str) -> tuple[int, float | None]:
         """How many sessions of `name` are armed now, and when the earliest is due
         (time.monotonic())."""

@@ -1,0 +1,147 @@
+"""[ha] followers probed in rounds (docs/ha.md, "What a follower costs"): the schedulers of two
+instances, in this process, share six real servers. A server an instance follows is probed in
+the instance's rounds, once per interval, with its fellows; anything that changes (its session
+ends, its leader leaves) gives it back to its own job at once."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from reaper.daemon.scheduler import Scheduler
+from reaper.observe.metrics import Metrics
+from reaper.settings import Settings
+from tests.servers import wait_for
+from tests.test_ha import admin, fleet, lock_holders
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from reaper.demo.embedded import EmbeddedPostgres
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["fleet"]  # the fixture, shared with test_ha.py
+
+INTERVAL = 1.0
+NAMES = [f"s{i}" for i in range(6)]
+
+
+class Instance:
+    """One [ha] instance's scheduler and metrics."""
+
+    def __init__(self, servers: Sequence[EmbeddedPostgres], instance: str) -> None:
+        self.settings = Settings(
+            servers=[{"name": n, "dsn": s.dsn()} for n, s in zip(NAMES, servers, strict=True)],
+            policies=[{"name": "idle", "max_idle": "1h", "applications": ["^nobody$"]}],
+            reaper={"interval": f"{INTERVAL:g}s", "min_interval": "250ms"},
+            ha={"enabled": True, "instance_id": instance},
+        )
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(self.settings, metrics=self.metrics)
+        self.scheduler.start()
+
+    def value(self, name: str, server: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, {"server": server})
+
+    def leads(self) -> set[str]:
+        return {n for n in NAMES if self.value("pg_reaper_leader", n) == 1}
+
+    def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.stop(timeout=5)
+
+
+@pytest.fixture
+def pair(fleet: list[EmbeddedPostgres]) -> Iterator[tuple[Instance, Instance]]:
+    first, second = Instance(fleet, "round-a"), Instance(fleet, "round-b")
+    try:
+        yield first, second
+    finally:
+        first.stop()
+        second.stop()
+
+
+def settle(pair: tuple[Instance, Instance]) -> tuple[set[str], set[str]]:
+    """Each instance's servers, once they lead 3 each and park the 3 others."""
+    first, second = pair
+
+    def done() -> bool:
+        a, b = first.leads(), second.leads()
+        return (
+            len(a) == len(b) == 3
+            and not a & b
+            and first.scheduler.parked() == set(NAMES) - a
+            and second.scheduler.parked() == set(NAMES) - b
+        )
+
+    wait_for(done, timeout=20, what="a 3/3 split, each instance's followed servers parked")
+    return first.leads(), second.leads()
+
+
+def last_statement(server: EmbeddedPostgres, pid: int) -> str:
+    ((query,),) = admin(server, "SELECT query FROM pg_stat_activity WHERE pid = %s", [pid])
+    return str(query)
+
+
+def follower_pid(server: EmbeddedPostgres) -> int:
+    """The pid of the pg-reaper session on `server` that does not hold the lock."""
+    ((holder, _),) = lock_holders(server)
+    pids = admin(
+        server,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-reaper' AND pid <> %s",
+        [holder],
+    )
+    assert len(pids) == 1, pids
+    return int(pids[0][0])
+
+
+def test_a_follower_probes_the_servers_it_follows_together_once_per_interval_and_never_polls(
+    fleet: list[EmbeddedPostgres], pair: tuple[Instance, Instance]
+) -> None:
+    first, _ = pair
+    led, _ = settle(pair)
+    followed = sorted(set(NAMES) - led)
+    before = {n: first.scheduler.polls(n) for n in followed}
+    time.sleep(6 * INTERVAL)
+    for name in followed:
+        probes = first.scheduler.polls(name) - before[name]
+        assert 4 <= probes <= 9, (name, probes)  # once per interval, a quarter early at most
+        index = NAMES.index(name)
+        statement = last_statement(fleet[index], follower_pid(fleet[index]))
+        assert statement.startswith("-- pg-reaper: ha_lead"), statement
+    # Probed in one round: the same moment, give or take the statements before each.
+    stamps = [first.value("pg_reaper_last_poll_timestamp_seconds", n) for n in followed]
+    assert all(stamp is not None for stamp in stamps)
+    assert max(s for s in stamps if s) - min(s for s in stamps if s) < 0.5 * INTERVAL
+    assert first.scheduler.parked() == set(followed), "steady: still parked"
+
+
+def test_a_parked_server_goes_back_to_its_own_job_when_its_session_ends_or_its_leader_leaves(
+    fleet: list[EmbeddedPostgres], pair: tuple[Instance, Instance]
+) -> None:
+    first, second = pair
+    led, others = settle(pair)
+    name = min(others)  # followed by the first instance
+    server = fleet[NAMES.index(name)]
+    pid = follower_pid(server)
+
+    admin(server, "SELECT pg_terminate_backend(%s)", [pid])  # the follower's session
+
+    # Its next probe finds a new session: its own cycle reads the cluster and the lock again,
+    # and parks it again; nothing changes hands.
+    wait_for(
+        lambda: follower_pid(server) != pid and name in first.scheduler.parked(),
+        timeout=10 * INTERVAL,
+        what="the follower's new session, parked again",
+    )
+    assert first.leads() == led
+    assert second.leads() == others
+
+    second.stop()  # its sessions end: the first instance leads every server within two intervals
+    stopped = time.monotonic()
+    wait_for(lambda: first.leads() == set(NAMES), timeout=10 * INTERVAL, what="all led")
+    assert time.monotonic() - stopped <= 2 * INTERVAL + 0.5
+    assert first.scheduler.parked() == set()
