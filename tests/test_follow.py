@@ -86,16 +86,16 @@ def last_statement(server: EmbeddedPostgres, pid: int) -> str:
     return str(query)
 
 
-def follower_pid(server: EmbeddedPostgres) -> int:
-    """The pid of the pg-reaper session on `server` that does not hold the lock."""
+def follower_pid(server: EmbeddedPostgres) -> int | None:
+    """The pid of the pg-reaper session on `server` that does not hold the lock (None: there
+    is not exactly one)."""
     ((holder, _),) = lock_holders(server)
     pids = admin(
         server,
         "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-reaper' AND pid <> %s",
         [holder],
     )
-    assert len(pids) == 1, pids
-    return int(pids[0][0])
+    return int(pids[0][0]) if len(pids) == 1 else None
 
 
 def test_a_follower_probes_the_servers_it_follows_together_once_per_interval_and_never_polls(
@@ -108,14 +108,17 @@ def test_a_follower_probes_the_servers_it_follows_together_once_per_interval_and
     time.sleep(6 * INTERVAL)
     for name in followed:
         probes = first.scheduler.polls(name) - before[name]
-        assert 4 <= probes <= 9, (name, probes)  # once per interval, a quarter early at most
+        assert 4 <= probes <= 9, (name, probes)  # once per interval, once early at most
         index = NAMES.index(name)
-        statement = last_statement(fleet[index], follower_pid(fleet[index]))
+        pid = follower_pid(fleet[index])
+        assert pid is not None
+        statement = last_statement(fleet[index], pid)
         assert statement.startswith("-- pg-reaper: ha_lead"), statement
-    # Probed in one round: the same moment, give or take the statements before each.
+    # Probed in one round, the rounds merged by now: the same moment, give or take the
+    # statements before each.
     stamps = [first.value("pg_reaper_last_poll_timestamp_seconds", n) for n in followed]
     assert all(stamp is not None for stamp in stamps)
-    assert max(s for s in stamps if s) - min(s for s in stamps if s) < 0.5 * INTERVAL
+    assert max(s for s in stamps if s) - min(s for s in stamps if s) < 0.25 * INTERVAL
     assert first.scheduler.parked() == set(followed), "steady: still parked"
 
 
@@ -127,13 +130,14 @@ def test_a_parked_server_goes_back_to_its_own_job_when_its_session_ends_or_its_l
     name = min(others)  # followed by the first instance
     server = fleet[NAMES.index(name)]
     pid = follower_pid(server)
+    assert pid is not None
 
     admin(server, "SELECT pg_terminate_backend(%s)", [pid])  # the follower's session
 
     # Its next probe finds a new session: its own cycle reads the cluster and the lock again,
     # and parks it again; nothing changes hands.
     wait_for(
-        lambda: follower_pid(server) != pid and name in first.scheduler.parked(),
+        lambda: follower_pid(server) not in {None, pid} and name in first.scheduler.parked(),
         timeout=10 * INTERVAL,
         what="the follower's new session, parked again",
     )

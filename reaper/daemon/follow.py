@@ -4,12 +4,13 @@ A server this instance follows, steadily (no change of leadership under way), ne
 of its lock per interval and nothing else. Dispatched as its own job, that probe costs the
 daemon more than the statement: the scheduler's wake-up, a hand-off to a pool thread and back,
 the job's bookkeeping. So such a server is *parked*: its own job is paused, and a job of the
-instance, the round, probes every parked server that is due (or due within a quarter
-of its interval: a probe a little early only makes failover sooner), one after the other, in one
-thread. The servers probed together are due together after that: an instance that follows many
-servers wakes about once per interval for all of them. A parked server's probe (`run`) is its
-cycle's first statement, the lock probe, with the same leadership decisions; the rest of a
-follower's cycle changes nothing while the probe finds what the last one found.
+instance, the round, probes every parked server that is due (or due within half of its
+interval: a probe early only makes failover sooner), one after the other, in one thread. The
+servers probed together are due together after that, one interval after the round, so an
+instance's rounds merge into one: it wakes once per interval for all the servers it follows.
+A parked server's probe (`run`) is its cycle's first statement, the lock probe, with the same
+leadership decisions; the rest of a follower's cycle changes nothing while the probe finds what
+the last one found.
 
 A probe that finds anything else (the lock taken or free, a change under way, a failure, a new
 session) unparks its server: its own job resumes at once, and its cycle looks again and
@@ -41,8 +42,10 @@ if TYPE_CHECKING:
 
 __all__ = ["FollowerRound"]
 
-# A parked server due within this share of its interval goes in the round that runs now.
-_EARLY = 0.25
+# A parked server due within this share of its interval goes in the round that runs now: two
+# rounds less than half an interval apart become one (once, a probe that early), and the
+# servers of a round are due again together, so an instance's rounds soon become one.
+_EARLY = 0.5
 # A round planned this close to the one already planned is that one.
 _SAME = 0.001
 
@@ -65,8 +68,8 @@ class FollowerRound:
         run: Callable[[Worker], float | None],
         wake: Callable[[Worker], None],
     ) -> None:
-        # run(worker): the server's probe; returns when (time.monotonic()) it is due next if it
-        # stays parked, else None. wake(worker): resume its own job.
+        # run(worker): the server's probe; returns in how many seconds from the round's start
+        # it is due next if it stays parked, else None. wake(worker): resume its own job.
         self._scheduler = scheduler
         self._run, self._wake = run, wake
         self._parked: dict[str, _Parked] = {}
@@ -121,7 +124,7 @@ class FollowerRound:
                 if self._parked.get(parked.worker.name) is not parked:
                     continue  # unparked meanwhile (a reload, a removal, a poll asked for)
                 if again is not None:
-                    parked.due = again
+                    parked.due = now + again
                     continue
                 del self._parked[parked.worker.name]
             self._wake(parked.worker)

@@ -326,16 +326,16 @@ class Scheduler:
     def _run_parked(self, worker: Worker) -> float | None:
         """A parked server's probe, run by a round: its cycle's first statement, the lock probe,
         and nothing else while it finds the server as the last cycle left it (this instance
-        follows, nothing changing hands). Returns when the next is due; None, for anything
-        else (a failure, a new session, leadership moving), resumes the server's own job,
-        whose cycle looks again and accounts for it."""
+        follows, nothing changing hands). Returns its interval, in which the next is due; None,
+        for anything else (a failure, a new session, leadership moving), resumes the server's
+        own job, whose cycle looks again and accounts for it."""
         with worker.lock:
             conn, server, settings = worker.conn, worker.config, worker.settings
             lock = worker.leadership.lock(settings)
             balance = worker.leadership.balance
             if conn is None or server is None or lock is None or balance is None or worker.removed:
                 return None
-            session, started = conn.sessions_opened, time.monotonic()
+            session = conn.sessions_opened
             try:
                 seen = lock.lead(conn)
             except PostgresError:
@@ -350,7 +350,7 @@ class Scheduler:
                 return None
             worker.polls += 1
         self._metrics.record_probe(worker.name, finished_at=time.time())
-        return started + settings.interval_for(server).total_seconds()
+        return settings.interval_for(server).total_seconds()
 
     def _wake(self, worker: Worker) -> None:
         """Resume a server's own job at its last cycle's due time (or an armed signal's)."""
