@@ -28,7 +28,7 @@ from reaper.daemon.arbiter import ClusterArbiter
 from reaper.daemon.armed import ArmedSignals
 from reaper.daemon.cadence import delay_for
 from reaper.daemon.follow import FollowerRound
-from reaper.daemon.jobs import GroupExecutor, job_id, now, quiet_apscheduler, spread, trigger
+from reaper.daemon.jobs import job_id, now, quiet_apscheduler, spread, trigger
 from reaper.daemon.probe import Probes
 from reaper.daemon.worker import Worker
 from reaper.observe.log import get_logger
@@ -50,7 +50,6 @@ _MIN_WORKERS = 64
 # A next run this close to the one its job's trigger has set already is left as it is (most
 # cycles of a quiet server end due one interval after they started, which is the trigger's).
 _SAME_DUE = 0.005
-_CYCLES = "cycles"  # the executor of the servers' cycle jobs
 
 
 class Scheduler:
@@ -70,14 +69,10 @@ class Scheduler:
         self._notifications = notifications
         self._workers: dict[str, Worker] = {}
         self._lock = threading.Lock()
-        # The servers' cycles, a group at a time (jobs.GroupExecutor); and per server its armed
-        # timer's firing (which waits for the cycle) and its probe, with the [ha] rounds.
-        servers = len(settings.servers)
+        # Per server: its cycle, and its armed timer's firing (which waits for the cycle).
+        workers = max(_MIN_WORKERS, 3 * len(settings.servers))
         self._scheduler = BackgroundScheduler(
-            executors={
-                "default": ThreadPoolExecutor(max_workers=max(_MIN_WORKERS, 2 * servers)),
-                _CYCLES: GroupExecutor(max_workers=max(_MIN_WORKERS, servers)),
-            },
+            executors={"default": ThreadPoolExecutor(max_workers=workers)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -204,7 +199,6 @@ class Scheduler:
             args=[worker],
             id=job_id(server.name),
             name=server.name,
-            executor=_CYCLES,
             next_run_time=now(after),
         )
 
