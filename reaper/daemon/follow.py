@@ -55,7 +55,7 @@ class _Parked:
     worker: Worker
     due: float  # time.monotonic()
     early: float  # seconds: how early it may be probed (a share of its interval)
-    running: bool = False  # its cycle runs in a round now
+    running: bool = False  # its probe runs in a round now
 
 
 class FollowerRound:
