@@ -261,12 +261,9 @@ class Scheduler:
         # A reload during this cycle made its deadline stale: poll again under the new rules.
         # A full interval (an [ha] follower's probe, a quiet server) is the job's own trigger:
         # no rescheduling; a steady follower's next probe goes in the rounds (follow.py).
-        worker.due = due if worker.generation == generation else now()
-        steady = (
-            worker.generation == generation
-            and delay >= settings.interval_for(server).total_seconds()
-        )
-        worker.next_due = None if steady else worker.due
+        current = worker.generation == generation
+        steady = current and delay >= settings.interval_for(server).total_seconds()
+        worker.next_due = None if steady else (due if current else now())
         follows = steady and report.probe_only and settings.ha.enabled and not worker.removed
         worker.park_at = started + delay if follows else None
 
@@ -353,13 +350,11 @@ class Scheduler:
         return settings.interval_for(server).total_seconds()
 
     def _wake(self, worker: Worker) -> None:
-        """Resume a server's own job at its last cycle's due time (or an armed signal's)."""
-        with self._lock:
-            due, worker.next_due = worker.next_due or worker.due, None
-            if worker.poll_by is not None:
-                due = worker.poll_by if due is None else min(due, worker.poll_by)
+        """Resume a server's own job at once: its probe in a round found something for its
+        cycle to look at. (A parked server has no due time of its own to apply: the cycle that
+        parked it handed its next one to the round, and whatever asks for a poll unparks it.)"""
         with contextlib.suppress(JobLookupError):
-            self._scheduler.modify_job(job_id(worker.name), next_run_time=max(due or now(), now()))
+            self._scheduler.modify_job(job_id(worker.name), next_run_time=now())
 
     def _targets(self) -> list[Worker]:
         with self._lock:

@@ -35,7 +35,6 @@ class Worker:
     tried: bool = False
     polls: int = 0
     next_due: datetime | None = None  # set by a cycle, applied once the job has finished
-    due: datetime | None = None  # when the last cycle said the next is due
     # [ha]: time.monotonic() of the next probe if the last cycle left this instance a steady
     # follower of the server (follow.py: its probes go in the rounds, its own job is paused).
     park_at: float | None = None
