@@ -19,7 +19,7 @@ from tests.test_daemon import RunningDaemon, daemon_config, free_port, start_dae
 from tests.test_ha import IDLE_POLICY, Clients, admin, fleet, is_alive, lock_holders, reaped
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Collection, Iterator, Sequence
     from pathlib import Path
 
     from reaper.demo.embedded import EmbeddedPostgres
@@ -117,6 +117,10 @@ class Victims:
                     self.opened.append((f"s{i}", pid))
             n += 1
 
+    def snapshot(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return list(self.opened)
+
     def __enter__(self) -> Self:
         self._thread.start()
         return self
@@ -132,13 +136,26 @@ class Victims:
             )
 
 
-def check_signals(daemons: Sequence[RunningDaemon], victims: Victims, names: Sequence[str]) -> None:
+def check_signals(
+    daemons: Sequence[RunningDaemon],
+    victims: Victims,
+    names: Sequence[str],
+    *,
+    unrecorded: Collection[tuple[str, int]] = (),
+) -> None:
     """From the audit events: every victim signalled exactly once, by the instance that led
     its server then; on each server the signalling instance changes only where leadership
-    moved (two instances never take turns within one leadership)."""
+    moved (two instances never take turns within one leadership).
+
+    `unrecorded` are victims that may lack their event: an instance SIGKILLed between a
+    signal and its audit line takes the line with it (the victim itself is gone, which
+    `Victims` checks)."""
     events = [e for d in daemons for name in names for e in reaped(d, name)]
     signalled = Counter((e["server"], e["pid"]) for e in events)
-    assert signalled == Counter(victims.opened), "each victim signalled exactly once"
+    assert max(signalled.values(), default=1) == 1, "no victim signalled twice"
+    missing = set(victims.opened) - set(signalled)
+    assert missing <= set(unrecorded), f"victims never signalled: {sorted(missing)}"
+    assert set(signalled) <= set(victims.opened), "only victims signalled"
     for name in names:
         mine = sorted((e for e in events if e["server"] == name), key=lambda e: e["timestamp"])
         turns = sum(1 for a, b in itertools.pairwise(mine) if a["instance"] != b["instance"])
@@ -191,13 +208,19 @@ def test_an_instance_killed_or_joining_moves_its_share_and_no_server_has_two_sig
     wait_split(daemons, NAMES, [3, 3])
     with Victims(clients, fleet) as victims:
         daemons.append(start(start_daemon, tmp_path, fleet, "j2"))  # joins
-        wait_split(daemons, NAMES, [2, 2, 2])
+        shares = wait_split(daemons, NAMES, [2, 2, 2])
         victim = daemons[0]
         victim.process.kill()  # SIGKILL: its sessions and their locks go with it
+        victim.process.wait(timeout=10)
+        # what its last cycles may have signalled without the line: each of its servers' last
+        # victims within two intervals (one opened per server every 0.3 s or more)
+        opened = victims.snapshot()
+        last = {name: [v for v in opened if v[0] == name][-7:] for name in shares[0]}
+        unrecorded = [v for per_server in last.values() for v in per_server]
         survivors = daemons[1:]
         wait_split(survivors, NAMES, [3, 3])
         wait_for(lambda: len(victims.opened) >= 60, timeout=30, what="victims")
-    check_signals(daemons, victims, NAMES)
+    check_signals(daemons, victims, NAMES, unrecorded=unrecorded)
     for daemon in survivors:
         check_followers_only_probe(daemon, NAMES)
     for daemon in daemons:
