@@ -27,6 +27,7 @@ from reaper.daemon import ha
 from reaper.daemon.arbiter import ClusterArbiter
 from reaper.daemon.armed import ArmedSignals
 from reaper.daemon.cadence import delay_for
+from reaper.daemon.executor import CycleExecutor
 from reaper.daemon.follow import FollowerRound
 from reaper.daemon.jobs import job_id, now, quiet_apscheduler, spread, trigger
 from reaper.daemon.probe import Probes
@@ -50,6 +51,7 @@ _MIN_WORKERS = 64
 # A next run this close to the one its job's trigger has set already is left as it is (most
 # cycles of a quiet server end due one interval after they started, which is the trigger's).
 _SAME_DUE = 0.005
+_CYCLES = "cycles"  # the executor of the servers' cycle jobs
 
 
 class Scheduler:
@@ -69,10 +71,15 @@ class Scheduler:
         self._notifications = notifications
         self._workers: dict[str, Worker] = {}
         self._lock = threading.Lock()
-        # Per server: its cycle, and its armed timer's firing (which waits for the cycle).
-        workers = max(_MIN_WORKERS, 3 * len(settings.servers))
+        # The servers' cycles, one after the other while they are quick (executor.py); and
+        # per server its armed timer's firing (which waits for the cycle) and its pressure
+        # probe, with the [ha] rounds.
+        servers = len(settings.servers)
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+            executors={
+                "default": ThreadPoolExecutor(max_workers=max(_MIN_WORKERS, 2 * servers)),
+                _CYCLES: CycleExecutor(max_workers=max(_MIN_WORKERS, servers)),
+            },
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -199,6 +206,7 @@ class Scheduler:
             args=[worker],
             id=job_id(server.name),
             name=server.name,
+            executor=_CYCLES,
             next_run_time=now(after),
         )
 
