@@ -87,3 +87,33 @@ def test_a_series_dropped_when_leadership_went_comes_back_when_it_returns() -> N
     metrics.record(report, policies=["idle"], finished_at=0.0)
     assert _sample(metrics, "pg_reaper_sessions", state="idle") == 0
     assert _sample(metrics, "pg_reaper_candidates", policy="idle") == 1
+
+
+def test_gauges_follow_every_change_across_failed_polls_and_removals() -> None:
+    """A gauge is set only when its value changes: a failed poll's 0 and the next cycle's 1 both
+    show, and so does a value set again after its series was removed."""
+    metrics = Metrics()
+    facts = ServerFacts(
+        own_pid=1,
+        role="reaper",
+        superuser=False,
+        signal_backend=True,
+        read_all_stats=True,
+        server_version_num=180000,
+        max_connections=100,
+        client_sessions=7,
+    )
+    report = _Report(server=SERVER, dry_run=False, duration_ms=1.0, outcomes=(), facts=facts)
+    for _ in range(2):
+        metrics.record(report, policies=["idle"], finished_at=0.0)
+        assert _sample(metrics, "pg_reaper_server_up") == 1
+        assert _sample(metrics, "pg_reaper_connections_used") == 7
+        metrics.record_poll_failure(SERVER)
+        assert _sample(metrics, "pg_reaper_server_up") == 0
+        assert _sample(metrics, "pg_reaper_connections_used") == 7  # a failed poll measures none
+    metrics.forget_server(SERVER, policies=["idle"])
+    assert _sample(metrics, "pg_reaper_server_up") is None
+    metrics.record(report, policies=["idle"], finished_at=0.0)
+    assert _sample(metrics, "pg_reaper_server_up") == 1
+    assert _sample(metrics, "pg_reaper_connections_used") == 7
+    assert _sample(metrics, "pg_reaper_max_connections") == 100

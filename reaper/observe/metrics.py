@@ -54,7 +54,9 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call] # *_created series help no alert
         # Each series a cycle updates, looked up once: labels() costs a sort and a lock at every
         # call, a dozen calls per cycle of every server. Emptied whenever a series is removed.
-        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        # Beside each child, the value last given to `_set` (a gauge set again to the value it
+        # holds is left alone: most of a cycle's gauges hold what the last cycle set).
+        self._children: dict[tuple[Any, tuple[str, ...]], list[Any]] = {}
         self._children_lock = threading.Lock()
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -288,14 +290,26 @@ class Metrics:
 
     def _child(self, metric: Gauge | Counter | Histogram, *values: str) -> Any:  # noqa: ANN401 - prometheus_client's children are untyped
         """`metric.labels(*values)` (in the metric's label order), from the cache."""
+        return self._entry(metric, values)[0]
+
+    def _set(self, metric: Gauge, value: float, *values: str) -> None:
+        """Set a gauge's series to `value`, unless `_set` left it there already. Every set of a
+        series goes through here, or none does."""
+        entry = self._entry(metric, values)
+        if entry[1] != value:
+            entry[0].set(value)
+            entry[1] = value
+
+    def _entry(self, metric: Gauge | Counter | Histogram, values: tuple[str, ...]) -> list[Any]:
         key = (metric, values)
-        child = self._children.get(key)
-        if child is None:
+        entry = self._children.get(key)
+        if entry is None:
             # Under the lock, so that a series removed meanwhile is never cached: the removal
-            # evicts it from the cache after it (_remove).
+            # evicts it from the cache after it (_remove). An entry evicted while a cycle sets
+            # it is dropped with its value: the next one sets the new series.
             with self._children_lock:
-                child = self._children[key] = metric.labels(*values)
-        return child
+                entry = self._children[key] = [metric.labels(*values), None]
+        return entry
 
     def _forget_children(self) -> None:
         with self._children_lock:
@@ -322,18 +336,18 @@ class Metrics:
 
     def record_probe(self, server: str, *, finished_at: float) -> None:
         """[ha]: a follower's cycle, one probe that the server answered."""
-        self._child(self.server_up, server).set(1)
+        self._set(self.server_up, 1, server)
         self._child(self.last_poll, server).set(finished_at)
         self._child(self.ha_probes, server).inc()
 
     def record_poll_failure(self, server: str) -> None:
         self.poll_errors.labels(server=server).inc()
-        self.server_up.labels(server=server).set(0)
+        self._set(self.server_up, 0, server)
 
     def record(self, report: CycleReport, *, policies: Iterable[str], finished_at: float) -> None:
         """Account for one successful cycle of one server."""
         server = report.server
-        self._child(self.server_up, server).set(1)
+        self._set(self.server_up, 1, server)
         self._child(self.last_poll, server).set(finished_at)
         self._child(self.poll_duration, server).observe(report.duration_ms / 1000)
         self._record_connections(report)
@@ -341,10 +355,10 @@ class Metrics:
         for session in report.sessions:
             by_state[session.state if session.state in by_state else UNKNOWN_STATE] += 1
         for state, count in by_state.items():
-            self._child(self.sessions, server, state).set(count)
+            self._set(self.sessions, count, server, state)
         matched = self.record_signals(report, matched=dict.fromkeys(policies, 0))
         for policy, count in matched.items():
-            self._child(self.candidates, server, policy).set(count)
+            self._set(self.candidates, count, server, policy)
 
     def record_signals(
         self, report: CycleReport, *, matched: dict[str, int] | None = None
@@ -373,11 +387,12 @@ class Metrics:
         """How full the server was at the poll, and which pressure conditions held."""
         server = report.server
         if report.facts is not None:
-            self._child(self.max_connections, server).set(report.facts.max_connections)
-            self._child(self.connections_used, server).set(report.facts.client_sessions)
-            self._child(self.connections_usable, server).set(report.facts.usable_connections)
+            facts = report.facts
+            self._set(self.max_connections, facts.max_connections, server)
+            self._set(self.connections_used, facts.client_sessions, server)
+            self._set(self.connections_usable, facts.usable_connections, server)
         for policy, held in report.pressure:
-            self._child(self.pressure, server, policy).set(1 if held else 0)
+            self._set(self.pressure, 1 if held else 0, server, policy)
 
 
 def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:
