@@ -22,8 +22,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.executors.base import run_job
-from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.executors.pool import BasePoolExecutor
 
+from reaper.daemon.pool import ThreadPool
 from reaper.pg import deadlines
 
 if TYPE_CHECKING:
@@ -47,13 +48,14 @@ class _Running:
         self.slow = False
 
 
-class CycleExecutor(ThreadPoolExecutor):  # type: ignore[misc] # APScheduler 3 is untyped
-    """APScheduler's pool of threads (`max_workers` at most, made on demand), whose jobs run one
-    after the other on one of them until one runs past HANDOFF (see the module). A job never
-    overlaps itself, as with the stock executor (APScheduler's `max_instances`)."""
+class CycleExecutor(BasePoolExecutor):  # type: ignore[misc] # APScheduler 3 is untyped
+    """APScheduler's pool executor on a `ThreadPool` (`max_workers` at most, made on demand,
+    gone once idle a while), whose jobs run one after the other on one thread until one runs
+    past HANDOFF (see the module). A job never overlaps itself, as with the stock executor
+    (APScheduler's `max_instances`)."""
 
     def __init__(self, max_workers: int) -> None:
-        super().__init__(max_workers=max_workers)
+        super().__init__(ThreadPool(max_workers, name="pg-reaper-cycle"))
         self._lock = threading.Lock()
         self._queue: deque[_Queued] = deque()
         self._draining = False  # a thread runs the queue
