@@ -44,7 +44,7 @@ class ThreadPool(Executor):
     `max_workers` in flight wait in order. The threads are daemon threads: one blocked on a
     server that stopped answering never holds the process's exit."""
 
-    def __init__(self, max_workers: int, *, name: str, idle_exit: float = 60.0) -> None:
+    def __init__(self, max_workers: int, *, name: str, idle_exit: float = 10.0) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
         self._max = max_workers
