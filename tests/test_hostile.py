@@ -324,17 +324,18 @@ def test_settings_from_the_environment_do_not_skew_the_session(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # libpq sends PGDATESTYLE and PGTZ as startup parameters, and PGOPTIONS as options.
-    monkeypatch.setenv("PGDATESTYLE", "German")
-    monkeypatch.setenv("PGTZ", "Asia/Kolkata")
-    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=1 -c search_path=public")
     victim = sessions.idle(application="victim", user=VICTIM_ROLE, password=VICTIM_ROLE)
     time.sleep(MAX_IDLE + 0.5)
     fresh = sessions.idle(application="fresh", user=VICTIM_ROLE, password=VICTIM_ROLE)
-
-    code, document, _ = _run(
-        capsys, "once", "-c", str(_config(tmp_path, pg, db="postgres")), "--json"
-    )
+    # libpq sends PGDATESTYLE and PGTZ as startup parameters, and PGOPTIONS as options: set
+    # for the reaper's run only (the test's own sessions would get statement_timeout = 1 ms).
+    with monkeypatch.context() as env:
+        env.setenv("PGDATESTYLE", "German")
+        env.setenv("PGTZ", "Asia/Kolkata")
+        env.setenv("PGOPTIONS", "-c statement_timeout=1 -c search_path=public")
+        code, document, _ = _run(
+            capsys, "once", "-c", str(_config(tmp_path, pg, db="postgres")), "--json"
+        )
 
     assert code == 0
     decided = _decisions(document)
