@@ -117,20 +117,13 @@ class CycleExecutor(BasePoolExecutor):  # type: ignore[misc] # APScheduler 3 is 
             self._submit(self._run, job, run_times)
 
     def _run(self, job: Any, run_times: list[datetime]) -> None:  # noqa: ANN401 - APScheduler's Job
-        """Run one job and tell APScheduler how it went, as its pool executors do."""
-        events: list[Any] = []
-        error: BaseException | None = None
+        """Run one job and tell APScheduler how it went, as its pool executors do. A job may end
+        before the scheduler has set its next run: the daemon's listeners set theirs through
+        APScheduler's calls, which wait for that update under the scheduler's own lock."""
         try:
             events = run_job(job, job._jobstore_alias, run_times, self._logger.name)  # noqa: SLF001 - as APScheduler's own executors call it
         except BaseException as exc:  # noqa: BLE001 - APScheduler's own executors report it so
-            error = exc
-        # The job's end is told once the scheduler has set the job's next run (it does so right
-        # after submitting it, under this lock): the daemon's listeners set a run of their own
-        # after that (scheduler.py), which APScheduler's would overwrite.
-        with self._scheduler._jobstores_lock:  # noqa: SLF001 - APScheduler's own lock
-            pass
-        if error is not None:
-            self._run_job_error(job.id, error, error.__traceback__)
+            self._run_job_error(job.id, exc, exc.__traceback__)
         else:
             self._run_job_success(job.id, events)
 
