@@ -9,7 +9,6 @@ import os
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import psycopg
+
+from reaper.demo import programs
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -120,10 +121,7 @@ def daemon_env() -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return programs.free_port()
 
 
 # --- the report --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from reaper.daemon.armed import ArmedSignals
 from reaper.daemon.balance import member_id, preferred
 from reaper.daemon.ha import LeaderState
 from reaper.daemon.scheduler import Scheduler
+from reaper.demo.programs import free_port
 from reaper.observe.log import get_logger
 from reaper.observe.metrics import Metrics
 from reaper.policy import Result
@@ -27,7 +28,6 @@ from tests.servers import Sessions, TestServer, usable, wait_for
 from tests.test_daemon import (
     RunningDaemon,
     daemon_config,
-    free_port,
     policy,
     port,
     server_name,

@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 from reaper.audit_event import AuditEvent, AuditRecord
 from reaper.cli import main
 from reaper.demo.embedded import EmbeddedPostgres
+from reaper.demo.programs import free_port
 from reaper.identifiers import parse_table_name
 from reaper.observe.audit import AuditSink, AuditWriter
 from reaper.observe.log import configure
@@ -29,7 +30,7 @@ from reaper.observe.queue import RowQueue
 from reaper.pg.audit import AuditConnection
 from reaper.settings import ConfigError, LogSection, Settings, load_settings
 from tests.servers import TestServer, wait_for
-from tests.test_daemon import RunningDaemon, daemon_config, free_port, policy, toml_string
+from tests.test_daemon import RunningDaemon, daemon_config, policy, toml_string
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Self
 
 import pytest
 
+from reaper.demo.programs import free_port
 from tests.servers import wait_for
-from tests.test_daemon import RunningDaemon, daemon_config, free_port, start_daemon
+from tests.test_daemon import RunningDaemon, daemon_config, start_daemon
 from tests.test_ha import IDLE_POLICY, Clients, admin, fleet, is_alive, lock_holders, reaped
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reaper.daemon.process import WATCH_INTERVAL
 from reaper.demo.embedded import EmbeddedPostgres
+from reaper.demo.programs import free_port
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer, usable, wait_for
 
 if TYPE_CHECKING:
@@ -255,12 +256,6 @@ def start_daemon() -> Iterator[Callable[..., RunningDaemon]]:
     yield start
     for daemon in started:
         daemon.stop()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

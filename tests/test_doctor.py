@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import textwrap
 from dataclasses import replace
 from datetime import timedelta
@@ -32,6 +31,7 @@ from reaper.commands.doctor import (
     render_text,
 )
 from reaper.demo.embedded import EmbeddedPostgres
+from reaper.demo.programs import free_port
 from reaper.pg.activity import ServerConnection
 from reaper.pg.doctor import doctor_rows
 from reaper.settings import PolicyConfig
@@ -662,13 +662,6 @@ def test_doctor_leaves_the_reapers_own_session_settings_as_they_were(
             " current_setting('statement_timeout') AS statement"
         )
     assert rows == [{"idle_in_tx": "0", "statement": "10s"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_an_unreachable_server_is_a_problem_naming_it_without_its_password(

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
+import socket
 import stat
 import subprocess
+from pathlib import Path
 
 import psycopg
 import pytest
 
+from reaper.demo import programs
 from reaper.demo.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
 MAJORS = [
@@ -173,3 +177,25 @@ def test_a_template_copy_is_a_cluster_of_its_own_run() -> None:
     finally:
         for pg in [*copies, template]:
             pg.cleanup()
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_skip_a_taken_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kernel gives ports of its ephemeral range to outgoing connections: a listener's port
+    # chosen from it can be taken by another process's connection before the listener binds.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {programs.free_port() for _ in range(20)}
+    assert len(ports) > 1  # chosen at random, not a fixed sequence
+    assert all(programs._LOWEST_PORT <= port < low for port in ports)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy - programs._LOWEST_PORT, 7])
+        monkeypatch.setattr(secrets, "randbelow", lambda _: next(picks))
+        assert programs.free_port() == programs._LOWEST_PORT + 7
+
+    monkeypatch.setattr(programs, "_EPHEMERAL_RANGE", Path("/nonexistent"))
+    assert programs.free_port() >= low  # without the range, the kernel's choice

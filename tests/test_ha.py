@@ -16,6 +16,7 @@ import pytest
 
 from reaper.daemon.ha import CycleLock
 from reaper.demo.embedded import EmbeddedPostgres
+from reaper.demo.programs import free_port
 from reaper.pg.activity import ServerConnection
 from reaper.pg.connection import PostgresError
 from reaper.pg.ha import LockHolder, lead, lock_key_halves
@@ -23,7 +24,7 @@ from reaper.policy import Result
 from reaper.settings import DEFAULT_LOCK_KEY, Settings
 from reaper.sweep import connect, sweep
 from tests.servers import ADMIN_APPLICATION, wait_for
-from tests.test_daemon import RunningDaemon, daemon_config, free_port, start_daemon
+from tests.test_daemon import RunningDaemon, daemon_config, start_daemon
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from reaper.cli import main
 from reaper.daemon.balance import member_id, preferred
+from reaper.demo.programs import free_port
 from reaper.observe.log import configure
 from reaper.observe.messages import render, summarize
 from reaper.observe.metrics import Metrics
@@ -33,7 +34,7 @@ from reaper.settings import ConfigError, LogSection, Settings, load_settings, re
 from reaper.sweep import Outcome, SweepReport
 from tests.config_helpers import MINIMAL, clean_environment  # noqa: F401 - an autouse fixture
 from tests.servers import Sessions, TestServer, usable, wait_for
-from tests.test_daemon import RunningDaemon, daemon_config, free_port, start_daemon
+from tests.test_daemon import RunningDaemon, daemon_config, start_daemon
 from tests.test_policy import make_session
 
 if TYPE_CHECKING:

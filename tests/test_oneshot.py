@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from reaper.cli import main
+from reaper.demo.programs import free_port
 from tests.servers import ADMIN_APPLICATION, Sessions, TestServer
 
 if TYPE_CHECKING:
@@ -63,10 +64,8 @@ def hung() -> Iterator[HungServer]:
 
 
 def dead_port() -> int:
-    """A 127.0.0.1 port where nothing listens (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A 127.0.0.1 port where nothing listens."""
+    return free_port()
 
 
 def config(tmp_path: Path, pg: TestServer, hung: HungServer, *, extra: str = "") -> Path:

@@ -22,6 +22,7 @@ from psycopg import sql
 from reaper.daemon.ha import LeaderState
 from reaper.daemon.probe import Probes
 from reaper.demo.embedded import EmbeddedPostgres
+from reaper.demo.programs import free_port
 from reaper.observe.log import get_logger
 from reaper.observe.metrics import Metrics
 from reaper.pg.activity import PROBE_SQL, ServerConnection
@@ -30,7 +31,7 @@ from reaper.policy import RoleConnections
 from reaper.settings import ConfigError, ServerConfig, Settings, load_settings
 from reaper.sweep import connect, sweep
 from tests.servers import Sessions, TestServer, wait_for
-from tests.test_daemon import RunningDaemon, daemon_config, free_port
+from tests.test_daemon import RunningDaemon, daemon_config
 from tests.test_pressure import client_backends, open_in_order, parallel_query
 
 if TYPE_CHECKING:

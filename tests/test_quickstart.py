@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
-from tests.test_daemon import RunningDaemon, free_port, start_daemon  # noqa: F401 - a fixture
+from reaper.demo.programs import free_port
+from tests.test_daemon import start_daemon  # noqa: F401 - a fixture
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tests.servers import Sessions, TestServer
+    from tests.test_daemon import RunningDaemon
 
 pytestmark = pytest.mark.integration
 

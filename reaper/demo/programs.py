@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import socket
 import stat
 import subprocess
@@ -152,9 +153,33 @@ def process_alive(pid: int) -> bool:
     return fields[0] != "Z"
 
 
+# Ports handed out below the kernel's ephemeral range: a port the kernel chose (bind to port 0)
+# is one it may give the next outgoing connection of any process as its local port before the
+# caller listens on it, and on a busy machine (a test run's hundreds of connections) it does.
+_LOWEST_PORT = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORT_TRIES = 100
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    """A TCP port on 127.0.0.1 that nothing listens on now, outside the ephemeral range.
+
+    Chosen at random below the range (so two processes asking at once rarely get the same one)
+    and checked by binding it; where the range cannot be read, the kernel chooses.
+    """
+    try:
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = _LOWEST_PORT
+    for _ in range(_PORT_TRIES if ephemeral_low > _LOWEST_PORT + _PORT_TRIES else 0):
+        port = _LOWEST_PORT + secrets.randbelow(ephemeral_low - _LOWEST_PORT)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen

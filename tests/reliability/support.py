@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from reaper.demo.programs import free_port
 from tests.servers import ADMIN_APPLICATION
-from tests.test_daemon import RunningDaemon, daemon_config, free_port
+from tests.test_daemon import RunningDaemon, daemon_config
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
