@@ -5,15 +5,18 @@ client sessions that no policy matches (so that a poll has rows to read and plan
 
 1. baseline: one ``pg-reaper run`` with ``[ha] enabled`` on every server, alone: after a
    warm-up, its CPU time (user + system, from /proc/<pid>/stat) over ``--window`` seconds;
-2. three daemons with the same configuration but their own ``instance_id``: once leadership
+2. what three processes cost by themselves: three ``[ha]`` daemons that share nothing, each
+   with a third of the servers (each leads its own, follows none), over the same window;
+3. three daemons with the same configuration but their own ``instance_id``: once leadership
    has settled (each server one leader), the CPU time of each over the same window, the split
    of leadership, and the polls (``pg_reaper_poll_duration_seconds_count``) and follower probes
    (``pg_reaper_ha_probes_total``) each made in it;
-3. failover: one of the three is SIGKILLed; the time until the two others lead every server
+4. failover: one of the three is SIGKILLed; the time until the two others lead every server
    between them, split evenly, in intervals.
 
-Target: the three together spend <= 1.5x the CPU of the one alone. Run under the machine-wide
-lock, as every benchmark:
+Target: the three together spend <= 1.5x the CPU of the one alone. The second step tells how much
+of that is the followers' own work, and how much three processes instead of one. Run under the
+machine-wide lock, as every benchmark:
 
     flock /work/wt/bench.lock .venv/bin/python bench/ha.py [--window 60] [--interval 2]
 """
@@ -180,6 +183,18 @@ def run(args: argparse.Namespace) -> int:
         ((base_cpu, base_polls, base_probes),) = measure([alone], names, args.window)
         alone.stop()
 
+        apart = [
+            Daemon(work, servers[n::3], name=f"apart{n}", interval=args.interval) for n in range(3)
+        ]
+        for daemon in apart:
+            stack.callback(daemon.stop)
+        for n, daemon in enumerate(apart):
+            wait_split([daemon], names[: len(servers[n::3])], timeout=settle)
+        time.sleep(args.warmup)
+        apart_cpu = sum(cpu for cpu, _, _ in measure(apart, names, args.window))
+        for daemon in apart:
+            daemon.stop()
+
         three = [Daemon(work, servers, name=f"ha{n}", interval=args.interval) for n in range(3)]
         for daemon in three:
             stack.callback(daemon.stop)
@@ -196,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
 
     total = sum(cpu for cpu, _, _ in each)
     ratio = total / base_cpu if base_cpu else float("inf")
+    floor = apart_cpu / base_cpu if base_cpu else float("inf")
     rows = [
         "| daemon | leads | CPU s | CPU % of a core | polls | probes |",
         "|---|---|---|---|---|---|",
@@ -210,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
             f"{100 * cpu / args.window:.1f} | {polls:.0f} | {probes:.0f} |"
         )
     rows.append(
+        f"| three sharing nothing (a third of the servers each) | {len(names)} | "
+        f"{apart_cpu:.2f} | {100 * apart_cpu / args.window:.1f} | - | - |"
+    )
+    rows.append(
         f"| three together | {sum(len(s) for s in shares)} | {total:.2f} | "
         f"{100 * total / args.window:.1f} | {sum(p for _, p, _ in each):.0f} | "
         f"{sum(p for _, _, p in each):.0f} |"
@@ -218,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
     stable = "stable" if after == shares else f"moved during the window: {after}"
     ratios = [
         f"- three [ha] daemons / one alone: {ratio:.2f}x CPU (target <= {TARGET:g}x)",
+        (
+            f"- three sharing nothing / one alone: {floor:.2f}x (three processes instead of one);"
+            f" the followers' own work: {ratio - floor:.2f}x"
+        ),
         f"- leadership split {'/'.join(str(len(s)) for s in shares)}, {stable}",
         (
             f"- after SIGKILL of {three[0].name}: the two others led "

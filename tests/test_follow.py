@@ -1,7 +1,7 @@
 """[ha] followers probed in rounds (docs/ha.md, "What a follower costs"): the schedulers of two
 instances, in this process, share six real servers. A server an instance follows is probed in
-the instance's rounds, once per interval, with its fellows; anything that changes (its session
-ends, its leader leaves) gives it back to its own job at once."""
+the instance's rounds, once per probe period (1.5 intervals), with its fellows; anything that
+changes (its session ends, its leader leaves) gives it back to its own job at once."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from reaper.daemon.balance import FOLLOW_INTERVALS
 from reaper.daemon.scheduler import Scheduler
 from reaper.observe.metrics import Metrics
 from reaper.settings import Settings
@@ -20,12 +21,14 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
     from reaper.demo.embedded import EmbeddedPostgres
+    from reaper.pg.ha import Probe
 
 pytestmark = pytest.mark.integration
 
 __all__ = ["fleet"]  # the fixture, shared with test_ha.py
 
 INTERVAL = 1.0
+PERIOD = FOLLOW_INTERVALS * INTERVAL  # a steady follower's probes of a server
 NAMES = [f"s{i}" for i in range(6)]
 
 
@@ -98,17 +101,17 @@ def follower_pid(server: EmbeddedPostgres) -> int | None:
     return int(pids[0][0]) if len(pids) == 1 else None
 
 
-def test_a_follower_probes_the_servers_it_follows_together_once_per_interval_and_never_polls(
+def test_a_follower_probes_the_servers_it_follows_together_once_per_period_and_never_polls(
     fleet: list[EmbeddedPostgres], pair: tuple[Instance, Instance]
 ) -> None:
     first, _ = pair
     led, _ = settle(pair)
     followed = sorted(set(NAMES) - led)
     before = {n: first.scheduler.polls(n) for n in followed}
-    time.sleep(6 * INTERVAL)
+    time.sleep(6 * PERIOD)
     for name in followed:
         probes = first.scheduler.polls(name) - before[name]
-        assert 4 <= probes <= 9, (name, probes)  # once per interval, once early at most
+        assert 4 <= probes <= 9, (name, probes)  # once per period, once early at most
         index = NAMES.index(name)
         pid = follower_pid(fleet[index])
         assert pid is not None
@@ -149,3 +152,41 @@ def test_a_parked_server_goes_back_to_its_own_job_when_its_session_ends_or_its_l
     wait_for(lambda: first.leads() == set(NAMES), timeout=10 * INTERVAL, what="all led")
     assert time.monotonic() - stopped <= 2 * INTERVAL + 0.5
     assert first.scheduler.parked() == set()
+
+
+def test_a_steady_answer_is_judged_once_until_a_hold_off_ends(
+    pair: tuple[Instance, Instance],
+) -> None:
+    first, _ = pair
+    led, _ = settle(pair)
+    name = min(set(NAMES) - led)
+    worker = first.scheduler._workers[name]
+
+    def judged_once() -> Probe | None:
+        """The answer judged steady, if the next two probes took it as judged (right after
+        the split, an ask may still be withdrawn: that answer is another, judged anew)."""
+        steady = worker.steady
+        probes = first.scheduler.polls(name)
+        wait_for(
+            lambda: first.scheduler.polls(name) >= probes + 2, timeout=4 * PERIOD, what="probes"
+        )
+        if steady is None or worker.steady is None or worker.steady[1] is not steady[1]:
+            return None
+        return steady[1]
+
+    for _ in range(5):
+        judged = judged_once()
+        if judged is not None:
+            break
+    # The same answer, save the ages: taken as judged, not read again.
+    assert judged is not None, "no answer was judged once and then taken as judged"
+    assert name in first.scheduler.parked()
+
+    worker.steady_until = time.monotonic()  # as when a hold-off or a retirement ends
+    # Its next probe gives it back to its own cycle, which judges afresh and parks it again.
+    wait_for(
+        lambda: worker.steady is not None and worker.steady[1] is not judged,
+        timeout=4 * PERIOD,
+        what="the server judged again",
+    )
+    assert first.leads() == led

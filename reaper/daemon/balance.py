@@ -77,6 +77,12 @@ def preferred(server: str, servers: tuple[str, ...], members: frozenset[int]) ->
 # moved, and balance returns at the next change of members or after that time.
 SKIP_INTERVALS = 30
 
+# A steady follower probes a server once every this many of its intervals. The member that
+# should lead a server whose lock falls free sees it within 1.5 intervals, inside the two that
+# failover is held to, for two thirds of the probes of one per interval: a follower's probes are
+# most of what an [ha] instance spends beyond its own share of the polls (bench/ha.py).
+FOLLOW_INTERVALS = 1.5
+
 
 @dataclass(kw_only=True)
 class Balance:
@@ -143,22 +149,29 @@ class Balance:
             act(conn, self.membership, release=False, want=False)
         return seen
 
+    @property
+    def follow_every(self) -> float:
+        """Seconds between a steady follower's probes of the server."""
+        return self.interval * FOLLOW_INTERVALS
+
     def _grace(self, now: float) -> float:
         """How long a free lock waits for the member that should lead the server before this
-        instance takes it: an interval; three while this instance leaves the server it lost to
-        the others, so that the instance that lost it does not race them for it: they see the
-        free lock within an interval and take it one interval later."""
-        return self.interval * (3 if now < self.retired_until else 1)
+        instance takes it: one follower's probe period, in which the preferred member probes
+        and takes it; three while this instance leaves the server it lost to the others, so that
+        the instance that lost it does not race them for it: they see the free lock within a
+        period and take it one period later."""
+        return self.follow_every * (3 if now < self.retired_until else 1)
 
     def lost(self) -> None:
         """The server's lock was taken from this instance: it leaves the server where it goes."""
         self.retired_until = time.monotonic() + SKIP_INTERVALS * self.interval
 
     def cadence(self, delay: float, *, leader: bool, min_interval: float) -> float:
-        """Seconds to the next cycle: a follower only probes, once per interval; while a change
-        is under way, four times as often (a handover, a free lock, an ask)."""
+        """Seconds to the next cycle: a follower only probes, once every `FOLLOW_INTERVALS`
+        intervals; while a change is under way, every quarter interval (a handover, a free
+        lock, an ask)."""
         if not leader:
-            delay = self.interval
+            delay = self.follow_every
         if self.settling:
             delay = min(delay, self.interval / 4)
         return max(delay, min(min_interval, self.interval))

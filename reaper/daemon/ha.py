@@ -13,6 +13,7 @@ per change, who holds the lock when it is not a pg-reaper instance (lock squatti
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,11 @@ class CycleLock:
     def lead(self, conn: ServerConnection) -> Leadership:
         # The probe opens a new session if the old one was lost: only then can it be told.
         membership = None if self.balance is None else self.balance.membership
-        seen = lead(conn, self.key, acquire=False, membership=membership)
+        return self.judge(conn, lead(conn, self.key, acquire=False, membership=membership))
+
+    def judge(self, conn: ServerConnection, seen: Leadership) -> Leadership:
+        """From what a probe of the lock saw (without acquiring), on `conn`'s session: hand it
+        over, ask for it or take it; the leadership this session has after that."""
         lost = self.held_by is not None and self.held_by != conn.sessions_opened
         if self.balance is None:  # no balancing: take the lock whenever it is free
             if seen.leader or not self.acquire or lost or seen.holder is not None:
@@ -113,9 +118,16 @@ class LeaderState:
         self.balance.servers, self.balance.interval = servers, interval
         self.balanced_for = settings
 
+    def decided_until(self, now: float) -> float:
+        """Until when (time.monotonic()) a follower's decision stands for the same answer of
+        its probe: the end of a hold-off or of a retirement (balance.py) changes what it asks."""
+        ends = (self.retry_at, 0.0 if self.balance is None else self.balance.retired_until)
+        return min((end for end in ends if end > now), default=math.inf)
+
     def cadence(self, delay: float, report: SweepReport, *, settings: Settings) -> float:
         """Seconds to the next cycle: `delay` (the deadline rule), but a follower only probes,
-        once per interval, and more often while leadership is changing hands (balance.py)."""
+        once every 1.5 intervals, and more often while leadership is changing hands
+        (balance.py)."""
         if not settings.ha.enabled or self.balance is None or not report.ok:
             return delay
         min_interval = settings.reaper.min_interval.total_seconds()

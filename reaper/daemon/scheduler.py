@@ -34,9 +34,11 @@ from reaper.daemon.probe import Probes
 from reaper.daemon.worker import Worker
 from reaper.observe.log import get_logger
 from reaper.pg.connection import PostgresError
+from reaper.pg.ha import probe as ha_probe
 from reaper.sweep import SweepReport, connect, sweep
 
 if TYPE_CHECKING:
+    from reaper.daemon.balance import Balance
     from reaper.observe.audit import AuditSink
     from reaper.observe.metrics import Metrics
     from reaper.observe.notifications import Notifications
@@ -100,7 +102,7 @@ class Scheduler:
         # policies (probe.py).
         self._probes = Probes(self._scheduler, metrics=metrics, log=self._log, cycle_job=job_id)
         # [ha]: the servers this instance steadily follows, probed in rounds (follow.py).
-        self._round = FollowerRound(self._scheduler, run=self._run_parked, wake=self._wake)
+        self._round = FollowerRound(run=self._run_parked, wake=self._wake)
         self._armed = ArmedSignals(
             self._scheduler,
             metrics=metrics,
@@ -322,40 +324,61 @@ class Scheduler:
             self._scheduler.pause_job(job_id(worker.name))
         except JobLookupError:
             return  # removed by a reload or shutdown meanwhile
-        server = worker.config
-        if server is None:
+        balance = worker.leadership.balance
+        if balance is None:
             return
-        interval = worker.settings.interval_for(server).total_seconds()
-        self._round.park(worker, due=at, interval=interval)
+        worker.steady = None  # its first probe in the rounds is judged as a cycle would
+        self._round.park(worker, due=at, every=balance.follow_every)
 
     def _run_parked(self, worker: Worker) -> float | None:
         """A parked server's probe, run by a round: its cycle's first statement, the lock probe,
         and nothing else while it finds the server as the last cycle left it (this instance
-        follows, nothing changing hands). Returns its interval, in which the next is due; None,
-        for anything else (a failure, a new session, leadership moving), resumes the server's
-        own job, whose cycle looks again and accounts for it."""
+        follows, nothing changing hands). Returns the seconds in which the next is due (a
+        follower's probe period, balance.py); None, for anything else (a failure, a new
+        session, leadership moving), resumes the server's own job, whose cycle looks again and
+        accounts for it."""
         with worker.lock:
-            conn, server, settings = worker.conn, worker.config, worker.settings
-            lock = worker.leadership.lock(settings)
             balance = worker.leadership.balance
-            if conn is None or server is None or lock is None or balance is None or worker.removed:
-                return None
-            session = conn.sessions_opened
-            try:
-                seen = lock.lead(conn)
-            except PostgresError:
-                return None
-            if (
-                seen.leader
-                or seen.holder is None
-                or balance.settling
-                or seen.other != worker.leadership.other
-                or conn.sessions_opened != session
-            ):
+            if balance is None or not self._still_steady(worker, balance):
                 return None
             worker.polls += 1
         self._metrics.record_probe(worker.name, finished_at=time.time())
-        return settings.interval_for(server).total_seconds()
+        return balance.follow_every
+
+    def _still_steady(self, worker: Worker, balance: Balance) -> bool:
+        """Whether a probe finds `worker`'s server as a steady follower left it. An answer
+        equal to the last one judged steady (on the same session, save the members' ages) is
+        judged the same without being read, until a hold-off or a retirement ends; any other is
+        read and judged as a cycle would. Under the worker's lock."""
+        conn, settings = worker.conn, worker.settings
+        if conn is None or worker.config is None or worker.removed or not settings.ha.enabled:
+            return False
+        session = conn.sessions_opened
+        seen = ha_probe(conn, settings.ha.lock_key, membership=balance.membership)
+        if seen is None:
+            return False  # no session, or a failure: its own cycle says which
+        probed_at = time.monotonic()
+        steady = worker.steady
+        if steady is not None and steady[0] == session and seen.same(steady[1]):
+            return probed_at < worker.steady_until
+        worker.steady = None
+        lock = worker.leadership.lock(settings)
+        try:
+            judged = None if lock is None else lock.judge(conn, seen.leadership())
+        except PostgresError:
+            judged = None
+        if (
+            judged is None
+            or judged.leader
+            or judged.holder is None
+            or balance.settling
+            or judged.other != worker.leadership.other
+            or conn.sessions_opened != session
+        ):
+            return False
+        worker.steady = (session, seen)
+        worker.steady_until = worker.leadership.decided_until(probed_at)
+        return True
 
     def _wake(self, worker: Worker) -> None:
         """Resume a server's own job at once: its probe in a round found something for its

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from reaper.daemon import ha
     from reaper.daemon.arbiter import Seat
     from reaper.pg.activity import ServerConnection
+    from reaper.pg.ha import Probe
     from reaper.settings import ServerConfig, Settings
 
 __all__ = ["Worker"]
@@ -38,6 +39,10 @@ class Worker:
     # [ha]: time.monotonic() of the next probe if the last cycle left this instance a steady
     # follower of the server (follow.py: its probes go in the rounds, its own job is paused).
     park_at: float | None = None
+    # [ha], while parked: the last probe judged steady (and its session), and until when
+    # (time.monotonic()) that judgement holds for the same answer (scheduler._run_parked).
+    steady: tuple[int, Probe] | None = None
+    steady_until: float = 0.0
     poll_by: datetime | None = None  # asked for by an armed signal (escalation, cap, lost lock)
     cycle_thread: int | None = None  # the pool thread running (or last running) the cycle
     generation: int = 0  # bumped by every reload that touches this server

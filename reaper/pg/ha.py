@@ -19,15 +19,27 @@ decides).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from reaper import APPLICATION_NAME
-from reaper.pg.connection import query
+from reaper.pg.connection import Prepared, query
 
 if TYPE_CHECKING:
-    from reaper.pg.connection import Connection
+    from typing import Any
 
-__all__ = ["Leadership", "LockHolder", "Membership", "act", "lead", "lock_key_halves"]
+    from reaper.pg.connection import Connection, RawRow
+
+__all__ = [
+    "Leadership",
+    "LockHolder",
+    "Membership",
+    "Probe",
+    "act",
+    "lead",
+    "lock_key_halves",
+    "probe",
+]
 
 
 def _compact(text: str) -> str:
@@ -44,6 +56,8 @@ def _compact(text: str) -> str:
 
 HA_LEAD_SQL = _compact(query("ha_lead"))
 HA_ACT_SQL = _compact(query("ha_act"))
+# A steady follower's probe: the same statement, prepared on its session (`probe`).
+HA_PROBE = Prepared.of("pg_reaper_ha_lead", HA_LEAD_SQL)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +114,41 @@ def lead(
     """Whether `conn`'s session holds the advisory lock `lock_key` (checked in pg_locks), taking
     it first if it is free and `acquire`. A lost connection loses the lock with it: the session
     reopened by the next call holds nothing until it takes the lock again."""
+    (row,) = conn.run(HA_LEAD_SQL, _params(lock_key, acquire=acquire, membership=membership))
+    return _leadership(row)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A follower's look at a server's lock (ha_lead.sql, without acquiring), as the server
+    answered: `same` tells an answer equal to an earlier one, save the members' ages, without
+    reading it; `leadership` reads it."""
+
+    row: RawRow
+    fingerprint: tuple[bytes | None, ...]  # every column but member_ages (the last), as sent
+
+    def same(self, other: Probe | None) -> bool:
+        return other is not None and self.fingerprint == other.fingerprint
+
+    def leadership(self) -> Leadership:
+        return _leadership(self.row.load())
+
+
+def probe(conn: Connection, lock_key: int, *, membership: Membership) -> Probe | None:
+    """`lead(conn, lock_key, acquire=False, membership=membership)` as a `Probe`, on the open
+    session; None when there is none or the statement fails (then `lead` says why)."""
+    row = conn.run_prepared(HA_PROBE, _probe_params(lock_key, membership))
+    if row is None:
+        return None
+    return Probe(row=row, fingerprint=row.values[:-1])
+
+
+@lru_cache(maxsize=64)
+def _probe_params(lock_key: int, membership: Membership) -> tuple[bytes, ...]:
+    return HA_PROBE.encode(_params(lock_key, acquire=False, membership=membership))
+
+
+def _params(lock_key: int, *, acquire: bool, membership: Membership | None) -> dict[str, object]:
     params: dict[str, object] = {
         "lock_key": lock_key,
         "acquire": acquire,
@@ -110,7 +159,10 @@ def lead(
     }
     if membership is not None:
         params |= membership.params()
-    (row,) = conn.run(HA_LEAD_SQL, params)
+    return params
+
+
+def _leadership(row: dict[str, Any]) -> Leadership:
     other = None
     if row["held_by_other"]:
         other = LockHolder(

@@ -21,7 +21,8 @@
 -- session's own, taken by this very statement, may be missing), each with the age of its
 -- session in seconds; wanting, the marks (%(want_class)s, id) of the instances that ask to lead
 -- this server. Two-int4 keys show as classid, objid and objsubid 2; they never collide with the
--- bigint key (objsubid 1).
+-- bigint key (objsubid 1). member_ages comes last: a steady follower's probe compares every
+-- other column with its last answer (reaper/pg/ha.py, probe).
 WITH me AS MATERIALIZED (
     SELECT a.usesysid
     FROM pg_catalog.pg_stat_activity a
@@ -96,12 +97,12 @@ SELECT attempt.leader,
        (SELECT pg_catalog.array_agg(m.id ORDER BY m.id)
         FROM marks m
         WHERE m.classid = (%(member_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid) AS members,
-       (SELECT pg_catalog.array_agg(m.age ORDER BY m.id)
-        FROM marks m
-        WHERE m.classid = (%(member_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid) AS member_ages,
        (SELECT pg_catalog.array_agg(m.id ORDER BY m.id)
         FROM marks m
-        WHERE m.classid = (%(want_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid) AS wanting
+        WHERE m.classid = (%(want_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid) AS wanting,
+       (SELECT pg_catalog.array_agg(m.age ORDER BY m.id)
+        FROM marks m
+        WHERE m.classid = (%(member_class)s::pg_catalog.int4::pg_catalog.int8 & 4294967295)::pg_catalog.oid) AS member_ages
 FROM attempt
 LEFT JOIN LATERAL (
     SELECT lock.*
