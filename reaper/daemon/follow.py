@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from reaper.observe.log import get_logger
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -146,4 +148,9 @@ class FollowerRound:
                     parked.due = started + again
                     continue
                 del self._parked[parked.worker.name]
-            self._wake(parked.worker)
+            try:
+                self._wake(parked.worker)
+            except Exception as exc:  # noqa: BLE001 - a bug: said, and the round goes on
+                get_logger().error(
+                    "scheduler", message=f"resuming {parked.worker.name!r} failed: {exc!r}"
+                )
