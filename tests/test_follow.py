@@ -6,11 +6,14 @@ changes (its session ends, its leader leaves) gives it back to its own job at on
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
 import pytest
+from structlog.testing import capture_logs
 
 from reaper.daemon.balance import FOLLOW_INTERVALS
+from reaper.daemon.follow import FollowerRound
 from reaper.daemon.scheduler import Scheduler
 from reaper.observe.metrics import Metrics
 from reaper.settings import Settings
@@ -20,6 +23,7 @@ from tests.test_ha import admin, fleet, lock_holders
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+    from reaper.daemon.worker import Worker
     from reaper.demo.embedded import EmbeddedPostgres
     from reaper.pg.ha import Probe
 
@@ -190,3 +194,31 @@ def test_a_steady_answer_is_judged_once_until_a_hold_off_ends(
         what="the server judged again",
     )
     assert first.leads() == led
+
+
+def test_a_round_says_a_failure_to_resume_a_server_and_goes_on() -> None:
+    woken: list[str] = []
+
+    def wake(worker: Worker) -> None:
+        if worker.name == "first":
+            raise RuntimeError("no such job")
+        woken.append(worker.name)
+
+    servers = [cast("Worker", SimpleNamespace(name=n)) for n in ("first", "second")]
+    rounds = FollowerRound(run=lambda _: None, wake=wake)  # every probe: back to its own job
+    try:
+        with capture_logs() as logs:
+            for server in servers:
+                rounds.park(server, due=time.monotonic(), every=PERIOD)
+            wait_for(lambda: woken == ["second"], timeout=5, what="the second server resumed")
+        assert rounds.parked() == set()
+        (said,) = [e for e in logs if e["event"] == "scheduler"]
+        assert said["log_level"] == "error"
+        assert "'first'" in said["message"]
+        assert "no such job" in said["message"]
+        # The thread goes on: a server parked later is probed too.
+        later = cast("Worker", SimpleNamespace(name="later"))
+        rounds.park(later, due=time.monotonic(), every=PERIOD)
+        wait_for(lambda: "later" in woken, timeout=5, what="a later round")
+    finally:
+        rounds.cancel()
