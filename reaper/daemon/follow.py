@@ -50,7 +50,6 @@ class _Parked:
     worker: Worker
     due: float  # time.monotonic()
     early: float  # seconds: how early it may be probed (a share of its period)
-    running: bool = False  # its probe runs in a round now
 
 
 class FollowerRound:
@@ -110,24 +109,22 @@ class FollowerRound:
     # the rounds
 
     def _serve(self) -> None:
+        """The rounds, one at a time: no server is chosen for a round while it is in one."""
         while True:
             with self._lock:
                 while True:
                     if self._stopped:
                         return
-                    waiting = [p.due for p in self._parked.values() if not p.running]
-                    self._until = min(waiting, default=None)
+                    self._until = min((p.due for p in self._parked.values()), default=None)
                     now = time.monotonic()
                     if self._until is not None and self._until <= now:
                         break
                     self._changed.wait(None if self._until is None else self._until - now)
                 self._until = None
                 due = sorted(
-                    (p for p in self._parked.values() if not p.running and p.due - p.early <= now),
+                    (p for p in self._parked.values() if p.due - p.early <= now),
                     key=lambda p: p.due,
                 )
-                for parked in due:
-                    parked.running = True
             self._round(due, started=now)
 
     def _round(self, due: list[_Parked], *, started: float) -> None:
@@ -141,7 +138,6 @@ class FollowerRound:
             except Exception:  # noqa: BLE001 - a bug: its own job runs the cycle, and reports it
                 again = None
             with self._lock:
-                parked.running = False
                 if self._parked.get(parked.worker.name) is not parked:
                     continue  # unparked meanwhile (a reload, a removal, a poll asked for)
                 if again is not None:
