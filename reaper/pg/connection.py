@@ -425,8 +425,7 @@ class Connection:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             return None
-        self._severed = False
-        deadline = deadlines.arm(self._answer_deadline, partial(self._sever, conn))
+        deadline = self._watch(conn)
         try:
             pgconn = conn.pgconn
             if self._prepared.get(statement.name) != self.sessions_opened:
@@ -499,11 +498,10 @@ class Connection:
         params: Mapping[str, Any] | None,
     ) -> Rows:
         """Run one statement, severing the connection if no answer comes in time."""
-        self._severed = False
         # The session's encoding is SQL_ASCII (CLIENT_ENCODING): identifiers and the statement go
         # as UTF-8, as psycopg sends parameters.
         text = query.as_bytes(None) if isinstance(query, sql.Composable) else query.encode()
-        deadline = deadlines.arm(self._answer_deadline, partial(self._sever, conn))
+        deadline = self._watch(conn)
         try:
             cursor = conn.execute(text, params)
             # Rows only from a statement that returns some (not DDL, INSERT); the result's status
@@ -512,6 +510,12 @@ class Connection:
             return cursor.fetchall() if result is not None and result.nfields else []
         finally:
             deadline.cancel()
+
+    def _watch(self, conn: psycopg.Connection[dict[str, Any]]) -> deadlines.Deadline:
+        """Sever `conn` unless the statement about to be sent answers in time: cancel the
+        returned deadline once it has."""
+        self._severed = False
+        return deadlines.arm(self._answer_deadline, partial(self._sever, conn))
 
     def _sever(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
         # Shutting the socket down (through a duplicate of libpq's descriptor) wakes the
