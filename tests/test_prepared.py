@@ -1,7 +1,12 @@
-"""Statements prepared once per session and answered as the server sent them
-(`Connection.run_prepared`): what a steady [ha] follower's probe runs (reaper/pg/ha.py, probe).
-On real servers: the same answer as `run`, None (never an exception, never a hang) for anything
-else, and prepared again whenever the session or its statement is gone."""
+"""Statements prepared once per session and run through psycopg's pq layer.
+
+`Connection.run_prepared` answers as the server sent it: what a steady [ha] follower's probe runs
+(reaper/pg/ha.py, probe). On real servers: the same answer as `run`, None (never an exception,
+never a hang) for anything else, and prepared again whenever the session or its statement is gone.
+
+`Connection.fetch` is `run` for the poll: the same rows and the same failures (`PostgresError`,
+the session closed when it is lost), prepared again whenever the session or its statement is
+gone, without the caller seeing it."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import pytest
 
 from reaper.daemon.balance import member_id
 from reaper.demo.embedded import EmbeddedPostgres
-from reaper.pg.connection import Connection, Prepared
+from reaper.pg.connection import Connection, PostgresError, Prepared
 from reaper.pg.ha import Membership, lead, probe
 from reaper.settings import DEFAULT_LOCK_KEY
 from tests.test_faults import _freeze
@@ -107,6 +112,45 @@ def test_a_failure_or_a_lost_statement_or_session_is_none_and_the_next_call_prep
     assert row.values[0] == b"6"
 
 
+@pytest.mark.integration
+def test_fetch_returns_what_run_returns_and_fails_as_run_fails(
+    pg: TestServer, conn: Connection
+) -> None:
+    expected = conn.run(
+        "SELECT %(n)s::int8 AS n, %(word)s::text AS word, %(n)s::int8 / %(d)s::int8 AS quotient,"
+        " ARRAY[%(n)s::int8, 2] AS numbers, %(flag)s::bool AS flag"
+        " FROM generate_series(1, 3)",
+        PARAMS,
+    )
+    rows = Prepared.of(
+        "pg_reaper_test_rows",
+        "SELECT %(n)s::pg_catalog.int8 AS n, %(word)s::pg_catalog.text AS word,"
+        " %(n)s::pg_catalog.int8 / %(d)s::pg_catalog.int8 AS quotient,"
+        " ARRAY[%(n)s::pg_catalog.int8, 2] AS numbers, %(flag)s::pg_catalog.bool AS flag"
+        " FROM pg_catalog.generate_series(1, 3)",
+    )
+    first = backend(conn)
+    assert conn.fetch(rows, PARAMS) == expected
+    assert len(expected) == 3
+    # A statement the server refuses: the error `run` gives, and the session goes on.
+    with pytest.raises(PostgresError, match="division by zero") as refused:
+        conn.fetch(rows, {**PARAMS, "d": 0})
+    assert refused.value.sqlstate == "22012"
+    assert not refused.value.lost
+    assert backend(conn) == first
+    # Deallocated under it (DISCARD ALL by a pooler): prepared again, the caller sees nothing.
+    conn.run("DEALLOCATE ALL")
+    assert conn.fetch(rows, PARAMS) == expected
+    assert backend(conn) == first
+    # The session terminated: lost, as `run` says it; the next call reconnects and prepares.
+    pg.execute("SELECT pg_terminate_backend(%s)", [first])
+    with pytest.raises(PostgresError) as lost:
+        conn.fetch(rows, PARAMS)
+    assert lost.value.lost
+    assert conn.fetch(rows, PARAMS) == expected
+    assert backend(conn) != first
+
+
 def test_a_server_that_stops_answering_is_severed_not_waited_for(pg_major: int) -> None:
     with (
         EmbeddedPostgres(major=pg_major) as server,
@@ -125,6 +169,19 @@ def test_a_server_that_stops_answering_is_severed_not_waited_for(pg_major: int) 
         assert c.run_prepared(STATEMENT, params) is None  # severed: no session any more
         backend(c)  # `run` reconnects
         assert c.run_prepared(STATEMENT, params) is not None
+        # `fetch`, as `run`: a PostgresError that says so, within the same bound.
+        _freeze(server, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(PostgresError, match="no answer within 3s") as severed:
+                c.fetch(STATEMENT, PARAMS)
+            assert time.monotonic() - started < 6
+            assert severed.value.lost
+        finally:
+            _freeze(server, signal.SIGCONT)
+        assert c.fetch(STATEMENT, PARAMS) == [
+            {"n": 6, "word": "naïve", "quotient": 2, "numbers": [6, 2], "flag": True}
+        ]
 
 
 @pytest.mark.integration

@@ -560,6 +560,7 @@ def test_the_poll_reads_only_the_roles_with_a_backend_when_roles_outnumber_sessi
     from datetime import timedelta  # noqa: PLC0415
 
     from reaper.pg.activity import POLL_BACKEND_ROLES_SQL, POLL_SQL, ServerConnection  # noqa: PLC0415
+    from reaper.pg.connection import Prepared  # noqa: PLC0415
     from reaper.policy import RoleConnections  # noqa: PLC0415
 
     pg.execute("DROP ROLE IF EXISTS poll_limited")
@@ -576,18 +577,19 @@ def test_the_poll_reads_only_the_roles_with_a_backend_when_roles_outnumber_sessi
             statement_timeout=timedelta(seconds=7),
         ) as conn:
             run: list[Any] = []
-            execute = conn.run  # to see which statement each poll runs
+            execute = conn.fetch  # to see which statement each poll runs
 
-            def spy(query: Any, params: Any = None, **kwargs: Any) -> list[dict[str, Any]]:
-                run.append(query)
-                return execute(query, params, **kwargs)
+            def spy(statement: Any, params: Any, **kwargs: Any) -> list[dict[str, Any]]:
+                run.append(statement.text)
+                return execute(statement, params, **kwargs)
 
-            monkeypatch.setattr(conn, "run", spy)
+            monkeypatch.setattr(conn, "fetch", spy)
             every = conn.poll()  # the first poll on a connection reads every role
             (roles,) = pg.execute("SELECT count(*) FROM pg_roles")[0]
             assert roles > len(every.sessions)  # the test server's: more roles than sessions
             some = conn.poll()
-        assert run[-2:] == [POLL_SQL, POLL_BACKEND_ROLES_SQL]
+        texts = [Prepared.of("poll", sql).text for sql in (POLL_SQL, POLL_BACKEND_ROLES_SQL)]
+        assert run[-2:] == texts
 
         def seen(snapshot: Any) -> set[tuple[Any, ...]]:
             return {

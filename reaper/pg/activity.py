@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from psycopg import sql
 
-from reaper.pg.connection import Connection, PostgresError, query
+from reaper.pg.connection import Connection, PostgresError, Prepared, query
 from reaper.policy import (
     CLIENT_BACKEND,
     DROPPED_ROLE,
@@ -48,6 +48,11 @@ FACTS_SQL = query("facts")
 _POLL_TEMPLATE = query("poll")
 POLL_SQL = _POLL_TEMPLATE.replace("{every_role}", "true")
 POLL_BACKEND_ROLES_SQL = _POLL_TEMPLATE.replace("{every_role}", "false")
+# Run at every cycle of every server: prepared once per session (Connection.fetch).
+_POLLS = {
+    True: Prepared.of("pg_reaper_poll", POLL_SQL),
+    False: Prepared.of("pg_reaper_poll_backend_roles", POLL_BACKEND_ROLES_SQL),
+}
 SIGNAL_SQL = query("signal")
 # The pressure probe: client backends counted on the server (docs/pressure.md, the fast path).
 PROBE_SQL = query("probe")
@@ -174,8 +179,8 @@ class ServerConnection(Connection):
         facts = self.facts()
         every_role = self._every_role
         sent = time.monotonic()
-        rows = self.run(
-            POLL_SQL if every_role else POLL_BACKEND_ROLES_SQL,
+        rows = self.fetch(
+            _POLLS[every_role],
             {"include_query": include_query, "include_blocking": include_blocking},
         )
         session_rows: list[dict[str, Any]] = []
