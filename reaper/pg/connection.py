@@ -441,6 +441,11 @@ class Connection:
             if result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED:
                 result = self._execute(conn, statement, values)  # prepared again
             if result.status != ExecStatus.TUPLES_OK:
+                if result.error_field(DiagnosticField.SQLSTATE) is None:
+                    # libpq's own words, not the server's: the connection is lost (libpq may
+                    # not have marked it so yet), as psycopg says it.
+                    message = result.get_error_message(conn.info.encoding)
+                    raise psycopg.OperationalError(message)
                 raise error_from_result(result, encoding=conn.info.encoding)
         except psycopg.Error as exc:
             raise self._failure(exc, conn, doing=doing) from None
