@@ -1,24 +1,28 @@
 """What do three `[ha]` daemons on the same servers cost, against one daemon alone?
 
-It starts ``--servers`` throwaway PostgreSQL servers (6 by default), each with ``--idle`` idle
-client sessions that no policy matches (so that a poll has rows to read and plan), then:
+It starts three sets of ``--servers`` throwaway PostgreSQL servers (6 each by default), each
+server with ``--idle`` idle client sessions that no policy matches (so that a poll has rows to
+read and plan), and on them, all at once:
 
-1. baseline: one ``pg-reaper run`` with ``[ha] enabled`` on every server, alone: after a
-   warm-up, its CPU time (user + system, from /proc/<pid>/stat) over ``--window`` seconds;
-2. what three processes cost by themselves: three ``[ha]`` daemons that share nothing, each
-   with a third of the servers (each leads its own, follows none), over the same window;
-3. three daemons with the same configuration but their own ``instance_id``: once leadership
-   has settled (each server one leader), the CPU time of each over the same window, the split
-   of leadership, and the polls (``pg_reaper_poll_duration_seconds_count``) and follower probes
-   (``pg_reaper_ha_probes_total``) each made in it;
-4. failover: one of the three is SIGKILLed; the time until the two others lead every server
-   between them, split evenly, in intervals.
+1. baseline: one ``pg-reaper run`` with ``[ha] enabled`` alone on the first set;
+2. what three processes cost by themselves: three ``[ha]`` daemons that share nothing on the
+   second set, each with a third of its servers (each leads its own, follows none);
+3. three daemons with the same configuration but their own ``instance_id`` on the third set.
+
+Once leadership has settled (each server one leader, the three split evenly) and after a
+warm-up, every daemon's CPU time (user + system, from /proc/<pid>/stat) is read over the same
+``--windows`` windows of ``--window`` seconds, with the polls
+(``pg_reaper_poll_duration_seconds_count``) and follower probes (``pg_reaper_ha_probes_total``)
+each made in them. Measured side by side, the arrangements share the machine's noise (10 % and
+more from one minute to the next on a shared virtual machine), which measured one after the
+other fell on their ratio. Last, failover: one of the three is SIGKILLed; the time until the two
+others lead every server between them, split evenly, in intervals.
 
 Target: the three together spend <= 1.5x the CPU of the one alone. The second step tells how much
 of that is the followers' own work, and how much three processes instead of one. Run under the
 machine-wide lock, as every benchmark:
 
-    flock /work/wt/bench.lock .venv/bin/python bench/ha.py [--window 60] [--interval 2]
+    flock /work/wt/bench.lock .venv/bin/python bench/ha.py [--windows 3] [--interval 2]
 """
 
 from __future__ import annotations
@@ -154,54 +158,58 @@ def measure(
     return [(a[0] - b[0], a[1] - b[1], a[2] - b[2]) for a, b in zip(after, before, strict=True)]
 
 
+def start_servers(
+    stack: contextlib.ExitStack,
+    args: argparse.Namespace,
+    sessions: list[psycopg.Connection[TupleRow]],
+) -> list[EmbeddedPostgres]:
+    """`args.servers` servers, each with `args.idle` idle client sessions."""
+    servers = [
+        stack.enter_context(
+            EmbeddedPostgres(major=args.major, settings={"max_connections": str(args.idle + 20)})
+        )
+        for _ in range(args.servers)
+    ]
+    for server in servers:
+        for _ in range(args.idle):
+            conn = psycopg.connect(server.dsn(), autocommit=True, application_name="bench-idle")
+            conn.execute("SELECT 1")
+            sessions.append(conn)
+    return servers
+
+
 def run(args: argparse.Namespace) -> int:
     names = [f"s{i}" for i in range(args.servers)]
     with contextlib.ExitStack() as stack:
-        servers = [
-            stack.enter_context(
-                EmbeddedPostgres(
-                    major=args.major, settings={"max_connections": str(args.idle + 20)}
-                )
-            )
-            for _ in names
-        ]
         sessions: list[psycopg.Connection[TupleRow]] = []
         stack.callback(common.close_sessions, sessions)
-        for server in servers:
-            for _ in range(args.idle):
-                conn = psycopg.connect(server.dsn(), autocommit=True, application_name="bench-idle")
-                conn.execute("SELECT 1")
-                sessions.append(conn)
-        info = common.machine(servers[0])
+        # Each arrangement on servers of its own, all measured over the same windows: the
+        # machine's own noise (10 % and more from one minute to the next here) falls on the
+        # three alike instead of on the ratio.
+        alone_servers, apart_servers, ha_servers = (
+            start_servers(stack, args, sessions) for _ in range(3)
+        )
+        info = common.machine(alone_servers[0])
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ha-")))
         settle = 10 * args.interval
 
-        alone = Daemon(work, servers, name="alone", interval=args.interval)
-        stack.callback(alone.stop)
-        wait_split([alone], names, timeout=settle)
-        time.sleep(args.warmup)
-        ((base_cpu, base_polls, base_probes),) = measure([alone], names, args.window)
-        alone.stop()
-
+        alone = Daemon(work, alone_servers, name="alone", interval=args.interval)
         apart = [
-            Daemon(work, servers[n::3], name=f"apart{n}", interval=args.interval) for n in range(3)
+            Daemon(work, apart_servers[n::3], name=f"apart{n}", interval=args.interval)
+            for n in range(3)
         ]
-        for daemon in apart:
+        three = [Daemon(work, ha_servers, name=f"ha{n}", interval=args.interval) for n in range(3)]
+        for daemon in (alone, *apart, *three):
             stack.callback(daemon.stop)
+        wait_split([alone], names, timeout=settle)
         for n, daemon in enumerate(apart):
-            wait_split([daemon], names[: len(servers[n::3])], timeout=settle)
-        time.sleep(args.warmup)
-        apart_cpu = sum(cpu for cpu, _, _ in measure(apart, names, args.window))
-        for daemon in apart:
-            daemon.stop()
-
-        three = [Daemon(work, servers, name=f"ha{n}", interval=args.interval) for n in range(3)]
-        for daemon in three:
-            stack.callback(daemon.stop)
+            wait_split([daemon], names[: len(apart_servers[n::3])], timeout=settle)
         shares = wait_split(three, names, timeout=settle, even=not args.unbalanced)
         time.sleep(args.warmup)
         shares = wait_split(three, names, timeout=settle, even=not args.unbalanced)
-        each = measure(three, names, args.window)
+        windows = [
+            measure([alone, *apart, *three], names, args.window) for _ in range(args.windows)
+        ]
         after = [d.led(names) for d in three]
 
         three[0].process.kill()
@@ -209,37 +217,57 @@ def run(args: argparse.Namespace) -> int:
         survivors = wait_split(three[1:], names, timeout=settle, even=not args.unbalanced)
         failover = (time.monotonic() - killed) / args.interval
 
+    span = args.window * args.windows
+    alone_each = [w[0] for w in windows]
+    apart_each = [sum(cpu for cpu, _, _ in w[1:4]) for w in windows]
+    three_each = [w[4:] for w in windows]
+    base_cpu = sum(cpu for cpu, _, _ in alone_each)
+    base_polls = sum(p for _, p, _ in alone_each)
+    apart_cpu = sum(apart_each)
+    each = [tuple(sum(w[i][k] for w in three_each) for k in range(3)) for i in range(len(three))]
     total = sum(cpu for cpu, _, _ in each)
+    ratios_each = [
+        sum(cpu for cpu, _, _ in t) / a[0] if a[0] else float("inf")
+        for t, a in zip(three_each, alone_each, strict=True)
+    ]
+    floors_each = [
+        f / a[0] if a[0] else float("inf") for f, a in zip(apart_each, alone_each, strict=True)
+    ]
     ratio = total / base_cpu if base_cpu else float("inf")
     floor = apart_cpu / base_cpu if base_cpu else float("inf")
     rows = [
         "| daemon | leads | CPU s | CPU % of a core | polls | probes |",
         "|---|---|---|---|---|---|",
         (
-            f"| alone | {len(names)} | {base_cpu:.2f} | {100 * base_cpu / args.window:.1f} | "
-            f"{base_polls:.0f} | {base_probes:.0f} |"
+            f"| alone | {len(names)} | {base_cpu:.2f} | {100 * base_cpu / span:.2f} | "
+            f"{base_polls:.0f} | 0 |"
         ),
     ]
     for daemon, share, (cpu, polls, probes) in zip(three, shares, each, strict=True):
         rows.append(
             f"| {daemon.name} | {len(share)} ({', '.join(sorted(share))}) | {cpu:.2f} | "
-            f"{100 * cpu / args.window:.1f} | {polls:.0f} | {probes:.0f} |"
+            f"{100 * cpu / span:.2f} | {polls:.0f} | {probes:.0f} |"
         )
     rows.append(
         f"| three sharing nothing (a third of the servers each) | {len(names)} | "
-        f"{apart_cpu:.2f} | {100 * apart_cpu / args.window:.1f} | - | - |"
+        f"{apart_cpu:.2f} | {100 * apart_cpu / span:.2f} | - | - |"
     )
     rows.append(
         f"| three together | {sum(len(s) for s in shares)} | {total:.2f} | "
-        f"{100 * total / args.window:.1f} | {sum(p for _, p, _ in each):.0f} | "
+        f"{100 * total / span:.2f} | {sum(p for _, p, _ in each):.0f} | "
         f"{sum(p for _, _, p in each):.0f} |"
     )
     body = "\n".join(rows)
-    stable = "stable" if after == shares else f"moved during the window: {after}"
+    stable = "stable" if after == shares else f"moved during the windows: {after}"
     ratios = [
-        f"- three [ha] daemons / one alone: {ratio:.2f}x CPU (target <= {TARGET:g}x)",
         (
-            f"- three sharing nothing / one alone: {floor:.2f}x (three processes instead of one);"
+            f"- three [ha] daemons / one alone: {ratio:.2f}x CPU over the {args.windows} windows "
+            f"(target <= {TARGET:g}x); window by window: "
+            f"{', '.join(f'{r:.2f}x' for r in ratios_each)}"
+        ),
+        (
+            f"- three sharing nothing / one alone: {floor:.2f}x (three processes instead of one;"
+            f" window by window {', '.join(f'{r:.2f}x' for r in floors_each)});"
             f" the followers' own work: {ratio - floor:.2f}x"
         ),
         f"- leadership split {'/'.join(str(len(s)) for s in shares)}, {stable}",
@@ -254,8 +282,11 @@ def run(args: argparse.Namespace) -> int:
         f"one (target <= {TARGET:g}x)."
     )
     workload = (
-        f"{args.servers} servers with {args.idle} idle client sessions each, no policy matching; "
-        f"interval {args.interval:g} s; warm-up {args.warmup:g} s, window {args.window:g} s"
+        f"three sets of {args.servers} servers with {args.idle} idle client sessions each, no "
+        f"policy matching: one daemon alone on the first, three sharing nothing (a third each) "
+        f"on the second, three [ha] daemons on the third, all running together and measured "
+        f"over the same {args.windows} windows of {args.window:g} s (after a warm-up of "
+        f"{args.warmup:g} s); interval {args.interval:g} s"
     )
     common.print_report(info, body, ratios, sentence)
     if not args.no_append:
@@ -277,6 +308,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--windows", type=int, default=3, help="windows measured")
     parser.add_argument("--major", type=int, default=18, choices=SUPPORTED_MAJORS)
     parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
     parser.add_argument(
