@@ -61,3 +61,20 @@ def test_many_statements_in_flight_each_get_their_own_deadline() -> None:
     assert all_fired.wait(timeout=10)
     time.sleep(0.2)  # the last cancelled one was due 0.1 s ago: it must not have fired
     assert sorted(fired) == sorted(keep)
+
+
+def test_the_watcher_sleeps_until_the_last_answered_deadline_which_never_fires() -> None:
+    fired = threading.Event()
+    later = threading.Event()
+    answered = deadlines.arm(0.3, fired.set)
+    answered.cancel()  # the statement answered
+    # Kept as the last entry: the watcher sleeps until its time, not until notified, so that
+    # a statement sent meanwhile (a later deadline) does not wake it.
+    for _ in range(100):
+        if deadlines._WATCH._until == answered.at:
+            break
+        time.sleep(0.01)
+    assert deadlines._WATCH._until == answered.at
+    deadlines.arm(0.5, later.set)
+    assert later.wait(timeout=10)
+    assert not fired.is_set()

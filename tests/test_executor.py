@@ -8,7 +8,7 @@ import itertools
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
@@ -16,6 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from reaper.daemon import executor
 from reaper.daemon.executor import CycleExecutor
+from reaper.pg import deadlines
 from tests.servers import wait_for
 
 if TYPE_CHECKING:
@@ -130,3 +131,29 @@ def test_nothing_queued_runs_after_shutdown(monkeypatch: pytest.MonkeyPatch) -> 
     sched.shutdown(wait=False)
     time.sleep(1.0)
     assert set(runs.seen) == {"a"}, "it finished, and nothing behind it ran"
+
+
+def test_a_job_alone_arms_no_watch_and_one_submitted_behind_a_slow_job_is_handed_on(
+    scheduler: tuple[BackgroundScheduler, Runs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched, runs = scheduler
+    armed: list[float] = []
+    arm = deadlines.arm
+
+    def counted(seconds: float, action: Any) -> Any:
+        armed.append(seconds)
+        return arm(seconds, action)
+
+    monkeypatch.setattr(deadlines, "arm", counted)
+    due_together(sched, runs, {"alone": 0.01})
+    assert [s for s in armed if s <= HANDOFF] == [], "nobody waited behind it"
+    # A slow job alone, then one due while it runs: handed on at the slow one's HANDOFF, not
+    # kept waiting for its end.
+    at = datetime.now(UTC) + timedelta(seconds=0.3)
+    sched.add_job(runs.job, "date", run_date=at, args=["a-slow", 4.0], id="a-slow")
+    sched.add_job(runs.job, "date", run_date=at + timedelta(seconds=0.2), args=["b", 0.01], id="b")
+    wait_for(lambda: "b" in runs.told, timeout=30, what="b told")
+    assert "a-slow" not in runs.told, "b ran before the slow job ended"
+    assert [s for s in armed if s <= HANDOFF], "a watch once b waited behind it"
+    wait_for(lambda: "a-slow" in runs.told, timeout=30, what="a-slow told")
+    assert runs.seen["b"][1] - runs.seen["a-slow"][1] < HANDOFF + 1.0

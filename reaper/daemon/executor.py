@@ -11,12 +11,16 @@ A slow or hung server must not hold up the others. A cycle still running after H
 hands every cycle queued behind it to a thread of its own, and until it ends every new cycle
 gets a thread of its own at once, as with APScheduler's stock pool: a slow server delays the
 others by HANDOFF at most, once, however many are slow. Once no cycle is slow, the queue runs
-on one thread again.
+on one thread again. The watch on a cycle's HANDOFF is armed only once another cycle waits
+behind it: a cycle alone in the queue (a small instance's servers each due at its own moment)
+holds up nobody, and costs no wake-up of the deadline thread (two, otherwise: to take the
+watch, and when it expires).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -39,13 +43,16 @@ _Queued = tuple[Any, list["datetime"]]  # an APScheduler job and its run times
 
 
 class _Running:
-    """The cycle the queue's thread runs now; `slow` once it has run past HANDOFF."""
+    """The cycle the queue's thread runs now; `slow` once it has run past HANDOFF, `watch`
+    once a cycle waits behind it."""
 
-    __slots__ = ("done", "slow")
+    __slots__ = ("done", "slow", "started", "watch")
 
     def __init__(self) -> None:
         self.done = False
         self.slow = False
+        self.started = time.monotonic()
+        self.watch: deadlines.Deadline | None = None
 
 
 class CycleExecutor(BasePoolExecutor):  # type: ignore[misc] # APScheduler 3 is untyped
@@ -60,6 +67,7 @@ class CycleExecutor(BasePoolExecutor):  # type: ignore[misc] # APScheduler 3 is 
         self._queue: deque[_Queued] = deque()
         self._draining = False  # a thread runs the queue
         self._slow = 0  # cycles running past HANDOFF: while any, each job gets its own thread
+        self._running: _Running | None = None  # the queue's cycle under way
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:  # noqa: ANN401 - APScheduler's Job
         with self._lock:
@@ -68,6 +76,8 @@ class CycleExecutor(BasePoolExecutor):  # type: ignore[misc] # APScheduler 3 is 
             if not alone:
                 self._queue.append((job, run_times))
                 self._draining = True
+                if self._running is not None:
+                    self._watch(self._running)  # this job waits behind it
         if alone:
             self._submit(self._run, job, run_times)
         elif start:
@@ -89,18 +99,28 @@ class CycleExecutor(BasePoolExecutor):  # type: ignore[misc] # APScheduler 3 is 
                     self._draining = False
                     return
                 job, run_times = self._queue.popleft()
-            running = _Running()
-            watch = deadlines.arm(HANDOFF, partial(self._hand_off, running))
+                running = self._running = _Running()
+                if self._queue:
+                    self._watch(running)
             try:
                 self._run(job, run_times)
             finally:
-                watch.cancel()
                 with self._lock:
+                    if running.watch is not None:
+                        running.watch.cancel()
                     running.done = True
+                    self._running = None
                     if running.slow:
                         self._slow -= 1
             if running.slow:
                 return  # the queue went to other threads when this job turned slow
+
+    def _watch(self, running: _Running) -> None:
+        """Hand the queue on if `running` runs past HANDOFF: a job waits behind it. Under the
+        lock."""
+        if running.watch is None:
+            left = max(0.0, running.started + HANDOFF - time.monotonic())
+            running.watch = deadlines.arm(left, partial(self._hand_off, running))
 
     def _hand_off(self, running: _Running) -> None:
         """The queue's job has run past HANDOFF: every job queued behind it, and every job

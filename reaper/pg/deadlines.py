@@ -5,7 +5,10 @@ own statement_timeout, so the reaper severs the connection itself when no answer
 A timer thread per statement would cost a thread start and stop for each of them (two per poll,
 hundreds per second for a large fleet); one thread and a heap cost a push and a flag. The thread
 is woken only for a deadline earlier than the one it sleeps until: answered statements leave
-their entries behind, which it drops when it wakes.
+their entries behind, which it drops when it wakes. It keeps the last of them, answered or not,
+and sleeps until that one's time: a statement sent meanwhile, whose deadline comes later, then
+costs it no wake-up (dropping them all, it would wait for a notification, and the next statement
+would wake it: once per cycle).
 """
 
 from __future__ import annotations
@@ -58,10 +61,10 @@ class _Watch:
     def arm(self, seconds: float, action: Callable[[], None]) -> Deadline:
         deadline = Deadline(time.monotonic() + seconds, action)
         with self._wake:
-            # Answered statements leave their entries behind; drop those at the top here, so
-            # the heap holds about one entry per statement in flight.
-            while self._heap and self._heap[0][2].cancelled:
-                heapq.heappop(self._heap)
+            # Answered statements leave their entries behind; drop those at the top here (but
+            # the last, which the watcher may sleep until), so that the heap holds about one
+            # entry per statement in flight.
+            self._drop_answered()
             heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -72,17 +75,24 @@ class _Watch:
                 self._wake.notify()
         return deadline
 
+    def _drop_answered(self) -> None:
+        """Drop the cancelled entries at the top of the heap, but the last. Under the lock."""
+        while len(self._heap) > 1 and self._heap[0][2].cancelled:
+            heapq.heappop(self._heap)
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._heap and self._heap[0][2].cancelled:
-                    heapq.heappop(self._heap)
+                self._drop_answered()
                 if not self._heap:
                     self._until = math.inf
                     self._wake.wait()
                     self._until = -math.inf
                     continue
                 left = self._heap[0][0] - time.monotonic()
+                if left <= 0 and self._heap[0][2].cancelled:
+                    heapq.heappop(self._heap)  # the last one kept, its time come
+                    continue
                 if left > 0:
                     self._until = self._heap[0][0]
                     self._wake.wait(left)
