@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from reaper.daemon.cadence import next_delay, poll_bound
-from reaper.daemon.jobs import spread
+from reaper.daemon.jobs import first_runs, spread
 from reaper.settings import Settings
 from reaper.sweep import SweepReport
 
@@ -62,6 +62,19 @@ def test_first_runs_come_in_groups_of_ten_spread_within_the_shortest_interval() 
     crowded = spread(_fleet(1000, interval="1s"))
     assert len(set(crowded.values())) == 100  # a hundred groups
     assert max(crowded.values()) < 1.0
+
+
+def test_the_servers_of_a_group_run_first_at_the_very_same_moment() -> None:
+    settings = _fleet(25, interval="10s")
+    offsets = spread(settings)
+    first = first_runs(settings)
+    # One reading of the clock: due microseconds apart, a group would take wake-ups of its own.
+    groups = [{first[f"s{i}"] for i in range(start, min(start + 10, 25))} for start in (0, 10, 20)]
+    assert [len(group) for group in groups] == [1, 1, 1]
+    (one,), (two,), (three,) = groups
+    assert [(two - one).total_seconds(), (three - one).total_seconds()] == pytest.approx(
+        [offsets["s10"], offsets["s20"]], abs=1e-5
+    )
 
 
 def test_the_poll_bound_is_the_interval_or_the_smallest_threshold_if_shorter() -> None:

@@ -15,13 +15,16 @@ from reaper.observe.log import get_logger
 if TYPE_CHECKING:
     from reaper.settings import ServerConfig, Settings
 
-__all__ = ["job_id", "now", "quiet_apscheduler", "spread", "trigger"]
+__all__ = ["first_runs", "job_id", "now", "quiet_apscheduler", "spread", "trigger"]
 
 # The first runs (and the runs a reload asks for) of many servers are spread this far apart at
 # most, over one interval at most: all due at once, each would take a thread of its own
 # (threads are kept once made, a few hundred kB each) and they would stay bunched. They go in
 # small groups, each due at one moment: one wake-up of the scheduler dispatches a whole group,
-# and a quiet server's job keeps its phase, so the groups stay.
+# and a quiet server's job keeps its phase (its next run is its last one's due time plus its
+# interval), so the groups stay. One moment exactly (`first_runs`): due even a few
+# microseconds apart, its servers would be dispatched by wake-ups of their own, each waking the
+# cycles' thread and the deadline thread again.
 _FIRST_RUN_SPACING = 0.01
 _GROUP = 10
 
@@ -47,6 +50,16 @@ def spread(settings: Settings) -> dict[str, float]:
     shortest = min(settings.interval_for(s).total_seconds() for s in servers)
     step = min(_FIRST_RUN_SPACING, shortest / len(servers))
     return {server.name: (i // _GROUP) * _GROUP * step for i, server in enumerate(servers)}
+
+
+def first_runs(settings: Settings) -> dict[str, datetime]:
+    """When each server runs first (`spread` from one reading of the clock): the servers of a
+    group at the very same moment."""
+    base = time.time()
+    return {
+        name: datetime.fromtimestamp(base + offset, tz=UTC)
+        for name, offset in spread(settings).items()
+    }
 
 
 def quiet_apscheduler() -> None:

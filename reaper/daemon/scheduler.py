@@ -29,7 +29,7 @@ from reaper.daemon.armed import ArmedSignals
 from reaper.daemon.cadence import delay_for
 from reaper.daemon.executor import CycleExecutor
 from reaper.daemon.follow import FollowerRound
-from reaper.daemon.jobs import job_id, now, quiet_apscheduler, spread, trigger
+from reaper.daemon.jobs import first_runs, job_id, now, quiet_apscheduler, trigger
 from reaper.daemon.probe import Probes
 from reaper.daemon.worker import Worker
 from reaper.observe.log import get_logger
@@ -116,9 +116,9 @@ class Scheduler:
     def start(self) -> None:
         self._metrics.configure(self._settings)
         ha.announce(self._settings, log=self._log)
-        offsets = spread(self._settings)
+        first = first_runs(self._settings)
         for server in self._settings.servers:
-            self._add(server, after=offsets[server.name])
+            self._add(server, at=first[server.name])
         self._probes.sync(self._settings, self._targets())
         self._scheduler.start()
 
@@ -166,10 +166,10 @@ class Scheduler:
         self._metrics.configure(settings)
         for name in old_names - new_names:
             self._remove(name, policies=[p.name for p in old.policies_for(_find(old, name))])
-        offsets = spread(settings)
+        first = first_runs(settings)
         for server in settings.servers:
             if server.name not in old_names:
-                self._add(server, after=offsets[server.name])
+                self._add(server, at=first[server.name])
                 continue
             with self._lock:
                 worker = self._workers[server.name]
@@ -190,10 +190,10 @@ class Scheduler:
             # as it ends: see _cycle), which arms anew; the servers of a fleet a few
             # milliseconds apart.
             self._armed.cancel(server.name)
-            self._scheduler.modify_job(job_id(server.name), next_run_time=now(offsets[server.name]))
+            self._scheduler.modify_job(job_id(server.name), next_run_time=first[server.name])
         self._probes.sync(settings, self._targets())
 
-    def _add(self, server: ServerConfig, *, after: float = 0.0) -> None:
+    def _add(self, server: ServerConfig, *, at: datetime) -> None:
         worker = Worker(
             name=server.name,
             settings=self._settings,
@@ -209,7 +209,7 @@ class Scheduler:
             id=job_id(server.name),
             name=server.name,
             executor=_CYCLES,
-            next_run_time=now(after),
+            next_run_time=at,
         )
 
     def _remove(self, name: str, *, policies: list[str]) -> None:
