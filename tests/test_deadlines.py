@@ -64,17 +64,18 @@ def test_many_statements_in_flight_each_get_their_own_deadline() -> None:
 
 
 def test_the_watcher_sleeps_until_the_last_answered_deadline_which_never_fires() -> None:
+    watch = deadlines._Watch()  # its own: no other test's statements in its heap
     fired = threading.Event()
     later = threading.Event()
-    answered = deadlines.arm(0.3, fired.set)
+    answered = watch.arm(0.3, fired.set)
     answered.cancel()  # the statement answered
     # Kept as the last entry: the watcher sleeps until its time, not until notified, so that
     # a statement sent meanwhile (a later deadline) does not wake it.
     for _ in range(100):
-        if deadlines._WATCH._until == answered.at:
+        if watch._until == answered.at:
             break
         time.sleep(0.01)
-    assert deadlines._WATCH._until == answered.at
-    deadlines.arm(0.5, later.set)
+    assert watch._until == answered.at
+    watch.arm(0.5, later.set)
     assert later.wait(timeout=10)
     assert not fired.is_set()
