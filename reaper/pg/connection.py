@@ -232,9 +232,7 @@ class RawRow:
         )
 
     def columns(self) -> Iterator[tuple[str, bytes | None]]:
-        for column, value in enumerate(self.values):
-            name = self._result.fname(column)
-            yield (name.decode() if name is not None else ""), value
+        return zip(_names(self._result), self.values, strict=True)
 
     def load(self) -> dict[str, Any]:
         """The row as `run` returns it: psycopg's loaders, with this session's adapters."""
@@ -246,11 +244,16 @@ def _loaded(conn: psycopg.Connection[Any], result: PGresult) -> Rows:
     `conn`'s adapters."""
     transformer = Transformer(conn)
     transformer.set_pgresult(result)
-    names = [(result.fname(column) or b"").decode() for column in range(result.nfields)]
+    names = _names(result)
     return [
         dict(zip(names, values, strict=True))
         for values in transformer.load_rows(0, result.ntuples, tuple)
     ]
+
+
+def _names(result: PGresult) -> list[str]:
+    """The names of `result`'s columns, in order."""
+    return [(result.fname(column) or b"").decode() for column in range(result.nfields)]
 
 
 class Connection:
