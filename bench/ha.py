@@ -178,6 +178,11 @@ def start_servers(
     return servers
 
 
+def _per(cpu: float, base: float) -> float:
+    """`cpu` as a multiple of `base`."""
+    return cpu / base if base else float("inf")
+
+
 def run(args: argparse.Namespace) -> int:
     names = [f"s{i}" for i in range(args.servers)]
     with contextlib.ExitStack() as stack:
@@ -218,29 +223,26 @@ def run(args: argparse.Namespace) -> int:
         failover = (time.monotonic() - killed) / args.interval
 
     span = args.window * args.windows
+    # Each window's measures in the order measured: the one alone, the three apart, the three.
     alone_each = [w[0] for w in windows]
-    apart_each = [sum(cpu for cpu, _, _ in w[1:4]) for w in windows]
-    three_each = [w[4:] for w in windows]
-    base_cpu = sum(cpu for cpu, _, _ in alone_each)
-    base_polls = sum(p for _, p, _ in alone_each)
+    apart_each = [sum(cpu for cpu, _, _ in w[1 : 1 + len(apart)]) for w in windows]
+    three_each = [sum(cpu for cpu, _, _ in w[1 + len(apart) :]) for w in windows]
+    base_cpu, base_polls, base_probes = (sum(a[k] for a in alone_each) for k in range(3))
     apart_cpu = sum(apart_each)
-    each = [tuple(sum(w[i][k] for w in three_each) for k in range(3)) for i in range(len(three))]
+    each = [
+        tuple(sum(w[1 + len(apart) + i][k] for w in windows) for k in range(3))
+        for i in range(len(three))
+    ]
     total = sum(cpu for cpu, _, _ in each)
-    ratios_each = [
-        sum(cpu for cpu, _, _ in t) / a[0] if a[0] else float("inf")
-        for t, a in zip(three_each, alone_each, strict=True)
-    ]
-    floors_each = [
-        f / a[0] if a[0] else float("inf") for f, a in zip(apart_each, alone_each, strict=True)
-    ]
-    ratio = total / base_cpu if base_cpu else float("inf")
-    floor = apart_cpu / base_cpu if base_cpu else float("inf")
+    ratios_each = [_per(t, a[0]) for t, a in zip(three_each, alone_each, strict=True)]
+    floors_each = [_per(f, a[0]) for f, a in zip(apart_each, alone_each, strict=True)]
+    ratio, floor = _per(total, base_cpu), _per(apart_cpu, base_cpu)
     rows = [
         "| daemon | leads | CPU s | CPU % of a core | polls | probes |",
         "|---|---|---|---|---|---|",
         (
             f"| alone | {len(names)} | {base_cpu:.2f} | {100 * base_cpu / span:.2f} | "
-            f"{base_polls:.0f} | 0 |"
+            f"{base_polls:.0f} | {base_probes:.0f} |"
         ),
     ]
     for daemon, share, (cpu, polls, probes) in zip(three, shares, each, strict=True):
