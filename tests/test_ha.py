@@ -240,15 +240,18 @@ def leaders(daemons: Sequence[RunningDaemon], server: str) -> list[RunningDaemon
 def wait_one_leader(
     daemons: Sequence[RunningDaemon], server: str, *, timeout: float = 15.0
 ) -> RunningDaemon:
-    daemons[0].wait_until(
-        lambda: (
-            len(leaders(daemons, server)) == 1
-            and all(d.value("pg_reaper_leader", server=server) is not None for d in daemons)
-        ),
-        timeout=timeout,
-        what=f"one leader of {server}",
-    )
-    (leader,) = leaders(daemons, server)
+    seen: list[RunningDaemon] = []
+
+    def one() -> bool:
+        # The leader as found by the look that saw only one: read again, a handover under way
+        # (the first instance to start may take a server, then hand it over) could show none.
+        seen[:] = leaders(daemons, server)
+        return len(seen) == 1 and all(
+            d.value("pg_reaper_leader", server=server) is not None for d in daemons
+        )
+
+    daemons[0].wait_until(one, timeout=timeout, what=f"one leader of {server}")
+    (leader,) = seen
     return leader
 
 
